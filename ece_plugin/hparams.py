@@ -1,0 +1,256 @@
+"""ECE hyperparameters: an EasyEdit ``HyperParams`` subclass read from YAML, validated key by key.
+
+The field names follow EasyEdit's MEMIT/AlphaEdit hparams wherever the concept is the same (``layers``,
+``v_num_grad_steps``, ``mom2_update_weight``, the module templates, ...), so a researcher can move a MEMIT
+YAML file to ECE by adding the ECE-specific keys (``attribution``, ``neuron_threshold``, clustering and the
+two z phases).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+ATTRIBUTIONS = ("AS", "WI", "RS")
+FACT_TOKENS = ("subject_last", "last", "subject_first", "subject_first_after_last")
+MOM2_DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
+class HParamsError(ValueError):
+    """A hyperparameter file or value is wrong; the message names the key."""
+
+
+def _easyedit_hyperparams_base() -> type:
+    """EasyEdit's ``HyperParams`` when easyeditor is importable, else a minimal stand-in with its API."""
+    try:
+        module = importlib.import_module("easyeditor.util.hparams")
+        return module.HyperParams  # type: ignore[no-any-return]
+    except Exception:  # noqa: BLE001 - any import failure means "no EasyEdit here"
+        logger.debug("easyeditor not importable; ECEHyperParams uses a local HyperParams base")
+
+        @dataclass
+        class HyperParams:
+            """Stand-in for ``easyeditor.util.hparams.HyperParams`` (same methods)."""
+
+            @classmethod
+            def from_json(cls, fpath: str) -> Any:
+                with open(fpath) as f:
+                    return cls(**json.load(f))
+
+            def to_dict(self) -> dict:
+                return dataclasses.asdict(self)
+
+        return HyperParams
+
+
+_HyperParamsBase = _easyedit_hyperparams_base()
+
+
+@dataclass
+class ECEHyperParams(_HyperParamsBase):  # type: ignore[misc,valid-type]
+    """Hyperparameters of ECE (Explainable and Efficient Editing, Zhang et al., WWW 2025).
+
+    Required keys have no default. ``p`` in the paper is ``neuron_threshold``; lambda is
+    ``mom2_update_weight``.
+    """
+
+    # --- model and the layers to edit ---
+    model_name: str
+    layers: list[int]
+    # --- attribution and neuron selection (ECE stage 1) ---
+    attribution: str = "AS"  # AS | WI | RS
+    neuron_threshold: float = 0.8  # p: smallest set of top neurons holding this share of the score
+    # --- clustering of the edits (ECE stage 2) ---
+    clustering: bool = True
+    n_clusters: Optional[int] = None  # fixed number of clusters; None -> ceil(cluster_ratio * n_edits)
+    cluster_ratio: float = 0.1
+    # --- target values z (MEMIT's optimisation, in two phases) ---
+    v_num_grad_steps: int = 25  # steps of every edit when clustering is off (MEMIT's z)
+    shared_grad_steps: int = 20  # phase 1: steps on each cluster's anchor
+    per_edit_grad_steps: int = 5  # phase 2: per-edit steps from the shared delta
+    v_lr: float = 0.5
+    v_loss_layer: int = -1  # -1: the last layer of the model
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    fact_token: str = "subject_last"
+    context_template_length_params: list[list[int]] = field(default_factory=lambda: [[10, 5]])
+    # --- the least-squares update ---
+    mom2_adjustment: bool = True
+    mom2_update_weight: float = 15000.0  # lambda
+    mom2_dataset: str = "wikipedia"  # name of the statistics set in the cache path ({name}_stats)
+    mom2_corpus: Optional[str] = None  # text file or folder; None -> the bundled WikiText-2
+    mom2_n_samples: int = 100000
+    mom2_dtype: str = "float32"
+    stats_dir: str = "./data/stats"
+    # --- module templates ---
+    rewrite_module_tmp: str = "model.layers.{}.mlp.down_proj"
+    layer_module_tmp: str = "model.layers.{}"
+    mlp_module_tmp: str = "model.layers.{}.mlp"
+    attn_module_tmp: str = "model.layers.{}.self_attn"
+    ln_f_module: str = "model.norm"
+    lm_head_module: str = "lm_head"
+    # --- running ---
+    alg_name: str = "ECE"
+    device: Union[int, str] = 0
+    batch_size: int = 100
+    max_length: int = 40
+    model_parallel: bool = False
+    state_device: str = "cpu"  # where the sequential state lives: 'cpu' or 'model' (each layer's device)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_hparams(cls, hparams_name_or_path: Union[str, Path]) -> ECEHyperParams:
+        """Read a YAML (or JSON) file as EasyEdit's ``from_hparams`` does; ``.yaml`` may be omitted."""
+        path = Path(hparams_name_or_path)
+        if path.suffix not in (".yaml", ".yml", ".json"):
+            path = path.with_name(path.name + ".yaml")
+        if not path.is_file():
+            raise FileNotFoundError(f"ECE hparams file not found: {path}")
+        with open(path) as f:
+            config = json.load(f) if path.suffix == ".json" else yaml.safe_load(f)
+        if not isinstance(config, dict):
+            raise HParamsError(f"{path}: an hparams file must hold a mapping of keys to values")
+        return cls.from_dict(config, source=str(path))
+
+    @classmethod
+    def from_json(cls, fpath: str) -> ECEHyperParams:
+        return cls.from_hparams(fpath)
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any], source: str = "<dict>") -> ECEHyperParams:
+        """Build from a mapping, naming any missing, unknown or badly typed key."""
+        config = dict(config)
+        alg = config.get("alg_name", "ECE")
+        if alg != "ECE":
+            raise HParamsError(f"{source}: alg_name must be 'ECE', got {alg!r}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - set(fields))
+        if unknown:
+            raise HParamsError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
+        required = [
+            name
+            for name, f in fields.items()
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        missing = [name for name in required if name not in config]
+        if missing:
+            raise HParamsError(f"{source}: missing required key(s) {missing}")
+        for name, value in list(config.items()):
+            config[name] = _coerce(name, value, fields[name].type, source)
+        return cls(**config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # --------------------------------------------------------------- validation
+    def validate(self, n_layers: Optional[int] = None) -> None:
+        """Check every value; with ``n_layers`` (the model's depth) also check layer indices."""
+        if not isinstance(self.layers, list) or not self.layers:
+            raise HParamsError("layers: must be a non-empty list of layer indices")
+        if any(not isinstance(x, int) or x < 0 for x in self.layers):
+            raise HParamsError(f"layers: layer indices must be non-negative integers, got {self.layers}")
+        if len(set(self.layers)) != len(self.layers) or sorted(self.layers) != self.layers:
+            raise HParamsError(f"layers: must be strictly increasing, got {self.layers}")
+        if n_layers is not None:
+            bad = [x for x in self.layers if x >= n_layers]
+            if bad:
+                raise HParamsError(f"layers: {bad} out of range for a model with {n_layers} layers")
+            if self.v_loss_layer >= n_layers or self.v_loss_layer < -1:
+                raise HParamsError(f"v_loss_layer: {self.v_loss_layer} out of range for {n_layers} layers")
+        if self.attribution not in ATTRIBUTIONS:
+            raise HParamsError(f"attribution: must be one of {ATTRIBUTIONS}, got {self.attribution!r}")
+        if not (0.0 < self.neuron_threshold <= 1.0) or math.isnan(self.neuron_threshold):
+            raise HParamsError(f"neuron_threshold: p must lie in (0, 1], got {self.neuron_threshold}")
+        if self.n_clusters is not None and self.n_clusters < 1:
+            raise HParamsError(f"n_clusters: must be >= 1 or null, got {self.n_clusters}")
+        if not (0.0 < self.cluster_ratio <= 1.0):
+            raise HParamsError(f"cluster_ratio: must lie in (0, 1], got {self.cluster_ratio}")
+        for name in ("v_num_grad_steps", "shared_grad_steps", "per_edit_grad_steps"):
+            if getattr(self, name) < 0:
+                raise HParamsError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.clustering and self.shared_grad_steps + self.per_edit_grad_steps == 0:
+            raise HParamsError("shared_grad_steps + per_edit_grad_steps: at least one z step is needed")
+        if not self.clustering and self.v_num_grad_steps == 0:
+            raise HParamsError("v_num_grad_steps: at least one z step is needed")
+        for name in ("v_lr", "clamp_norm_factor"):
+            if getattr(self, name) <= 0:
+                raise HParamsError(f"{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("v_weight_decay", "kl_factor", "mom2_update_weight"):
+            if getattr(self, name) < 0:
+                raise HParamsError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.fact_token not in FACT_TOKENS:
+            raise HParamsError(f"fact_token: must be one of {FACT_TOKENS}, got {self.fact_token!r}")
+        if self.mom2_dtype not in MOM2_DTYPES:
+            raise HParamsError(f"mom2_dtype: must be one of {MOM2_DTYPES}, got {self.mom2_dtype!r}")
+        if self.mom2_n_samples < 1:
+            raise HParamsError(f"mom2_n_samples: must be >= 1, got {self.mom2_n_samples}")
+        if self.batch_size < 1:
+            raise HParamsError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.state_device not in ("cpu", "model"):
+            raise HParamsError(f"state_device: must be 'cpu' or 'model', got {self.state_device!r}")
+        for name in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp"):
+            if "{}" not in getattr(self, name):
+                raise HParamsError(f"{name}: the module template needs a '{{}}' for the layer index")
+        for pair in self.context_template_length_params:
+            if len(pair) != 2 or any(not isinstance(x, int) or x < 0 for x in pair):
+                raise HParamsError(
+                    "context_template_length_params: expected a list of [length, count] pairs, "
+                    f"got {self.context_template_length_params}"
+                )
+
+    def n_clusters_for(self, n_edits: int) -> int:
+        """How many clusters a batch of ``n_edits`` gets (1..n_edits)."""
+        if n_edits < 1:
+            raise ValueError("n_edits must be >= 1")
+        k = self.n_clusters if self.n_clusters is not None else math.ceil(self.cluster_ratio * n_edits)
+        return max(1, min(int(k), n_edits))
+
+
+def _coerce(name: str, value: Any, annotation: Any, source: str) -> Any:
+    """Coerce YAML scalars (``1e4`` read as a string by PyYAML) and check simple types, naming the key."""
+    ann = str(annotation)
+    try:
+        if value is None:
+            if "Optional" in ann or "None" in ann:
+                return None
+            raise HParamsError(f"{source}: {name} must not be null")
+        if ann in ("float",) or ann.startswith("float"):
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if ann in ("int",):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if ann in ("bool",):
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if "Optional[int]" in ann:
+            return int(value)
+        if ann == "str":
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+        if ann.startswith("list[int]"):
+            if not isinstance(value, list):
+                raise TypeError
+            return [int(x) for x in value]
+    except (TypeError, ValueError) as exc:
+        raise HParamsError(f"{source}: {name} has a bad value {value!r} (expected {ann})") from exc
+    return value
