@@ -233,16 +233,18 @@ def _coerce(name: str, value: Any, annotation: Any, source: str) -> Any:
             if isinstance(value, bool):
                 raise TypeError
             return float(value)
-        if ann in ("int",):
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        if ann in ("int",) or "Optional[int]" in ann:
+            if isinstance(value, bool):
+                raise TypeError
+            if isinstance(value, str):  # '1e5' (PyYAML reads scientific notation as a string)
+                value = float(value)
+            if isinstance(value, float) and not value.is_integer():
                 raise TypeError
             return int(value)
         if ann in ("bool",):
             if not isinstance(value, bool):
                 raise TypeError
             return value
-        if "Optional[int]" in ann:
-            return int(value)
         if ann == "str":
             if not isinstance(value, str):
                 raise TypeError

@@ -1,0 +1,294 @@
+"""The only module that knows EasyEdit versions: registry, batchable list, weights-copy semantics.
+
+Two EasyEdit lines are in use and differ in ways the plugin bridges here:
+
+* **easyeditor 0.0.1.dev0** (PyPI, October 2023; transformers 4.x): ``BaseEditor`` moves the model to
+  ``cuda:{hparams.device}`` (hard-coded), so it cannot run on a CPU. There is no sequential-edit switch:
+  ``edit``/``batch_edit`` pass ``keep_original_weight`` to the algorithm and always restore the weights
+  from the returned ``weights_copy``; ROME/MEMIT return an EMPTY copy unless ``keep_original_weight`` is
+  true, so by default edits ACCUMULATE. ECE follows that contract: with ``keep_original_weight`` passed
+  it returns the originals only when it is true (see :func:`wants_weights_copy`).
+* **EasyEdit main** (GitHub; transformers 5.x; run from a clone on ``PYTHONPATH``): devices go through
+  ``util/device.py`` (``device: cpu`` works). ``edit(..., sequential_edit=False)`` (the default)
+  restores the model from ``weights_copy`` after each edit, ``batch_edit`` after each chunk of
+  ``batch_size``; ``sequential_edit=True`` keeps them (``edit()`` passes ``keep_original_weight=False``,
+  which main's MEMIT ignores: the copy is always returned). The restore is ``editors/utils.py
+  restore_after_edit``: ECE is in none of its special sets (``CALLABLE_RESTORE_ALGS``,
+  ``PEFT_RESTORE_ALGS``, ``KEEP_EDITED_MODEL_ALGS``), so the default path copies every entry of the
+  ``{weight_name: tensor}`` dict back, as for MEMIT. Main's ``edit()`` (one request at a time) asserts
+  ``hparams.batch_size == 1``; use ``batch_edit`` for batches.
+
+Both lines pick ``ALG_DICT[hparams.alg_name]`` in ``BaseEditor.__init__`` from
+``easyeditor.util.alg_dict.ALG_DICT``, the same object ``editors/editor.py`` star-imports, and ask the
+hard-coded staticmethod ``BatchEditor.is_batchable_method`` before ``batch_edit``. :func:`register`
+mutates that dict (never rebinds it) and wraps the staticmethod once. ``BaseEditor.from_hparams`` is
+``cls(hparams)`` in both lines: no alg-name -> hparams-class table needs an entry.
+
+The ECE state (see :mod:`ece_plugin.state`) reconciles with the weights EasyEdit restored or kept, so the
+carried keys accumulate exactly when edits do, in both lines.
+
+After ``import easyeditor`` the attribute names ``easyeditor.models`` / ``easyeditor.util`` are
+shadowed by sub-packages (star imports), so modules are reached with :func:`import_easyedit`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Optional, Union
+
+import torch
+import yaml
+
+logger = logging.getLogger(__name__)
+
+ALG_NAME = "ECE"
+EASYEDIT_PYPI = "pypi-0.0.1.dev0"
+EASYEDIT_MAIN = "main"
+_WRAPPED_MARK = "_ece_plugin_wrapped"
+
+#: EasyEdit's own baselines the CLI runs next to ECE: alg name -> (hparams class, apply function).
+BASELINES: dict[str, tuple[str, str]] = {
+    "ROME": ("ROMEHyperParams", "apply_rome_to_model"),
+    "MEMIT": ("MEMITHyperParams", "apply_memit_to_model"),
+    "AlphaEdit": ("AlphaEditHyperParams", "apply_AlphaEdit_to_model"),
+}
+
+
+class EasyEditUnavailableError(ImportError):
+    """easyeditor is not importable, or lacks what was asked for."""
+
+
+def import_easyedit(name: str) -> ModuleType:
+    """Import ``easyeditor.<name>`` (or a full dotted name) through importlib, past shadowed attributes."""
+    full = name if name == "easyeditor" or name.startswith("easyeditor.") else f"easyeditor.{name}"
+    return importlib.import_module(full)
+
+
+def _easyeditor_importable() -> Optional[ModuleType]:
+    try:
+        return import_easyedit("easyeditor")
+    except Exception as exc:  # noqa: BLE001 - any failure (missing, broken torchvision) means "absent"
+        logger.debug("easyeditor is not importable: %s", exc)
+        return None
+
+
+def easyedit_version() -> Optional[str]:
+    """``'main'`` (GitHub clone), ``'pypi-0.0.1.dev0'`` or ``None`` when easyeditor is not importable."""
+    if importlib.util.find_spec("easyeditor") is None:
+        return None
+    package = _easyeditor_importable()
+    if package is None:
+        return None
+    files = getattr(package, "__file__", None)
+    if files is None:
+        return None
+    root = Path(files).resolve().parent
+    # util/device.py (normalize_device) exists in main and not in the 0.0.1.dev0 release
+    return EASYEDIT_MAIN if (root / "util" / "device.py").is_file() else EASYEDIT_PYPI
+
+
+def can_run_on(device: Union[int, str, torch.device, None]) -> tuple[bool, str]:
+    """Whether EasyEdit's ``BaseEditor`` can run ECE on ``device`` here, and why not."""
+    version = easyedit_version()
+    if version is None:
+        return False, "easyeditor is not importable"
+    dev = str(device) if device is not None else ""
+    wants_cpu = dev == "cpu" or dev.startswith("cpu:")
+    if version == EASYEDIT_PYPI:
+        if wants_cpu:
+            return False, "easyeditor 0.0.1.dev0 hard-codes cuda:{device}; it cannot run on a CPU"
+        if not torch.cuda.is_available():
+            return False, "easyeditor 0.0.1.dev0 needs CUDA (cuda:{device} is hard-coded) and none is available"
+        return True, "easyeditor 0.0.1.dev0 on CUDA"
+    if not wants_cpu and not torch.cuda.is_available() and not dev.startswith(("mps", "xpu")):
+        return False, f"EasyEdit main would use {dev or 'cuda'} but CUDA is not available; set device: cpu"
+    return True, f"EasyEdit main on {dev or 'the default device'}"
+
+
+def wants_weights_copy(
+    return_orig_weights: bool, kwargs: dict[str, Any], version: Optional[str] = None
+) -> bool:
+    """Whether ``apply_ece_to_model`` should return the original weights (EasyEdit's contract).
+
+    easyeditor 0.0.1.dev0 passes ``keep_original_weight`` and always restores from the returned copy;
+    its ROME/MEMIT return a copy only when that flag is true, so edits accumulate by default. EasyEdit
+    main's ``edit()`` also passes ``keep_original_weight=False`` but its MEMIT ignores it: main always
+    gets the copy and decides itself (``sequential_edit``) whether to restore. ``version`` defaults to
+    :func:`easyedit_version`; without EasyEdit (direct calls) the copy is returned when asked for.
+    """
+    if not return_orig_weights:
+        return False
+    if version is None:
+        version = easyedit_version()
+    if version == EASYEDIT_PYPI and "keep_original_weight" in kwargs:
+        return bool(kwargs["keep_original_weight"])
+    return True
+
+
+# ----------------------------------------------------------------------------------------- registry
+def _registries() -> list[dict[str, Any]]:
+    """Every distinct ALG_DICT object an editor may read (compared by identity)."""
+    found: list[dict[str, Any]] = []
+    for module_name in ("easyeditor.util.alg_dict", "easyeditor.editors.editor"):
+        try:
+            module = import_easyedit(module_name)
+        except Exception as exc:  # noqa: BLE001
+            logger.debug("cannot import %s: %s", module_name, exc)
+            continue
+        registry = getattr(module, "ALG_DICT", None)
+        if isinstance(registry, dict) and not any(registry is r for r in found):
+            found.append(registry)
+    return found
+
+
+def _wrap_batchable() -> bool:
+    """Wrap ``BatchEditor.is_batchable_method`` once so that it also accepts ``'ECE'``."""
+    module = import_easyedit("easyeditor.editors.batch_editor")
+    batch_editor = module.BatchEditor
+    original: Callable[[str], bool] = batch_editor.is_batchable_method
+    if getattr(original, _WRAPPED_MARK, False):
+        return False
+
+    def is_batchable_method(alg_name: str) -> bool:
+        return alg_name == ALG_NAME or bool(original(alg_name))
+
+    setattr(is_batchable_method, _WRAPPED_MARK, True)
+    is_batchable_method.__wrapped__ = original  # type: ignore[attr-defined]
+    is_batchable_method.__doc__ = "EasyEdit's batchable check, extended by ece-plugin with 'ECE'."
+    type.__setattr__(batch_editor, "is_batchable_method", staticmethod(is_batchable_method))
+    return True
+
+
+def _check_restore_path() -> None:
+    """Main's restore_after_edit must take its default dict path for ECE (as for MEMIT)."""
+    try:
+        utils = import_easyedit("easyeditor.editors.utils")
+    except Exception:  # noqa: BLE001 - 0.0.1.dev0 has no editors/utils.py
+        return
+    for set_name in ("CALLABLE_RESTORE_ALGS", "PEFT_RESTORE_ALGS", "KEEP_EDITED_MODEL_ALGS"):
+        special: set[str] = set(getattr(utils, set_name, set()))
+        if ALG_NAME in special:
+            logger.warning("EasyEdit lists ECE in %s; its weights_copy dict would not be restored", set_name)
+
+
+def register() -> bool:
+    """Register ECE in EasyEdit (idempotent); returns whether easyeditor was found.
+
+    Puts ``'ECE': apply_ece_to_model`` into the ALG_DICT the editors read and makes ECE batchable.
+    A silent no-op (debug log) when easyeditor is not importable.
+    """
+    version = easyedit_version()
+    if version is None:
+        logger.debug("easyeditor not importable: ECE not registered")
+        return False
+    from .editor import apply_ece_to_model
+
+    registries = _registries()
+    if not registries:
+        logger.debug("easyeditor has no ALG_DICT: ECE not registered")
+        return False
+    for registry in registries:
+        registry[ALG_NAME] = apply_ece_to_model
+    wrapped = _wrap_batchable()
+    _check_restore_path()
+    logger.debug("ECE registered in EasyEdit %s (%d registry object(s), batchable wrapped now: %s)",
+                 version, len(registries), wrapped)
+    return True
+
+
+def is_registered() -> bool:
+    """ECE is in every ALG_DICT the editors read and is batchable."""
+    if easyedit_version() is None:
+        return False
+    registries = _registries()
+    batch_editor = import_easyedit("easyeditor.editors.batch_editor").BatchEditor
+    return bool(registries) and all(ALG_NAME in r for r in registries) and bool(
+        batch_editor.is_batchable_method(ALG_NAME)
+    )
+
+
+# ----------------------------------------------------------------------------------- baseline hparams
+def _read_config(path_or_config: Union[str, Path, dict[str, Any]]) -> dict[str, Any]:
+    if isinstance(path_or_config, dict):
+        return dict(path_or_config)
+    path = Path(path_or_config)
+    if path.suffix not in (".yaml", ".yml", ".json"):
+        path = path.with_name(path.name + ".yaml")
+    if not path.is_file():
+        raise FileNotFoundError(f"hparams file not found: {path}")
+    with open(path) as f:
+        config = yaml.safe_load(f)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: an hparams file must hold a mapping of keys to values")
+    return config
+
+
+def _scientific(config: dict[str, Any]) -> dict[str, Any]:
+    """EasyEdit's ``construct_float_from_scientific_notation``: '1e4' strings become floats."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, str):
+            try:
+                out[key] = float(value)
+                continue
+            except ValueError:
+                pass
+        out[key] = value
+    return out
+
+
+def baseline_hparams(
+    alg_name: str, path_or_config: Union[str, Path, dict[str, Any]], **overrides: Any
+) -> Any:
+    """Build EasyEdit's own ROME / MEMIT / AlphaEdit hparams object from a YAML file or a dict.
+
+    ``overrides`` (e.g. ``model_name``, ``stats_dir``, ``device``, ``mom2_n_samples``) replace keys of the
+    file. Unknown keys are reported by name rather than as a dataclass ``TypeError``.
+    """
+    if alg_name not in BASELINES:
+        raise KeyError(f"unknown baseline {alg_name!r}; known: {sorted(BASELINES)}")
+    if easyedit_version() is None:
+        raise EasyEditUnavailableError(f"{alg_name} baseline needs easyeditor (not importable)")
+    class_name, _ = BASELINES[alg_name]
+    package = import_easyedit("easyeditor")
+    cls = getattr(package, class_name, None)
+    if cls is None:
+        raise EasyEditUnavailableError(
+            f"this easyeditor ({easyedit_version()}) has no {class_name}: {alg_name} is unavailable"
+        )
+    config = _scientific(_read_config(path_or_config))
+    config.update(overrides)
+    if config.get("alg_name", alg_name) != alg_name:
+        raise ValueError(f"alg_name: the file is for {config.get('alg_name')!r}, not {alg_name!r}")
+    config["alg_name"] = alg_name
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(config) - set(fields))
+    if unknown:
+        raise KeyError(f"{class_name}: unknown key(s) {unknown}")
+    missing = sorted(
+        name
+        for name, f in fields.items()
+        if name not in config
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    )
+    if missing:
+        raise KeyError(f"{class_name}: missing key(s) {missing}")
+    return cls(**config)
+
+
+def baseline_apply(alg_name: str) -> Callable[..., Any]:
+    """EasyEdit's ``apply_*_to_model`` of a baseline (from ALG_DICT)."""
+    if easyedit_version() is None:
+        raise EasyEditUnavailableError(f"{alg_name} baseline needs easyeditor (not importable)")
+    for registry in _registries():
+        if alg_name in registry:
+            return registry[alg_name]  # type: ignore[no-any-return]
+    raise EasyEditUnavailableError(f"this easyeditor ({easyedit_version()}) has no {alg_name!r} in ALG_DICT")

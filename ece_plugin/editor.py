@@ -1,0 +1,265 @@
+"""``apply_ece_to_model``: ECE as an EasyEdit editing method (EasyEdit's ``apply_*_to_model`` contract).
+
+One batch = one call:
+
+1. context templates (cached in the session), then the keys of every edited W_out at the subject's last token
+   for all requests x templates in one hooked forward (keys.py);
+2. attribution and neuron sets per edit and for the batch (attribution.py);
+3. k-medoids clustering of the edits by the Jaccard distance of their sets (clustering.py);
+4. two-phase z (values.py);
+5. the masked least-squares update, layer by layer (update.py), with C0 from the session's statistics and
+   Cprev from its sequential state;
+6. the keys of the batch on the edited model are staged into the sequential state (state.py), which commits
+   them at the next call only if EasyEdit kept the edit;
+7. the trace (trace.py) goes to ``session.last_trace``.
+"""
+
+from __future__ import annotations
+
+import copy as copy_module
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .architecture import WOut, input_device, num_layers, w_out
+from .attribution import LayerAttribution, attribute_layer
+from .clustering import Clusters, cluster_edits, membership_masks
+from .easyedit import wants_weights_copy
+from .keys import ContextTemplates, build_key_rows, editing_tokenizer, generate_context_templates, read_keys
+from .requests import EditRequest, normalise_requests
+from .state import EditSession, get_session
+from .trace import ECETrace, LayerTrace, ScoreSummary
+from .update import LayerWrite, undo, write_layers
+from .values import ZResult, compute_z
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _TemplateCache:
+    key: tuple
+    templates: ContextTemplates
+
+
+def context_templates(model: nn.Module, tok: Any, hparams: Any, session: EditSession) -> ContextTemplates:
+    """The session's context templates, generated (seeded) on first use or when their hparams change."""
+    key = (
+        tuple(tuple(int(x) for x in pair) for pair in hparams.context_template_length_params),
+        int(hparams.seed),
+    )
+    cached = getattr(session, "context_templates", None)
+    if isinstance(cached, _TemplateCache) and cached.key == key:
+        return cached.templates
+    templates = generate_context_templates(model, tok, hparams.context_template_length_params, hparams.seed)
+    setattr(session, "context_templates", _TemplateCache(key, templates))  # noqa: B010 - typed Any there
+    return templates
+
+
+def apply_ece_to_model(
+    model: nn.Module,
+    tok: Any,
+    requests: Sequence[dict[str, Any]],
+    hparams: Any,
+    copy: bool = False,
+    return_orig_weights: bool = False,
+    keep_original_weight: Optional[bool] = None,
+    **kwargs: Any,
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Edit ``model`` with ECE; returns ``(model, weights_copy)`` as EasyEdit's MEMIT does.
+
+    ``weights_copy`` maps each W_out parameter name to its original tensor when EasyEdit asks for it
+    (``return_orig_weights``; with easyeditor 0.0.1.dev0's ``keep_original_weight`` passed, only when that is
+    true), else ``{}``. ``copy=True`` edits a deep copy. ``session=`` selects an explicit
+    :class:`~ece_plugin.state.EditSession`; other EasyEdit keyword arguments are ignored.
+    """
+    if copy:
+        model = copy_module.deepcopy(model)
+    session = kwargs.get("session")
+    if session is None:
+        session = get_session(model, hparams)
+    edit_requests = normalise_requests(requests)
+    hparams.validate(num_layers(model))
+    w_outs = [w_out(model, hparams.rewrite_module_tmp, layer) for layer in hparams.layers]
+    passed = {} if keep_original_weight is None else {"keep_original_weight": keep_original_weight}
+    want_copy = wants_weights_copy(return_orig_weights, passed) or keep_original_weight is True
+    weights_copy = {wo.weight_name: wo.weight.detach().clone() for wo in w_outs} if want_copy else {}
+    ignored = sorted(set(kwargs) - {"session"})
+    if ignored:
+        logger.debug("apply_ece_to_model: ignoring keyword arguments %s", ignored)
+    trace = execute_ece(model, tok, edit_requests, hparams, session, w_outs)
+    session.last_trace = trace
+    return model, weights_copy
+
+
+def execute_ece(
+    model: nn.Module,
+    tok: Any,
+    requests: list[EditRequest],
+    hparams: Any,
+    session: EditSession,
+    w_outs: Optional[list[WOut]] = None,
+) -> ECETrace:
+    """Run one ECE batch on ``model`` in place; returns the trace."""
+    if w_outs is None:
+        w_outs = [w_out(model, hparams.rewrite_module_tmp, layer) for layer in hparams.layers]
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        with editing_tokenizer(tok):
+            session.state.reconcile(model)
+            return _run(model, tok, requests, hparams, session, w_outs, timings, start)
+    finally:
+        model.train(was_training)
+
+
+def _tick(timings: dict[str, float], name: str, t0: float) -> float:
+    now = time.perf_counter()
+    timings[name] = timings.get(name, 0.0) + now - t0
+    return now
+
+
+def _run(
+    model: nn.Module,
+    tok: Any,
+    requests: list[EditRequest],
+    hparams: Any,
+    session: EditSession,
+    w_outs: list[WOut],
+    timings: dict[str, float],
+    start: float,
+) -> ECETrace:
+    n = len(requests)
+    names = [wo.name for wo in w_outs]
+    z_name = hparams.layer_module_tmp.format(hparams.layers[-1])
+
+    t = time.perf_counter()
+    templates = context_templates(model, tok, hparams, session)
+    t = _tick(timings, "context_templates", t)
+
+    key_rows = build_key_rows(tok, requests, templates, hparams.fact_token, input_device(model))
+    keys0, zout0 = read_keys(model, key_rows, names, z_name, stop_at=z_name)
+    t = _tick(timings, "keys", t)
+
+    attributions = [
+        attribute_layer(
+            wo.layer, hparams.attribution, keys0[wo.name], wo.neuron_norms(), hparams.neuron_threshold
+        )
+        for wo in w_outs
+    ]
+    t = _tick(timings, "attribution", t)
+
+    masks = membership_masks(
+        [[att.cluster_sets[i] for att in attributions] for i in range(n)], [wo.d_ff for wo in w_outs]
+    )
+    clusters = cluster_edits(masks, hparams.n_clusters_for(n), enabled=hparams.clustering, seed=hparams.seed)
+    t = _tick(timings, "clustering", t)
+
+    zres = compute_z(
+        model, tok, requests, templates, hparams, clusters.labels, clusters.anchors, hparams.clustering
+    )
+    t = _tick(timings, "z", t)
+
+    if hparams.mom2_adjustment:
+        # C0 of every layer is read (or computed) before any layer is written, so that statistics computed
+        # from the corpus always describe the unedited model.
+        for wo in w_outs:
+            session.statistics.second_moment(model, tok, wo.name, hparams)
+        t = _tick(timings, "statistics", t)
+
+    def read(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if i == 0:
+            assert zout0 is not None
+            return keys0[names[0]], zout0
+        keys, cur = read_keys(model, key_rows, [names[i]], z_name, stop_at=z_name)
+        assert cur is not None
+        return keys[names[i]], cur
+
+    def c0_block(name: str, idx: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
+        if not hparams.mom2_adjustment:
+            return None
+        return session.statistics.masked(model, tok, name, hparams, idx, device, torch.float64)
+
+    def cprev_block(name: str, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return session.state.cprev_masked(name, idx, device, torch.float64)
+
+    writes = write_layers(
+        w_outs,
+        [att.batch_set for att in attributions],
+        zres.z,
+        read,
+        c0_block,
+        cprev_block,
+        hparams.mom2_update_weight,
+    )
+    for w in writes:
+        for stage in ("keys", "statistics", "solve"):
+            timings[stage] = timings.get(stage, 0.0) + w.seconds[stage]
+    t = time.perf_counter()
+
+    try:
+        final_keys, _ = read_keys(model, key_rows, names, None, stop_at=z_name)
+        session.state.stage(
+            {name: final_keys[name].t() for name in names},
+            {w.name + ".weight": (w.idx, w.post, wo.axis, w.pre) for w, wo in zip(writes, w_outs)},
+            n,
+        )
+    except BaseException:
+        undo(w_outs, writes)
+        raise
+    t = _tick(timings, "final_keys", t)
+    timings["total"] = time.perf_counter() - start
+    return _trace(requests, hparams, templates, w_outs, attributions, clusters, zres, writes, timings)
+
+
+def _trace(
+    requests: list[EditRequest],
+    hparams: Any,
+    templates: ContextTemplates,
+    w_outs: list[WOut],
+    attributions: list[LayerAttribution],
+    clusters: Clusters,
+    zres: ZResult,
+    writes: list[LayerWrite],
+    timings: dict[str, float],
+) -> ECETrace:
+    layers = []
+    for wo, att, wr in zip(w_outs, attributions, writes):
+        layers.append(
+            LayerTrace(
+                layer=wo.layer,
+                module=wo.name,
+                d_ff=wo.d_ff,
+                edit_sets=[s.tolist() for s in att.edit_sets],
+                edit_set_sizes=[int(s.numel()) for s in att.edit_sets],
+                edit_shares=att.edit_shares,
+                batch_set=att.batch_set.tolist(),
+                batch_set_size=int(att.batch_set.numel()),
+                batch_share=att.batch_share,
+                scores=ScoreSummary.of(att.batch_score),
+                residual_norm=wr.residual_norm,
+                update_norm=wr.update_norm,
+            )
+        )
+    cluster_info = clusters.to_dict()
+    cluster_info.update(enabled=bool(hparams.clustering), n_clusters=clusters.n_clusters)
+    return ECETrace(
+        attribution=hparams.attribution,
+        neuron_threshold=hparams.neuron_threshold,
+        n_edits=len(requests),
+        requests=[
+            {"prompt": r.text, "subject": r.subject, "target_new": r.target_new, "case_id": r.case_id}
+            for r in requests
+        ],
+        context_templates=templates,
+        layers=layers,
+        clusters=cluster_info,
+        z=zres.to_dict(),
+        timings=dict(timings),
+    )

@@ -1,0 +1,314 @@
+"""MLP keys (the input of W_out) at the subject's last token, context templates, and batched capture.
+
+Keys follow MEMIT's ``compute_ks``: every request is put in every context template, the input of W_out is read
+at the fact token (the subject's last token by default), and the rows are averaged within each template type
+(``['{}']``, then the generated ones) and then over the types. All edited layers are hooked in one pass, and the
+forward stops (an internal exception raised by a hook) as soon as the deepest module needed has run, so layers
+above it and the LM head are never computed.
+"""
+
+from __future__ import annotations
+
+import logging
+import unicodedata
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .architecture import get_module, hidden_state, input_device
+from .requests import EditRequest, fill, split_template
+
+logger = logging.getLogger(__name__)
+
+ContextTemplates = list[list[str]]  # grouped by type: [["{}"], ["<text>. {}", ...], ...]
+PREFIXES = ("The", "Therefore", "Because", "I", "You")
+DEFAULT_CHUNK_ROWS = 64
+
+
+class _StopForward(Exception):
+    """Raised by a hook once everything needed has been captured (ends the forward early)."""
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+@contextmanager
+def editing_tokenizer(tok: Any) -> Iterator[Any]:
+    """Right padding and a pad token for the duration of an edit; the original settings are restored after.
+
+    Lookup indices and target positions are counted from the left, so rows must be padded on the right (as
+    EasyEdit sets for MEMIT). A tokenizer without a pad token gets its EOS (else UNK, else BOS) as pad.
+    """
+    old_side = getattr(tok, "padding_side", "right")
+    old_pad = getattr(tok, "pad_token", None)
+    try:
+        tok.padding_side = "right"
+        if getattr(tok, "pad_token", None) is None:
+            for candidate in ("eos_token", "unk_token", "bos_token"):
+                value = getattr(tok, candidate, None)
+                if value is not None:
+                    tok.pad_token = value
+                    break
+            else:
+                raise ValueError("the tokenizer has no pad, eos, unk or bos token to pad with")
+        yield tok
+    finally:
+        tok.padding_side = old_side
+        if old_pad is None and getattr(tok, "pad_token", None) is not None:
+            tok.pad_token = None
+
+
+def token_lengths(tok: Any, texts: Sequence[str]) -> list[int]:
+    """Token counts of ``texts`` as ``tok.encode`` (special tokens included) gives them."""
+    if not texts:
+        return []
+    return [len(ids) for ids in tok(list(texts))["input_ids"]]
+
+
+def lookup_indices(tok: Any, templates: Sequence[str], subjects: Sequence[str], fact_token: str) -> list[int]:
+    """Token index (from the left, non-negative) of the fact token of each ``template`` filled with its subject.
+
+    As MEMIT's ``get_words_idxs_in_templates``: lengths of the tokenized prefix, prefix+subject and whole text.
+    ``subject_last``: the subject's last token; ``subject_first``: its first (counted after the prefix with
+    its trailing space stripped, which MEMIT's code does not do); ``subject_first_after_last``: the
+    token after the subject (its last token when nothing follows); ``last``: the last token of the text.
+    """
+    prefixes, suffixes = zip(*(split_template(t) for t in templates)) if templates else ((), ())
+    with_subject = [p + s for p, s in zip(prefixes, subjects)]
+    whole = [p + s + x for p, s, x in zip(prefixes, subjects, suffixes)]
+    # the prefix without its trailing space: BPE/Metaspace tokenizers make "of " end in a lone space token
+    n_prefix = token_lengths(tok, [p.rstrip() for p in prefixes])
+    n_with_subject = token_lengths(tok, with_subject)
+    n_whole = token_lengths(tok, whole)
+    result = []
+    for i in range(len(templates)):
+        if fact_token == "subject_last":
+            idx = n_with_subject[i] - 1
+        elif fact_token == "subject_first":
+            idx = n_prefix[i]
+        elif fact_token == "subject_first_after_last":
+            idx = n_with_subject[i] - (1 if n_whole[i] == n_with_subject[i] else 0)
+        elif fact_token == "last":
+            idx = n_whole[i] - 1
+        else:
+            raise ValueError(f"fact_token={fact_token!r} not recognised")
+        if not 0 <= idx < n_whole[i]:
+            raise ValueError(f"fact token index {idx} out of range for {whole[i]!r} ({n_whole[i]} tokens)")
+        result.append(idx)
+    return result
+
+
+@dataclass
+class EncodedRows:
+    """Right-padded token ids of a list of prompts and the fact-token index of each row."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    lookup: torch.Tensor  # [rows] long
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.attention_mask.sum(1)
+
+    def select(self, rows: torch.Tensor) -> EncodedRows:
+        """A sub-batch, trimmed to its longest row."""
+        ids, mask = self.input_ids[rows], self.attention_mask[rows]
+        width = int(mask.sum(1).max().item()) if rows.numel() else 0
+        return EncodedRows(ids[:, :width], mask[:, :width], self.lookup[rows])
+
+
+def encode_rows(
+    tok: Any, templates: Sequence[str], subjects: Sequence[str], fact_token: str, device: torch.device
+) -> EncodedRows:
+    """Tokenize ``templates`` filled with ``subjects`` (right padding) and find each row's fact token."""
+    texts = [fill(t, s) for t, s in zip(templates, subjects)]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    lookup = torch.tensor(lookup_indices(tok, templates, subjects, fact_token), dtype=torch.long)
+    return EncodedRows(enc["input_ids"].to(device), enc["attention_mask"].to(device), lookup.to(device))
+
+
+# ------------------------------------------------------------------------------------------- capture
+def capture(
+    model: nn.Module,
+    rows: EncodedRows,
+    inputs_of: Sequence[str] = (),
+    outputs_of: Sequence[str] = (),
+    stop_at: Optional[str] = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> dict[str, torch.Tensor]:
+    """No-grad forward(s) reading, at each row's fact token, the input of ``inputs_of`` modules and the hidden
+    state output by ``outputs_of`` modules. Returns ``name -> [rows, dim]`` float32 on that module's device.
+
+    ``stop_at``: a module whose output ends the forward (the deepest one needed), saving the rest.
+    """
+    got: dict[str, list[torch.Tensor]] = {name: [] for name in (*inputs_of, *outputs_of)}
+    current: dict[str, torch.Tensor] = {}
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        lookup = current["lookup"].to(t.device)
+        return t[torch.arange(t.shape[0], device=t.device), lookup].detach().float()
+
+    handles = []
+    try:
+        for name in inputs_of:
+
+            def pre_hook(module: nn.Module, args: tuple, _name: str = name) -> None:
+                got[_name].append(gather(args[0]))
+
+            handles.append(get_module(model, name).register_forward_pre_hook(pre_hook))
+        for name in set(outputs_of) | ({stop_at} if stop_at else set()):
+
+            def hook(module: nn.Module, args: tuple, output: Any, _name: str = name) -> None:
+                if _name in got:
+                    got[_name].append(gather(hidden_state(output)))
+                if _name == stop_at:
+                    raise _StopForward
+
+            handles.append(get_module(model, name).register_forward_hook(hook))
+        with torch.no_grad():
+            for start in range(0, rows.n_rows, chunk_rows):
+                part = rows.select(torch.arange(start, min(start + chunk_rows, rows.n_rows)))
+                current["lookup"] = part.lookup
+                try:
+                    model(input_ids=part.input_ids, attention_mask=part.attention_mask, use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [name for name, parts in got.items() if not parts]
+    if missing:
+        raise RuntimeError(f"modules {missing} did not run in the forward pass (check the module templates)")
+    return {name: torch.cat(parts, 0) for name, parts in got.items()}
+
+
+# --------------------------------------------------------------------------------------- key rows
+@dataclass
+class KeyRows:
+    """The templated prompts of a batch: every request in every context template (request-major)."""
+
+    rows: EncodedRows
+    n_edits: int
+    type_sizes: list[int]  # number of templates of each type, e.g. [1, 5]
+
+    @property
+    def per_edit(self) -> int:
+        return sum(self.type_sizes)
+
+    @property
+    def plain_rows(self) -> torch.Tensor:
+        """Row of each request in the plain ``'{}'`` template (the first template)."""
+        return torch.arange(self.n_edits) * self.per_edit
+
+    def average(self, raw: torch.Tensor) -> torch.Tensor:
+        """``[n_edits * per_edit, d]`` -> ``[n_edits, d]``: mean within each template type, then over types."""
+        per_request = raw.reshape(self.n_edits, self.per_edit, -1)
+        means, start = [], 0
+        for size in self.type_sizes:
+            means.append(per_request[:, start : start + size].mean(1))
+            start += size
+        return torch.stack(means, 0).mean(0)
+
+
+def build_key_rows(
+    tok: Any,
+    requests: Sequence[EditRequest],
+    templates: ContextTemplates,
+    fact_token: str,
+    device: torch.device,
+) -> KeyRows:
+    flat = [t for group in templates for t in group]
+    if not flat or flat[0] != "{}":
+        raise ValueError("context templates must start with the plain '{}' template")
+    row_templates = [ctx.replace("{}", req.template) for req in requests for ctx in flat]
+    subjects = [req.subject for req in requests for _ in flat]
+    rows = encode_rows(tok, row_templates, subjects, fact_token, device)
+    return KeyRows(rows=rows, n_edits=len(requests), type_sizes=[len(g) for g in templates])
+
+
+def read_keys(
+    model: nn.Module,
+    key_rows: KeyRows,
+    w_out_names: Sequence[str],
+    z_module: Optional[str],
+    stop_at: str,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor]]:
+    """Template-averaged keys ``name -> [n_edits, d_ff]`` of each W_out and, with ``z_module``, its output at
+    the plain-prompt rows ``[n_edits, d_model]`` (MEMIT's ``cur_zs``) from the same forward."""
+    outputs_of = [z_module] if z_module else []
+    raw = capture(model, key_rows.rows, w_out_names, outputs_of, stop_at, chunk_rows)
+    keys = {name: key_rows.average(raw[name]) for name in w_out_names}
+    z_out = None
+    if z_module:
+        z_all = raw[z_module]
+        z_out = z_all[key_rows.plain_rows.to(z_all.device)]
+    return keys, z_out
+
+
+# -------------------------------------------------------------------------------- context templates
+def _sample_texts(
+    model: nn.Module,
+    tok: Any,
+    prompts: Sequence[str],
+    max_len: int,
+    generator: torch.Generator,
+    top_k: int = 5,
+) -> list[str]:
+    """Top-k sampled continuations until each text has ``max_len`` tokens (prompt included, as MEMIT's
+    ``generate_fast``), seeded by ``generator`` (CPU) so runs are reproducible."""
+    device = input_device(model)
+    seqs = [list(ids) for ids in tok(list(prompts))["input_ids"]]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    with torch.no_grad():
+        while True:
+            active = [i for i, s in enumerate(seqs) if len(s) < max_len]
+            if not active:
+                break
+            width = max(len(seqs[i]) for i in active)
+            ids = torch.full((len(active), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(active), width), dtype=torch.long)
+            for r, i in enumerate(active):
+                ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
+                mask[r, : len(seqs[i])] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            last = torch.tensor([len(seqs[i]) - 1 for i in active], device=logits.device)
+            probs = torch.softmax(
+                logits[torch.arange(len(active), device=logits.device), last].float(), -1
+            ).cpu()
+            top = torch.topk(probs, min(top_k, probs.shape[-1]), dim=-1)
+            weights = top.values / top.values.sum(-1, keepdim=True)
+            choice = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+            new = top.indices[torch.arange(len(active)), choice]
+            for r, i in enumerate(active):
+                seqs[i].append(int(new[r]))
+    texts = [tok.decode(s, skip_special_tokens=True) for s in seqs]
+    return [unicodedata.normalize("NFKD", t).replace("\n\n", " ") for t in texts]
+
+
+def generate_context_templates(
+    model: nn.Module,
+    tok: Any,
+    length_params: Sequence[Sequence[int]],
+    seed: int,
+    prefixes: Sequence[str] = PREFIXES,
+) -> ContextTemplates:
+    """``[['{}'], [<text>. {}, ...], ...]``: for each ``[length, n]``, n texts sampled by the model (top-k 5,
+    seeded) from the prefixes in turn (n // 5 each for n = 5k, as MEMIT), each turned into ``"<text>. {}"``."""
+    templates: ContextTemplates = [["{}"]]
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    for length, n in length_params:
+        if n <= 0:
+            continue
+        counts = [n // len(prefixes) + (1 if i < n % len(prefixes) else 0) for i in range(len(prefixes))]
+        prompts = [p for p, c in zip(prefixes, counts) for _ in range(c)]
+        texts = _sample_texts(model, tok, prompts, int(length), generator)
+        templates.append([t.replace("{", " ").replace("}", " ") + ". {}" for t in texts])
+    logger.info("context templates: %s", templates)
+    return templates

@@ -1,0 +1,131 @@
+"""Normalising EasyEdit request dicts into :class:`EditRequest` objects, with clear errors.
+
+EasyEdit hands an editing method a list of dicts (``prompt``, ``subject``, ``target_new``, ``ground_truth``,
+``case_id``, ...). The prompt either contains the subject verbatim (EasyEdit's ``edit()`` API) or a ``{}``
+placeholder for it (ROME/MEMIT's CounterFact format); ``target_new`` is a string or, ROME-style, a dict
+``{"str": ...}``. Everything downstream works with :class:`EditRequest`: a prompt *template* with exactly one
+``{}`` where the subject goes, and a target that starts with a space (as MEMIT does, so that BPE tokenizers
+tokenize it as a word continuing the prompt).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
+
+PLACEHOLDER = "{}"
+
+
+class RequestError(ValueError):
+    """An edit request is malformed; the message names the request and the problem."""
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One edit: ``template`` (with one ``{}`` for the subject), ``subject`` and ``target_new``."""
+
+    template: str
+    subject: str
+    target_new: str
+    ground_truth: Optional[str] = None
+    case_id: Any = None
+    index: int = 0
+
+    @property
+    def text(self) -> str:
+        """The prompt with the subject filled in."""
+        return fill(self.template, self.subject)
+
+    def describe(self) -> str:
+        return f"[{self.text}] -> [{self.target_new}]"
+
+
+def fill(template: str, subject: str) -> str:
+    """Put ``subject`` at the single ``{}`` of ``template`` (other braces are left alone, unlike ``str.format``)."""
+    prefix, suffix = split_template(template)
+    return prefix + subject + suffix
+
+
+def split_template(template: str) -> tuple[str, str]:
+    """``(prefix, suffix)`` around the single ``{}`` of ``template``."""
+    parts = template.split(PLACEHOLDER)
+    if len(parts) != 2:
+        raise RequestError(f"template {template!r} must contain exactly one '{{}}' (found {len(parts) - 1})")
+    return parts[0], parts[1]
+
+
+def _text_field(raw: Mapping[str, Any], key: str, where: str) -> str:
+    if key not in raw:
+        raise RequestError(f"{where}: missing key {key!r} (keys present: {sorted(raw)})")
+    value = raw[key]
+    if isinstance(value, Mapping):
+        if "str" not in value:
+            raise RequestError(f"{where}: {key} is a dict without a 'str' entry: {value!r}")
+        value = value["str"]
+    if not isinstance(value, str):
+        raise RequestError(f"{where}: {key} must be a string, got {type(value).__name__}")
+    return value
+
+
+def normalise_request(raw: Mapping[str, Any], index: int = 0) -> EditRequest:
+    """One EasyEdit request dict -> :class:`EditRequest` (raises :class:`RequestError` naming the problem)."""
+    if not isinstance(raw, Mapping):
+        raise RequestError(f"request {index}: expected a dict, got {type(raw).__name__}")
+    case_id = raw.get("case_id")
+    where = f"request {index}" + (f" (case_id={case_id!r})" if case_id is not None else "")
+    prompt = _text_field(raw, "prompt", where)
+    subject = _text_field(raw, "subject", where)
+    target = _text_field(raw, "target_new", where)
+    if not subject.strip():
+        raise RequestError(f"{where}: empty subject")
+    if not target.strip():
+        raise RequestError(f"{where}: empty target_new")
+    if not prompt.strip():
+        raise RequestError(f"{where}: empty prompt")
+    n_placeholders = prompt.count(PLACEHOLDER)
+    if n_placeholders > 1:
+        raise RequestError(
+            f"{where}: prompt {prompt!r} has {n_placeholders} '{{}}' placeholders; one is allowed"
+        )
+    if n_placeholders == 1:
+        template = prompt
+    else:
+        position = prompt.find(subject)
+        if position < 0:
+            raise RequestError(f"{where}: subject {subject!r} does not occur in prompt {prompt!r}")
+        # The first occurrence is the subject's position (EasyEdit replaces all; an assertion then fails on
+        # prompts that repeat the subject, so taking the first is the only sensible reading).
+        template = prompt[:position] + PLACEHOLDER + prompt[position + len(subject) :]
+    if not target.startswith(" "):
+        target = " " + target  # as MEMIT: the target continues the prompt as a new word
+    ground_truth = raw.get("ground_truth")
+    if isinstance(ground_truth, Mapping):
+        ground_truth = ground_truth.get("str")
+    if ground_truth is not None and not isinstance(ground_truth, str):
+        ground_truth = str(ground_truth)
+    return EditRequest(
+        template=template,
+        subject=subject,
+        target_new=target,
+        ground_truth=ground_truth,
+        case_id=case_id,
+        index=index,
+    )
+
+
+def normalise_requests(requests: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> list[EditRequest]:
+    """A list of EasyEdit request dicts (or a single dict) -> list of :class:`EditRequest`, in order."""
+    if isinstance(requests, Mapping):
+        requests = [requests]
+    if not isinstance(requests, Sequence) or isinstance(requests, str):
+        raise RequestError(f"requests must be a list of dicts, got {type(requests).__name__}")
+    if len(requests) == 0:
+        raise RequestError("no edit requests given")
+    result = [normalise_request(raw, i) for i, raw in enumerate(requests)]
+    for request in result[:10]:
+        logger.info("ECE request: %s", request.describe())
+    return result

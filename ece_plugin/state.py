@@ -1,0 +1,435 @@
+"""Sequential-editing state: the second moment of the keys of earlier edits, ``Cprev = sum k k^T``.
+
+ECE's update for layer l restricts the least-squares solve to the selected neurons S and adds the keys
+of earlier edits, ``Cprev[S, S]``, so that later edits preserve earlier ones. :class:`SequentialState`
+carries, per layer name (the W_out module, e.g. ``model.layers.5.mlp.down_proj``), either
+
+* the keys themselves, ``K`` of shape ``[d_ff, n]`` (low rank), while ``2 n <= d_ff``; or
+* the dense sum ``K K^T`` of shape ``[d_ff, d_ff]`` once ``2 n > d_ff`` (the switch is exact up to
+  float32 rounding; the dense form never grows again).
+
+Sizes (float32): keys cost ``4 d_ff n`` bytes; the dense form ``4 d_ff^2``. For Llama-3-8B
+(d_ff = 14336) a dense layer is 822 MB, so five edited layers hold 4.1 GB once more than 7168 edits have
+been made; 1000 edits cost 57 MB per layer in the low-rank form. ``device='cpu'`` (default) keeps the
+state off the accelerator; ``device='model'`` keeps each layer's tensors where its keys were computed.
+
+Commit protocol (works in both EasyEdit lines). An edit calls :meth:`SequentialState.stage` with its keys
+and the W_out neuron values it wrote; nothing is accumulated yet. At the start of the next batch (and in
+:meth:`save`) the editor calls :meth:`reconcile` with the model:
+
+* W_out still holds the post-edit values at those neurons -> the edit persisted (EasyEdit main with
+  ``sequential_edit=True``; easyeditor 0.0.1.dev0 without ``keep_original_weight``): commit.
+* they hold the pre-edit values (EasyEdit main restored ``weights_copy`` after a non-sequential edit;
+  0.0.1.dev0 with ``keep_original_weight=True``): discard silently (debug log).
+* anything else: warn and discard.
+
+Neuron axis. W_out neuron k is COLUMN k of an ``nn.Linear`` weight ``[d_model, d_ff]`` (axis 1) and ROW k
+of a GPT-2 ``Conv1D`` weight ``[d_ff, d_model]`` (axis 0). ``written`` values are the slices
+``neuron_values(weight, idx, axis=...)`` returns; the axis may be given explicitly (third tuple element,
+or :class:`WrittenNeurons`), otherwise it is taken from the owning module's class at reconcile time.
+
+File format (:meth:`save`): one safetensors file; tensors ``"{layer}::keys"`` or ``"{layer}::dense"``;
+the header metadata key ``ece_state`` holds JSON (format version, layer names, kinds, d_ff, n, n_edits,
+model fingerprint). Written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from .statistics import StatisticsCache, model_fingerprint, module_input_dim
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "ece-sequential-state"
+STATE_VERSION = 1
+_META_KEY = "ece_state"
+
+
+class StateError(ValueError):
+    """The sequential state is used wrongly or a state file is unreadable."""
+
+
+class StateMismatchError(StateError):
+    """A saved state belongs to another model or another layer shape."""
+
+
+# ------------------------------------------------------------------------------------------ neurons
+def neuron_axis(conv1d: bool) -> int:
+    """The axis of W_out that indexes neurons: 0 for GPT-2 Conv1D ``[d_ff, d_model]``, 1 for Linear."""
+    return 0 if conv1d else 1
+
+
+def neuron_values(
+    weight: torch.Tensor, idx: torch.Tensor, conv1d: bool = False, *, axis: Optional[int] = None
+) -> torch.Tensor:
+    """The W_out slice of neurons ``idx``: columns of an nn.Linear weight, rows of a Conv1D weight."""
+    ax = neuron_axis(conv1d) if axis is None else axis
+    return weight.detach().index_select(ax, torch.as_tensor(idx, dtype=torch.long, device=weight.device))
+
+
+@dataclass
+class WrittenNeurons:
+    """Neuron values an edit wrote into one W_out weight (``pre`` optional: tells restore from other)."""
+
+    idx: torch.Tensor
+    post: torch.Tensor
+    axis: Optional[int] = None
+    pre: Optional[torch.Tensor] = None
+
+    @classmethod
+    def coerce(cls, value: Any) -> WrittenNeurons:
+        if isinstance(value, WrittenNeurons):
+            item = value
+        elif isinstance(value, (tuple, list)) and 2 <= len(value) <= 4:
+            item = cls(*value)
+        else:
+            raise StateError(
+                "written values must be WrittenNeurons or (idx, post_values[, axis[, pre_values]]) tuples"
+            )
+        return cls(
+            idx=torch.as_tensor(item.idx, dtype=torch.long).detach().cpu().clone(),
+            post=item.post.detach().cpu().clone(),
+            axis=item.axis,
+            pre=None if item.pre is None else item.pre.detach().cpu().clone(),
+        )
+
+
+@dataclass
+class _Pending:
+    keys: dict[str, torch.Tensor]
+    written: dict[str, WrittenNeurons]
+    n_edits: int
+
+
+@dataclass
+class _LayerMoment:
+    d_ff: int
+    keys: Optional[torch.Tensor] = None  # [d_ff, n]
+    dense: Optional[torch.Tensor] = None  # [d_ff, d_ff]
+
+    @property
+    def n(self) -> int:
+        return 0 if self.keys is None else int(self.keys.shape[1])
+
+    def nbytes(self) -> int:
+        total = 0
+        for t in (self.keys, self.dense):
+            if t is not None:
+                total += t.numel() * t.element_size()
+        return total
+
+
+# ---------------------------------------------------------------------------------------- the state
+class SequentialState:
+    """Per-layer ``Cprev = sum k k^T`` over committed edits, low rank while small, dense afterwards."""
+
+    def __init__(self, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        if device != "model":
+            torch.device(device)  # validates the string
+        self.device = device
+        self.dtype = dtype
+        self._layers: dict[str, _LayerMoment] = {}
+        self._pending: Optional[_Pending] = None
+        self.n_edits = 0
+        self.fingerprint: Optional[dict[str, Any]] = None
+
+    # -------------------------------------------------------------------------------- reading
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self._layers)
+
+    @property
+    def has_pending(self) -> bool:
+        return self._pending is not None
+
+    def is_dense(self, layer_name: str) -> bool:
+        layer = self._layers.get(layer_name)
+        return layer is not None and layer.dense is not None
+
+    def n_keys(self, layer_name: str) -> int:
+        """Number of key columns held in low-rank form (0 once dense)."""
+        layer = self._layers.get(layer_name)
+        return 0 if layer is None else layer.n
+
+    def nbytes(self) -> int:
+        total = sum(layer.nbytes() for layer in self._layers.values())
+        if self._pending is not None:
+            total += sum(k.numel() * k.element_size() for k in self._pending.keys.values())
+        return total
+
+    def cprev(self, layer_name: str, dtype: torch.dtype = torch.float64) -> Optional[torch.Tensor]:
+        """The full ``d_ff x d_ff`` Cprev of a layer (None when nothing was committed there)."""
+        layer = self._layers.get(layer_name)
+        if layer is None:
+            return None
+        if layer.dense is not None:
+            return layer.dense.to(dtype)
+        assert layer.keys is not None
+        k = layer.keys.to(dtype)
+        return k @ k.T
+
+    def cprev_masked(
+        self,
+        layer_name: str,
+        idx: torch.Tensor,
+        device: Union[str, torch.device],
+        dtype: torch.dtype = torch.float64,
+    ) -> torch.Tensor:
+        """``Cprev[idx][:, idx]`` (|S| x |S|) on ``device``; zeros when nothing was committed."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        n = int(idx.numel())
+        layer = self._layers.get(layer_name)
+        if layer is None:
+            return torch.zeros(n, n, dtype=dtype, device=device)
+        if layer.dense is not None:
+            sel = idx.to(layer.dense.device)
+            block = layer.dense.index_select(0, sel).index_select(1, sel)
+            return block.to(device=device, dtype=dtype)
+        assert layer.keys is not None
+        ks = layer.keys.index_select(0, idx.to(layer.keys.device)).to(device=device, dtype=dtype)
+        return ks @ ks.T
+
+    # -------------------------------------------------------------------------------- writing
+    def _place(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().to(self.dtype)
+        return t if self.device == "model" else t.to(self.device)
+
+    def stage(
+        self,
+        keys: dict[str, torch.Tensor],
+        written: dict[str, Any],
+        n_edits: int,
+    ) -> None:
+        """Hold one batch's keys (``[d_ff, n]`` per layer) until :meth:`reconcile` sees the model."""
+        if self._pending is not None:
+            raise StateError("a staged batch is pending: call reconcile(model) before staging another")
+        if n_edits < 1:
+            raise StateError(f"n_edits must be >= 1, got {n_edits}")
+        placed: dict[str, torch.Tensor] = {}
+        for name, k in keys.items():
+            if k.dim() != 2:
+                raise StateError(f"keys for {name}: expected [d_ff, n], got shape {tuple(k.shape)}")
+            layer = self._layers.get(name)
+            if layer is not None and layer.d_ff != k.shape[0]:
+                raise StateError(f"keys for {name}: d_ff {k.shape[0]} != {layer.d_ff} of earlier edits")
+            placed[name] = self._place(k).clone()
+        self._pending = _Pending(
+            keys=placed,
+            written={w: WrittenNeurons.coerce(v) for w, v in written.items()},
+            n_edits=int(n_edits),
+        )
+
+    def _commit(self, pending: _Pending) -> None:
+        for name, k in pending.keys.items():
+            layer = self._layers.setdefault(name, _LayerMoment(d_ff=int(k.shape[0])))
+            if layer.dense is not None:
+                kd = k.to(layer.dense.device, torch.float64)
+                layer.dense += (kd @ kd.T).to(layer.dense.dtype)
+                continue
+            layer.keys = k if layer.keys is None else torch.cat([layer.keys, k.to(layer.keys.device)], dim=1)
+            if 2 * layer.n > layer.d_ff:
+                kd = layer.keys.to(torch.float64)
+                layer.dense = (kd @ kd.T).to(self.dtype)
+                layer.keys = None
+                logger.info("sequential state %s: switched to the dense %dx%d form", name, layer.d_ff, layer.d_ff)
+        self.n_edits += pending.n_edits
+
+    def reconcile(self, model: nn.Module) -> str:
+        """Commit or discard the staged batch by looking at W_out; returns what happened.
+
+        One of ``'none'`` (nothing staged), ``'committed'``, ``'discarded-restored'``,
+        ``'discarded-changed'``.
+        """
+        pending = self._pending
+        if pending is None:
+            return "none"
+        self._pending = None
+        verdicts = [_verdict(model, name, w) for name, w in pending.written.items()]
+        if all(v == "post" for v in verdicts):
+            self._commit(pending)
+            if self.fingerprint is None:
+                self.fingerprint = model_fingerprint(model)
+            logger.debug("sequential state: committed %d edit(s)", pending.n_edits)
+            return "committed"
+        if all(v in ("pre", "not-post") for v in verdicts):
+            logger.debug("sequential state: W_out was restored, %d edit(s) discarded", pending.n_edits)
+            return "discarded-restored"
+        logger.warning(
+            "sequential state: W_out holds neither the post-edit nor the pre-edit values of the last "
+            "batch (%s); its %d edit(s) are not carried",
+            ", ".join(f"{n}: {v}" for n, v in zip(pending.written, verdicts)),
+            pending.n_edits,
+        )
+        return "discarded-changed"
+
+    def reset(self) -> None:
+        self._layers.clear()
+        self._pending = None
+        self.n_edits = 0
+        self.fingerprint = None
+
+    # -------------------------------------------------------------------------------- files
+    def save(self, path: Union[str, Path], model: Optional[nn.Module] = None) -> None:
+        """Write the committed state atomically (reconciling first when ``model`` is given)."""
+        from safetensors.torch import save_file
+
+        if model is not None:
+            self.reconcile(model)
+            if self.fingerprint is None:
+                self.fingerprint = model_fingerprint(model)
+        elif self._pending is not None:
+            logger.warning("sequential state: a staged batch is not saved (pass the model to reconcile it)")
+        tensors: dict[str, torch.Tensor] = {}
+        layers_meta: dict[str, dict[str, Any]] = {}
+        for name, layer in self._layers.items():
+            kind = "dense" if layer.dense is not None else "keys"
+            tensor = layer.dense if layer.dense is not None else layer.keys
+            assert tensor is not None
+            tensors[f"{name}::{kind}"] = tensor.detach().cpu().contiguous().clone()
+            layers_meta[name] = {"kind": kind, "d_ff": layer.d_ff, "n": layer.n}
+        meta = {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "n_edits": self.n_edits,
+            "layers": layers_meta,
+            "fingerprint": self.fingerprint,
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(
+        cls, path: Union[str, Path], model: Optional[nn.Module] = None, device: str = "cpu"
+    ) -> SequentialState:
+        """Read a saved state; with ``model``, refuse a state for another model or layer shape."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"sequential state file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several types
+            raise StateError(f"{path}: not a readable safetensors file ({exc})") from exc
+        if _META_KEY not in header:
+            raise StateError(f"{path}: not an ECE sequential state (no '{_META_KEY}' metadata)")
+        meta = json.loads(header[_META_KEY])
+        if meta.get("format") != STATE_FORMAT or meta.get("version") != STATE_VERSION:
+            raise StateError(
+                f"{path}: unsupported state format {meta.get('format')!r} version {meta.get('version')!r}"
+            )
+        state = cls(device=device)
+        state.n_edits = int(meta.get("n_edits", 0))
+        state.fingerprint = meta.get("fingerprint")
+        for name, info in meta.get("layers", {}).items():
+            kind, d_ff = info["kind"], int(info["d_ff"])
+            tensor = tensors.get(f"{name}::{kind}")
+            if tensor is None:
+                raise StateError(f"{path}: tensor for layer {name!r} missing")
+            expected_rows = d_ff
+            if tensor.shape[0] != expected_rows or (kind == "dense" and tuple(tensor.shape) != (d_ff, d_ff)):
+                raise StateError(f"{path}: layer {name!r} tensor shape {tuple(tensor.shape)} != d_ff {d_ff}")
+            placed = state._place(tensor)
+            state._layers[name] = _LayerMoment(
+                d_ff=d_ff, keys=placed if kind == "keys" else None, dense=placed if kind == "dense" else None
+            )
+        if model is not None:
+            state.check_model(model, source=str(path))
+        return state
+
+    def check_model(self, model: nn.Module, source: str = "state") -> None:
+        """Raise :class:`StateMismatchError` when this state cannot belong to ``model``."""
+        problems: list[str] = []
+        if self.fingerprint is not None:
+            ours = model_fingerprint(model)
+            for key in ("config_hash", "hidden_size", "num_hidden_layers", "model_type"):
+                if self.fingerprint.get(key) != ours.get(key):
+                    problems.append(f"{key} {self.fingerprint.get(key)!r} != model's {ours.get(key)!r}")
+        for name, layer in self._layers.items():
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                problems.append(f"layer {name!r} does not exist in the model")
+                continue
+            d_ff = module_input_dim(module)
+            if d_ff != layer.d_ff:
+                problems.append(f"layer {name!r} has d_ff {d_ff}, the state {layer.d_ff}")
+        if problems:
+            raise StateMismatchError(f"{source} does not fit this model: {'; '.join(problems)}")
+
+
+def _verdict(model: nn.Module, weight_name: str, w: WrittenNeurons) -> str:
+    """'post' (still the edited values), 'pre' (restored), 'not-post' (differs; pre unknown), 'other'."""
+    try:
+        param = model.get_parameter(weight_name)
+    except AttributeError:
+        return "missing"
+    axis = w.axis
+    if axis is None:
+        owner = model.get_submodule(weight_name.rsplit(".", 1)[0]) if "." in weight_name else model
+        axis = neuron_axis(type(owner).__name__ == "Conv1D")
+    if w.idx.numel() and int(w.idx.max()) >= param.shape[axis]:
+        return "other"
+    current = neuron_values(param, w.idx, axis=axis).cpu()
+    if current.shape != w.post.shape:
+        return "other"
+    if torch.equal(current.to(w.post.dtype), w.post):
+        return "post"
+    if w.pre is None:
+        return "not-post"
+    if current.shape == w.pre.shape and torch.equal(current.to(w.pre.dtype), w.pre):
+        return "pre"
+    return "other"
+
+
+# -------------------------------------------------------------------------------------- sessions
+@dataclass
+class EditSession:
+    """What ECE keeps between calls on one model: carried keys, statistics, last trace, templates."""
+
+    state: SequentialState
+    statistics: StatisticsCache = field(default_factory=StatisticsCache)
+    last_trace: Optional[Any] = None
+    context_templates: Optional[Any] = None  # cached context templates (the editor decides the form)
+
+
+SESSION_ATTR = "_ece_session"
+
+
+def get_session(model: nn.Module, hparams: Any = None) -> EditSession:
+    """The model's :class:`EditSession` (attribute ``_ece_session``), created on first use."""
+    session = model.__dict__.get(SESSION_ATTR)
+    if isinstance(session, EditSession):
+        return session
+    device = str(getattr(hparams, "state_device", "cpu") or "cpu")
+    session = EditSession(state=SequentialState(device=device))
+    # object.__setattr__ skips nn.Module's registration logic; the session is plain Python state
+    object.__setattr__(model, SESSION_ATTR, session)
+    return session
+
+
+def reset_session(model: nn.Module) -> None:
+    """Forget everything ECE carried for this model (sequential keys, statistics, templates)."""
+    if SESSION_ATTR in model.__dict__:
+        del model.__dict__[SESSION_ATTR]

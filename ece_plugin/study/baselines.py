@@ -1,0 +1,331 @@
+"""Editing methods the studies compare, behind one small interface.
+
+* :class:`ECEMethod` - this project's ECE (``apply_ece_to_model``) with a variant's hyperparameters
+  (ECE-AS / ECE-WI / ECE-RS; clustering off and p = 1 is the 'MEMIT-equivalent (project code)').
+* :class:`EasyEditMethod` - EasyEdit's own ROME, MEMIT and AlphaEdit through the apply functions EasyEdit
+  registers in ``ALG_DICT`` (the functions ``BaseEditor`` calls), with EasyEdit's hyperparameter classes
+  read from YAML. Whether the installed EasyEdit can run on the device is asked of
+  :func:`ece_plugin.easyedit.can_run_on`; a method that cannot run says why in one line.
+
+Every method edits a model in place, one batch of EasyEdit request dicts at a time, and keeps sequential
+state between batches until :meth:`EditMethod.reset`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import shutil
+import tempfile
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+import torch
+
+from ..hparams import ECEHyperParams
+from .common import StudyError, weight_names
+
+logger = logging.getLogger(__name__)
+
+BASELINES = ("ROME", "MEMIT", "AlphaEdit")
+ECE_VARIANTS: dict[str, dict[str, Any]] = {
+    "ECE": {},
+    "ECE-AS": {"attribution": "AS"},
+    "ECE-WI": {"attribution": "WI"},
+    "ECE-RS": {"attribution": "RS"},
+    # Clustering off and p = 1: every neuron, MEMIT's z -> MEMIT's update computed by this project's code.
+    "MEMIT-equivalent": {"clustering": False, "neuron_threshold": 1.0},
+}
+MEMIT_EQUIVALENT_LABEL = "MEMIT-equivalent (project code)"
+
+
+@dataclass
+class BatchOutcome:
+    """What editing one batch produced."""
+
+    seconds: float
+    trace: Optional[dict[str, Any]] = None
+
+
+class EditMethod(Protocol):
+    """An editing method as the studies drive it."""
+
+    name: str
+
+    def availability(self, model: torch.nn.Module) -> tuple[bool, str]:
+        """(True, '') when the method can run on this model/device, else (False, one-line reason)."""
+        ...
+
+    def edited_weight_names(self, model: torch.nn.Module) -> list[str]:
+        """Names of the parameters an edit may change (snapshot these to restore the model)."""
+        ...
+
+    def prepare(self, model: torch.nn.Module, tok: Any) -> None:
+        """One-off work outside the timed edits (e.g. make sure statistics exist)."""
+        ...
+
+    def reset(self, model: torch.nn.Module) -> None:
+        """Forget sequential state (start a new sequence of edits)."""
+        ...
+
+    def edit_batch(self, model: torch.nn.Module, tok: Any, requests: Sequence[dict[str, Any]]) -> BatchOutcome:
+        """Edit ``model`` in place with one batch of requests."""
+        ...
+
+
+# ----------------------------------------------------------------------------- ECE
+def ece_variant_hparams(base: ECEHyperParams, variant: str, **overrides: Any) -> ECEHyperParams:
+    """A copy of ``base`` with a named variant's settings (see :data:`ECE_VARIANTS`) and ``overrides``."""
+    if variant not in ECE_VARIANTS:
+        raise StudyError(f"unknown ECE variant {variant!r}; known: {sorted(ECE_VARIANTS)}")
+    changes = {**ECE_VARIANTS[variant], **overrides}
+    if not changes.get("clustering", base.clustering) and "v_num_grad_steps" not in changes:
+        # Same number of z steps as ECE's two phases, so the comparison is step for step.
+        changes["v_num_grad_steps"] = max(base.v_num_grad_steps, 1)
+    new = dataclasses.replace(copy.deepcopy(base), **changes)
+    new.validate()
+    return new
+
+
+def ensure_statistics(model: torch.nn.Module, tok: Any, hparams: Any, progress: bool = True) -> list[str]:
+    """Compute (one pass, progress bar) and cache in EasyEdit's layout the second-moment statistics of the
+    layers ``hparams`` edits that have no cache file yet; returns the layer names computed."""
+    from .. import statistics
+
+    spec = statistics.StatsSpec.from_hparams(hparams)
+    layer_names = [hparams.rewrite_module_tmp.format(layer) for layer in hparams.layers]
+    missing = [
+        name
+        for name in layer_names
+        if not any(path.is_file() for path in statistics.stats_paths_for(model, name, spec).all())
+    ]
+    if missing:
+        logger.info("computing statistics for %s into %s", missing, spec.stats_dir)
+        statistics.compute_statistics(model, tok, missing, hparams, write=True, progress=progress)
+    return missing
+
+
+class ECEMethod:
+    """This project's ECE with given hyperparameters."""
+
+    def __init__(self, hparams: ECEHyperParams, name: Optional[str] = None, ensure_stats: bool = True) -> None:
+        self.hparams = hparams
+        self.name = name or f"ECE-{hparams.attribution}"
+        self.ensure_stats = ensure_stats
+        self.traces: list[dict[str, Any]] = []
+
+    def availability(self, model: torch.nn.Module) -> tuple[bool, str]:
+        return True, ""
+
+    def edited_weight_names(self, model: torch.nn.Module) -> list[str]:
+        return weight_names([self.hparams.rewrite_module_tmp], self.hparams.layers)
+
+    def prepare(self, model: torch.nn.Module, tok: Any) -> None:
+        if self.ensure_stats and self.hparams.mom2_adjustment:
+            ensure_statistics(model, tok, self.hparams)
+
+    def _session(self, model: torch.nn.Module) -> Any:
+        from ..state import get_session
+
+        return get_session(model, self.hparams)
+
+    def reset(self, model: torch.nn.Module) -> None:
+        session = self._session(model)
+        session.state.reset()  # statistics stay cached: they do not depend on earlier edits
+        session.last_trace = None
+        self.traces = []
+
+    def sequential_state(self, model: torch.nn.Module) -> Any:
+        """The session's sequential state object (carried keys), or None."""
+        return getattr(self._session(model), "state", None)
+
+    def edit_batch(self, model: torch.nn.Module, tok: Any, requests: Sequence[dict[str, Any]]) -> BatchOutcome:
+        from ..editor import apply_ece_to_model
+
+        start = time.perf_counter()
+        apply_ece_to_model(model, tok, list(requests), self.hparams, copy=False)
+        _sync(model)
+        seconds = time.perf_counter() - start
+        trace_obj: Any = getattr(self._session(model), "last_trace", None)
+        trace = trace_obj.to_dict() if hasattr(trace_obj, "to_dict") else trace_obj
+        if trace is not None:
+            self.traces.append(trace)
+        return BatchOutcome(seconds=seconds, trace=trace)
+
+
+# ----------------------------------------------------------------------------- EasyEdit baselines
+def _sync(model: torch.nn.Module) -> None:
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+@dataclass
+class EasyEditMethod:
+    """EasyEdit's ROME / MEMIT / AlphaEdit via the apply function EasyEdit registers for it."""
+
+    alg: str
+    hparams_path: Path
+    name: str = ""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    ensure_stats: bool = True
+    _hparams: Any = None
+    _apply: Any = None
+    _first_batch: bool = True
+    _workdir: Optional[Path] = None
+
+    def __post_init__(self) -> None:
+        if self.alg not in BASELINES:
+            raise StudyError(f"unknown EasyEdit baseline {self.alg!r}; known: {BASELINES}")
+        self.name = self.name or self.alg
+        self.hparams_path = Path(self.hparams_path)
+
+    # -- loading
+    def load(self, model: Optional[torch.nn.Module] = None) -> Any:
+        """EasyEdit's hparams object for this method (``overrides`` applied; with ``model``, EasyEdit's
+        ``device`` follows the model unless overridden)."""
+        if self._hparams is None:
+            from .. import easyedit
+
+            overrides = dict(self.overrides)
+            if model is not None and "device" not in overrides:
+                device = _model_device(model)
+                overrides["device"] = "cpu" if device.type == "cpu" else (device.index or 0)
+            self._hparams = easyedit.baseline_hparams(self.alg, self.hparams_path, **overrides)
+        return self._hparams
+
+    def _apply_fn(self) -> Any:
+        if self._apply is None:
+            from .. import easyedit
+
+            self._apply = easyedit.baseline_apply(self.alg)
+        return self._apply
+
+    # -- EditMethod
+    def availability(self, model: torch.nn.Module) -> tuple[bool, str]:
+        from .. import easyedit
+
+        try:
+            ok, reason = easyedit.can_run_on(_model_device(model))
+        except Exception as exc:  # noqa: BLE001 - any failure to probe EasyEdit means "cannot run"
+            return False, f"EasyEdit not usable: {exc}"
+        if not ok:
+            return False, f"EasyEdit {self.alg}: {reason}"
+        if not self.hparams_path.is_file():
+            return False, f"no {self.alg} hparams file at {self.hparams_path}"
+        try:
+            self.load(model)
+            self._apply_fn()
+        except Exception as exc:  # noqa: BLE001
+            return False, f"EasyEdit {self.alg} could not be set up: {type(exc).__name__}: {exc}"
+        return True, ""
+
+    def edited_weight_names(self, model: torch.nn.Module) -> list[str]:
+        hparams = self.load(model)
+        return weight_names([hparams.rewrite_module_tmp], hparams.layers)
+
+    def prepare(self, model: torch.nn.Module, tok: Any) -> None:
+        hparams = self.load(model)
+        if self.ensure_stats and (getattr(hparams, "mom2_adjustment", False) or self.alg == "AlphaEdit"):
+            ensure_statistics(model, tok, hparams)
+        if self.alg == "AlphaEdit":
+            self._prepare_alphaedit_projection(model, tok, hparams)
+
+    def _prepare_alphaedit_projection(self, model: torch.nn.Module, tok: Any, hparams: Any) -> None:
+        """Compute AlphaEdit's null-space projection P once, outside the timed edits, into a private file.
+
+        EasyEdit computes P inside the first edit when ``P_loc`` is missing, saves it as
+        ``./null_space_project.pt`` in the working directory (whatever ``P_loc`` says) and keeps it in a
+        module global afterwards; here P is computed with EasyEdit's own ``get_project`` for the layers of
+        this run and ``P_loc`` points at it, so the repository stays clean and a run with other layers
+        never reuses a stale P.
+        """
+        from .. import easyedit
+
+        module: Any = easyedit.import_easyedit("easyeditor.models.alphaedit.AlphaEdit_main")
+        if self._workdir is None:
+            self._workdir = Path(tempfile.mkdtemp(prefix="ece-alphaedit-"))
+            weakref.finalize(self, shutil.rmtree, str(self._workdir), True)
+        path = self._workdir / f"P-{'-'.join(str(x) for x in hparams.layers)}.pt"
+        if not path.is_file():
+            projections = [module.get_project(model, tok, layer, hparams).cpu() for layer in hparams.layers]
+            torch.save(torch.stack(projections), path)
+        hparams.P_loc = str(path)
+        module.P_loaded = False  # make EasyEdit read this P on the next call
+
+    def reset(self, model: torch.nn.Module) -> None:
+        self._first_batch = True
+
+    def edit_batch(self, model: torch.nn.Module, tok: Any, requests: Sequence[dict[str, Any]]) -> BatchOutcome:
+        hparams = self.load()
+        apply = self._apply_fn()
+        start = time.perf_counter()
+        if self.alg == "ROME":  # ROME edits one fact per call (EasyEdit's batch size 1)
+            for request in requests:
+                apply(model, tok, [dict(request)], hparams, copy=False, return_orig_weights=False)
+        else:
+            kwargs: dict[str, Any] = {}
+            if self.alg == "AlphaEdit":
+                kwargs["reset_cache"] = self._first_batch  # EasyEdit keeps AlphaEdit's cache in globals
+            apply(model, tok, [dict(r) for r in requests], hparams, copy=False, return_orig_weights=False, **kwargs)
+        _sync(model)
+        self._first_batch = False
+        return BatchOutcome(seconds=time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------- construction
+def default_baseline_hparams(hparams_root: Path, alg: str, model_dir: Optional[Path] = None) -> Path:
+    """``hparams/<alg>/<name>.yaml`` for a model: the file named after the model folder when present,
+    else the only YAML in the folder, else ``testbed-llama.yaml``."""
+    folder = hparams_root / alg
+    if model_dir is not None:
+        for candidate in (folder / f"{Path(model_dir).name}.yaml", folder / "testbed-llama.yaml"):
+            if candidate.is_file():
+                return candidate
+    yamls = sorted(folder.glob("*.yaml")) if folder.is_dir() else []
+    if len(yamls) == 1:
+        return yamls[0]
+    return folder / "testbed-llama.yaml"
+
+
+def build_methods(
+    names: Sequence[str],
+    ece_hparams: ECEHyperParams,
+    baseline_hparams: dict[str, Path],
+    ece_overrides: Optional[dict[str, Any]] = None,
+    baseline_overrides: Optional[dict[str, Any]] = None,
+) -> list[Any]:
+    """Methods by name: ECE variants (see :data:`ECE_VARIANTS`) and EasyEdit baselines (ROME/MEMIT/AlphaEdit)."""
+    methods: list[Any] = []
+    for name in names:
+        if name in ECE_VARIANTS:
+            hp = ece_variant_hparams(ece_hparams, name, **(ece_overrides or {}))
+            label = MEMIT_EQUIVALENT_LABEL if name == "MEMIT-equivalent" else (
+                name if name != "ECE" else f"ECE-{hp.attribution}"
+            )
+            methods.append(ECEMethod(hp, name=label))
+        elif name in BASELINES:
+            if name not in baseline_hparams:
+                raise StudyError(f"no hparams file given for {name}")
+            methods.append(
+                EasyEditMethod(name, baseline_hparams[name], overrides=dict(baseline_overrides or {}))
+            )
+        else:
+            known = sorted(ECE_VARIANTS) + list(BASELINES)
+            raise StudyError(f"unknown method {name!r}; known: {known}")
+    return methods

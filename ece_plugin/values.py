@@ -1,0 +1,506 @@
+"""Target values z (ECE stage 3): MEMIT's ``compute_z`` objective, batched, in two phases.
+
+For edit i, z_i is the output of the last edited layer (``z_layer``) at the subject's last token that makes the
+model predict ``target_new``: ``z_i = h_i + delta_i`` where h_i is the unedited output and delta_i minimises
+
+    NLL(target_new | each context-templated prompt, delta_i added at the fact token)   (mean over templates)
+  + kl_factor * KL(p(. | "{subject} is a", delta_i) || p_unedited)
+  + v_weight_decay * ||delta_i|| / ||h_i||^2            (MEMIT's code: the norm, not its square)
+
+with Adam (``v_lr``), ``||delta_i|| <= clamp_norm_factor * ||h_i||`` after every step, and an early stop once
+the edit's loss is below 5e-2. As in MEMIT the loss is read through ``ln_f`` and the LM head from the output
+of ``max(v_loss_layer, z_layer)``.
+
+ECE's two phases: (1) one shared delta U_c per cluster, optimised on the cluster's anchor request for
+``shared_grad_steps`` steps; (2) per edit d_i from zero with U_c fixed, ``delta_i = U_c + d_i``, for
+``per_edit_grad_steps`` steps (clamp and weight decay on U_c + d_i). With clustering off every edit runs
+``v_num_grad_steps`` steps from zero (MEMIT's z). Step counting follows MEMIT: a phase of n steps runs n
+forwards; the last forward of the final phase only evaluates (MEMIT's last iteration takes no step), so
+shared + per-edit steps = MEMIT's step count in forwards and in updates.
+
+Batched: all edits of a phase share every forward/backward (chunks of at most ``chunk_rows`` prompt rows, whose
+gradients accumulate); each row adds its own edit's delta. Adam is per coordinate, so the batched run equals
+independent runs; an edit that stops early is frozen (its delta is restored after each later step).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .architecture import get_module, hidden_state, input_device, num_layers, replace_hidden_state
+from .keys import ContextTemplates, EncodedRows, encode_rows
+from .requests import EditRequest, RequestError
+
+logger = logging.getLogger(__name__)
+
+EARLY_STOP_LOSS = 5e-2  # MEMIT's threshold
+KL_TEMPLATE = "{} is a"  # MEMIT's KL prompt
+DEFAULT_Z_CHUNK_ROWS = 128
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class ZProblem:
+    """All prompt rows of a batch for the z optimisation (request-major: rewriting rows, then the KL row)."""
+
+    rows: EncodedRows
+    row_edit: torch.Tensor  # [R] edit of each row
+    row_is_kl: torch.Tensor  # [R] bool
+    edit_rows: list[torch.Tensor]  # rows of each edit
+    plain_row: torch.Tensor  # [n] the '{}' rewriting row of each edit
+    kl_row: torch.Tensor  # [n]
+    target_ids: list[torch.Tensor]  # per edit
+    n_rewrite: int  # rewriting rows per edit
+
+    @property
+    def n_edits(self) -> int:
+        return len(self.target_ids)
+
+    def target_positions(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions whose next-token distribution must give the target, and the target ids (MEMIT's layout)."""
+        edit = int(self.row_edit[row])
+        tgt = self.target_ids[edit]
+        length = int(self.rows.attention_mask[row].sum())
+        pos = torch.arange(length - len(tgt), length, device=tgt.device)
+        return pos, tgt
+
+
+def target_token_ids(tok: Any, request: EditRequest) -> torch.Tensor:
+    """Token ids of ``target_new`` without special tokens (a leading BOS/UNK is dropped, as MEMIT)."""
+    ids = list(tok(request.target_new, add_special_tokens=False)["input_ids"])
+    if ids and ids[0] in (getattr(tok, "bos_token_id", None), getattr(tok, "unk_token_id", None)):
+        ids = ids[1:]
+    if not ids:
+        raise RequestError(f"request {request.index}: target_new {request.target_new!r} tokenizes to nothing")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def build_z_problem(
+    tok: Any,
+    requests: Sequence[EditRequest],
+    templates: ContextTemplates,
+    fact_token: str,
+    device: torch.device,
+) -> ZProblem:
+    flat = [t for group in templates for t in group]
+    targets = [target_token_ids(tok, r) for r in requests]
+    row_templates: list[str] = []
+    subjects: list[str] = []
+    row_edit: list[int] = []
+    is_kl: list[bool] = []
+    for i, (req, tgt) in enumerate(zip(requests, targets)):
+        suffix = tok.decode(tgt[:-1].tolist()) if len(tgt) > 1 else ""
+        for ctx in flat:
+            row_templates.append(ctx.replace("{}", req.template) + suffix)
+            subjects.append(req.subject)
+            row_edit.append(i)
+            is_kl.append(False)
+        row_templates.append(KL_TEMPLATE)
+        subjects.append(req.subject)
+        row_edit.append(i)
+        is_kl.append(True)
+    rows = encode_rows(tok, row_templates, subjects, fact_token, device)
+    per = len(flat) + 1
+    n = len(requests)
+    return ZProblem(
+        rows=rows,
+        row_edit=torch.tensor(row_edit, dtype=torch.long),
+        row_is_kl=torch.tensor(is_kl, dtype=torch.bool),
+        edit_rows=[torch.arange(i * per, (i + 1) * per) for i in range(n)],
+        plain_row=torch.arange(n) * per,
+        kl_row=torch.arange(n) * per + per - 1,
+        target_ids=[t.to(device) for t in targets],
+        n_rewrite=len(flat),
+    )
+
+
+@dataclass
+class ZModules:
+    """The modules the z optimisation touches."""
+
+    z_name: str
+    loss_name: str
+    ln_f: nn.Module
+    lm_weight: torch.Tensor  # [vocab, d_model]
+    lm_bias: Optional[torch.Tensor]
+    z_device: torch.device
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = self.ln_f(hidden.to(self.lm_weight.device))
+        out = x @ self.lm_weight.t()
+        if self.lm_bias is not None:
+            out = out + self.lm_bias
+        return out.float()
+
+
+def z_modules(model: nn.Module, hparams: Any) -> ZModules:
+    z_layer = hparams.layers[-1]
+    n_layers = num_layers(model)
+    loss_layer = hparams.v_loss_layer if hparams.v_loss_layer >= 0 else n_layers - 1
+    loss_layer = max(loss_layer, z_layer)
+    z_name = hparams.layer_module_tmp.format(z_layer)
+    lm = get_module(model, hparams.lm_head_module)
+    bias = getattr(lm, "bias", None)
+    z_mod = get_module(model, z_name)
+    z_device = next(z_mod.parameters()).device
+    return ZModules(
+        z_name=z_name,
+        loss_name=hparams.layer_module_tmp.format(loss_layer),
+        ln_f=get_module(model, hparams.ln_f_module),
+        lm_weight=lm.weight,  # type: ignore[arg-type]
+        lm_bias=bias if isinstance(bias, torch.Tensor) else None,
+        z_device=z_device,
+    )
+
+
+def _forward(
+    model: nn.Module,
+    mods: ZModules,
+    rows: EncodedRows,
+    disp: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of ``rows`` adding ``disp[r]`` to row r's z-layer output at its fact token.
+
+    Returns (z-layer output at the fact tokens before the addition ``[R, d]``, loss-layer hidden ``[R, T, d]``).
+    The forward stops at the loss layer.
+    """
+    store: dict[str, torch.Tensor] = {}
+
+    def z_hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        hs = hidden_state(output)
+        ar = torch.arange(hs.shape[0], device=hs.device)
+        lookup = rows.lookup.to(hs.device)
+        store["h"] = hs[ar, lookup].detach()
+        if disp is not None:
+            hs = hs.index_put((ar, lookup), disp.to(device=hs.device, dtype=hs.dtype), accumulate=True)
+            output = replace_hidden_state(output, hs)
+        if mods.loss_name == mods.z_name:
+            store["loss"] = hs
+            raise _StopForward
+        return output
+
+    def loss_hook(module: nn.Module, args: tuple, output: Any) -> None:
+        store["loss"] = hidden_state(output)
+        raise _StopForward
+
+    handles = [get_module(model, mods.z_name).register_forward_hook(z_hook)]
+    if mods.loss_name != mods.z_name:
+        handles.append(get_module(model, mods.loss_name).register_forward_hook(loss_hook))
+    try:
+        model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    if "loss" not in store:
+        raise RuntimeError(f"layer {mods.loss_name!r} did not run in the forward pass")
+    return store["h"], store["loss"]
+
+
+@dataclass
+class _Eval:
+    """Per-edit quantities of one forward."""
+
+    loss: torch.Tensor  # [m] (graph attached when grad is on)
+    nll: torch.Tensor
+    target_prob: torch.Tensor  # mean over rewriting rows of exp(-nll_row)
+    reached: torch.Tensor  # bool: the plain row predicts every target token greedily
+
+
+def _evaluate(
+    problem: ZProblem,
+    mods: ZModules,
+    chunk_edits: Sequence[int],
+    rows: torch.Tensor,
+    hidden: torch.Tensor,
+    kl_init: torch.Tensor,
+    total_disp: torch.Tensor,
+    h_norm: torch.Tensor,
+    hparams: Any,
+) -> _Eval:
+    """Losses of the edits ``chunk_edits`` (global ids) from the loss-layer ``hidden`` of their ``rows``."""
+    m = len(chunk_edits)
+    local = {e: j for j, e in enumerate(chunk_edits)}
+    dev = hidden.device
+    r_idx, p_idx, t_idx, owner, plain_mask = [], [], [], [], []
+    kl_r, kl_p = [], []
+    for j, row in enumerate(rows.tolist()):
+        edit = local[int(problem.row_edit[row])]
+        if bool(problem.row_is_kl[row]):
+            kl_r.append(j)
+            kl_p.append(int(problem.rows.lookup[row]))
+            continue
+        pos, tgt = problem.target_positions(row)
+        r_idx.append(torch.full_like(pos, j))
+        p_idx.append(pos)
+        t_idx.append(tgt)
+        owner.append(torch.full_like(pos, edit))
+        plain_mask.append(torch.full_like(pos, int(row == int(problem.plain_row[chunk_edits[edit]]))))
+    ri, pi, ti = torch.cat(r_idx).to(dev), torch.cat(p_idx).to(dev), torch.cat(t_idx)
+    own, plain = torch.cat(owner), torch.cat(plain_mask).bool()
+    logits = mods.logits(hidden[ri, pi])
+    log_probs = torch.log_softmax(logits, -1)
+    ti = ti.to(log_probs.device)
+    tok_lp = log_probs.gather(1, ti.unsqueeze(1)).squeeze(1)
+    zdev = mods.z_device
+    tok_lp, own, plain = tok_lp.to(zdev), own.to(zdev), plain.to(zdev)
+    tgt_len = torch.tensor([len(problem.target_ids[e]) for e in chunk_edits], device=zdev, dtype=tok_lp.dtype)
+    # per rewriting row: -(sum of target log-probs) / len(target); rows of one edit are contiguous
+    row_of_pos = torch.cat(r_idx).to(zdev)
+    n_rows_local = len(rows)
+    row_sum = torch.zeros(n_rows_local, device=zdev, dtype=tok_lp.dtype).index_add(0, row_of_pos, tok_lp)
+    row_owner = torch.full((n_rows_local,), -1, device=zdev, dtype=torch.long)
+    row_owner[row_of_pos] = own
+    rew = row_owner >= 0
+    nll_row = -row_sum[rew] / tgt_len[row_owner[rew]]
+    nll = (
+        torch.zeros(m, device=zdev, dtype=tok_lp.dtype).index_add(0, row_owner[rew], nll_row)
+        / problem.n_rewrite
+    )
+    prob = (
+        torch.zeros(m, device=zdev, dtype=tok_lp.dtype).index_add(
+            0, row_owner[rew], torch.exp(-nll_row.detach())
+        )
+        / problem.n_rewrite
+    )
+    greedy_ok = (log_probs.argmax(-1) == ti).to(zdev)
+    misses = torch.zeros(m, device=zdev).index_add(0, own[plain], (~greedy_ok[plain]).float())
+    # KL row: sum p_cur (log p_cur - log p_init), one row per edit (MEMIT's batchmean over one row)
+    kl_logits = mods.logits(hidden[torch.tensor(kl_r, device=dev), torch.tensor(kl_p, device=dev)])
+    kl_lp = torch.log_softmax(kl_logits, -1)
+    init = kl_init.to(kl_lp.device)
+    kl = (kl_lp.exp() * (kl_lp - init)).sum(-1).to(zdev)
+    decay = hparams.v_weight_decay * total_disp.norm(dim=1) / h_norm**2
+    loss = nll + hparams.kl_factor * kl + decay
+    return _Eval(loss=loss, nll=nll.detach(), target_prob=prob, reached=misses == 0)
+
+
+def _chunks(edits: Sequence[int], problem: ZProblem, chunk_rows: int) -> list[list[int]]:
+    per = len(problem.edit_rows[0])
+    size = max(1, chunk_rows // per)
+    return [list(edits[i : i + size]) for i in range(0, len(edits), size)]
+
+
+@dataclass
+class PhaseStats:
+    steps: list[int]
+    loss: list[float]
+    target_prob: list[float]
+    reached: list[bool]
+
+
+def _optimise(
+    model: nn.Module,
+    problem: ZProblem,
+    mods: ZModules,
+    edits: list[int],
+    base: torch.Tensor,
+    h: torch.Tensor,
+    kl_init: torch.Tensor,
+    n_forwards: int,
+    last_is_eval: bool,
+    hparams: Any,
+    chunk_rows: int,
+    desc: str,
+) -> tuple[torch.Tensor, PhaseStats]:
+    """Adam on one delta per edit in ``edits`` (added to the fixed ``base``); returns the deltas and stats."""
+    m = len(edits)
+    dev = mods.z_device
+    delta = torch.zeros_like(base, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hparams.v_lr)
+    active = torch.ones(m, dtype=torch.bool)
+    stats = PhaseStats(steps=[0] * m, loss=[float("nan")] * m, target_prob=[0.0] * m, reached=[False] * m)
+    h_norm = h.norm(dim=1)
+    max_norm = hparams.clamp_norm_factor * h_norm
+    position = {e: j for j, e in enumerate(edits)}
+    for it in tqdm(range(n_forwards), desc=desc, leave=False, disable=None):
+        live = [edits[j] for j in torch.nonzero(active).flatten().tolist()]
+        if not live:
+            break
+        eval_only = last_is_eval and it == n_forwards - 1
+        opt.zero_grad(set_to_none=False) if delta.grad is not None else None
+        for chunk in _chunks(live, problem, chunk_rows):
+            loc = torch.tensor([position[e] for e in chunk], device=dev)
+            rows = torch.cat([problem.edit_rows[e] for e in chunk])
+            sub = problem.rows.select(rows)
+            with torch.set_grad_enabled(not eval_only):
+                total = base[loc] + delta[loc]
+                per_row = total.repeat_interleave(len(problem.edit_rows[chunk[0]]), dim=0)
+                _, hidden = _forward(model, mods, sub, per_row)
+                ev = _evaluate(problem, mods, chunk, rows, hidden, kl_init[loc], total, h_norm[loc], hparams)
+                if not eval_only:
+                    ev.loss.sum().backward()
+            for j, e in enumerate(chunk):
+                k = position[e]
+                stats.steps[k] = it + 1
+                stats.loss[k] = float(ev.loss[j].detach())
+                stats.target_prob[k] = float(ev.target_prob[j])
+                stats.reached[k] = bool(ev.reached[j])
+                if stats.loss[k] < EARLY_STOP_LOSS:
+                    active[k] = False
+        if eval_only:
+            break
+        if not bool(active.any()):
+            break
+        frozen = (~active).to(dev)
+        saved = delta.detach()[frozen].clone()
+        opt.step()
+        with torch.no_grad():
+            delta[frozen] = saved
+            total = base + delta
+            norms = total.norm(dim=1)
+            scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-30), torch.ones_like(norms))
+            delta.copy_(total * scale.unsqueeze(1) - base)
+    return delta.detach(), stats
+
+
+@dataclass
+class ZResult:
+    """Targets of a batch and how they were reached."""
+
+    z: torch.Tensor  # [n, d_model] float32, z_layer output targets
+    h: torch.Tensor  # [n, d_model] unedited outputs
+    shared: torch.Tensor  # [n_clusters, d_model] phase-1 deltas (zeros when clustering is off)
+    cluster_of: list[int]
+    steps_shared: list[int]
+    steps_per_edit: list[int]
+    final_loss: list[float]
+    target_prob: list[float]
+    initial_target_prob: list[float]
+    reached: list[bool]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps_shared": self.steps_shared,
+            "steps_per_edit": self.steps_per_edit,
+            "final_loss": self.final_loss,
+            "target_prob": self.target_prob,
+            "initial_target_prob": self.initial_target_prob,
+            "reached_target": self.reached,
+            "delta_norm": (self.z - self.h).norm(dim=1).tolist(),
+            "h_norm": self.h.norm(dim=1).tolist(),
+            "cluster_of": self.cluster_of,
+            "shared_delta_norm": self.shared.norm(dim=1).tolist(),
+        }
+
+
+def _reference(
+    model: nn.Module, problem: ZProblem, mods: ZModules, hparams: Any, chunk_rows: int
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Unedited h_i (z-layer output at the plain prompt), KL reference log-probs and initial P(target)."""
+    rows = torch.stack([problem.plain_row, problem.kl_row], 1).flatten()
+    hs, kls, probs = [], [], []
+    with torch.no_grad():
+        for start in range(0, len(rows), max(2, chunk_rows - chunk_rows % 2)):
+            part = rows[start : start + max(2, chunk_rows - chunk_rows % 2)]
+            sub = problem.rows.select(part)
+            h_rows, hidden = _forward(model, mods, sub, None)
+            plain_local = torch.arange(0, len(part), 2)
+            hs.append(h_rows[plain_local.to(h_rows.device)].float().to(mods.z_device))
+            kl_local = torch.arange(1, len(part), 2)
+            kl_pos = problem.rows.lookup[part[1::2]]
+            kls.append(
+                torch.log_softmax(
+                    mods.logits(hidden[kl_local.to(hidden.device), kl_pos.to(hidden.device)]), -1
+                )
+            )
+            for j, row in zip(plain_local.tolist(), part[0::2].tolist()):
+                pos, tgt = problem.target_positions(row)
+                lp = torch.log_softmax(mods.logits(hidden[j, pos.to(hidden.device)]), -1)
+                nll = -lp.gather(1, tgt.to(lp.device).unsqueeze(1)).sum() / len(tgt)
+                probs.append(float(torch.exp(-nll)))
+    return torch.cat(hs, 0), torch.cat(kls, 0), probs
+
+
+def compute_z(
+    model: nn.Module,
+    tok: Any,
+    requests: Sequence[EditRequest],
+    templates: ContextTemplates,
+    hparams: Any,
+    cluster_of: Sequence[int],
+    anchors: Sequence[int],
+    clustering: bool,
+    chunk_rows: int = DEFAULT_Z_CHUNK_ROWS,
+) -> ZResult:
+    """Targets z for ``requests``: two phases when ``clustering`` (clusters given by ``cluster_of`` and their
+    ``anchors``), else MEMIT's per-edit optimisation with ``v_num_grad_steps``."""
+    t0 = time.perf_counter()
+    mods = z_modules(model, hparams)
+    problem = build_z_problem(tok, requests, templates, hparams.fact_token, input_device(model))
+    n = problem.n_edits
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        h, kl_init, init_prob = _reference(model, problem, mods, hparams, chunk_rows)
+        kl_init = kl_init.to(mods.z_device)
+        d_model = h.shape[1]
+        n_clusters = len(anchors)
+        shared = torch.zeros(n_clusters, d_model, device=mods.z_device)
+        steps_shared = [0] * n
+        if clustering and hparams.shared_grad_steps > 0:
+            anchor_list = list(anchors)
+            loc = torch.tensor(anchor_list, device=mods.z_device)
+            shared, s1 = _optimise(
+                model,
+                problem,
+                mods,
+                anchor_list,
+                torch.zeros(n_clusters, d_model, device=mods.z_device),
+                h[loc],
+                kl_init[loc],
+                hparams.shared_grad_steps,
+                False,
+                hparams,
+                chunk_rows,
+                "z shared",
+            )
+            steps_shared = [s1.steps[c] for c in cluster_of]
+        if clustering:
+            base = shared[torch.tensor(list(cluster_of), device=mods.z_device)]
+            n_fw, desc = max(hparams.per_edit_grad_steps, 1), "z per-edit"
+        else:
+            base = torch.zeros(n, d_model, device=mods.z_device)
+            n_fw, desc = hparams.v_num_grad_steps, "z"
+        d, s2 = _optimise(
+            model, problem, mods, list(range(n)), base, h, kl_init, n_fw, True, hparams, chunk_rows, desc
+        )
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+    z = h + base + d
+    result = ZResult(
+        z=z,
+        h=h,
+        shared=shared,
+        cluster_of=list(cluster_of),
+        steps_shared=steps_shared,
+        steps_per_edit=s2.steps,
+        final_loss=s2.loss,
+        target_prob=s2.target_prob,
+        initial_target_prob=init_prob,
+        reached=s2.reached,
+        seconds={"z": time.perf_counter() - t0},
+    )
+    logger.info(
+        "z: %d edits, mean final loss %.4f, %d/%d reach the target",
+        n,
+        sum(s2.loss) / max(n, 1),
+        sum(s2.reached),
+        n,
+    )
+    return result

@@ -1,0 +1,106 @@
+"""Keys at the subject's last token, context templates, tokenizer padding."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from conftest import FACTS, make_gpt2, make_llama
+
+from ece_plugin.architecture import input_device
+from ece_plugin.keys import (
+    build_key_rows,
+    capture,
+    editing_tokenizer,
+    generate_context_templates,
+    lookup_indices,
+    read_keys,
+)
+from ece_plugin.requests import normalise_requests
+
+
+def test_lookup_indices(tok: Any) -> None:
+    # "<bos> The capital of France is" : France is token 4
+    t = ["The capital of {} is"]
+    assert lookup_indices(tok, t, ["France"], "subject_last") == [4]
+    assert lookup_indices(tok, t, ["Danny Green"], "subject_last") == [5]
+    assert lookup_indices(tok, t, ["Danny Green"], "subject_first") == [4]
+    assert lookup_indices(tok, t, ["Danny Green"], "subject_first_after_last") == [6]
+    assert lookup_indices(tok, ["The capital of {}"], ["France"], "subject_first_after_last") == [4]
+    assert lookup_indices(tok, t, ["France"], "last") == [5]
+
+
+def test_editing_tokenizer_sets_and_restores_padding(tok: Any) -> None:
+    tok.padding_side = "left"
+    pad = tok.pad_token
+    try:
+        with editing_tokenizer(tok):
+            assert tok.padding_side == "right"
+        assert tok.padding_side == "left" and tok.pad_token == pad
+        tok.pad_token = None
+        with editing_tokenizer(tok):
+            assert tok.pad_token == tok.eos_token
+        assert tok.pad_token is None
+    finally:
+        tok.pad_token = pad
+        tok.padding_side = "right"
+
+
+def _manual_key(model: Any, tok: Any, module_name: str, text: str, index: int) -> torch.Tensor:
+    got = {}
+    h = model.get_submodule(module_name).register_forward_pre_hook(lambda m, a: got.update(k=a[0][0, index]))
+    try:
+        with torch.no_grad():
+            model(**tok(text, return_tensors="pt"))
+    finally:
+        h.remove()
+    return got["k"].float()
+
+
+def test_read_keys_is_memits_template_average(tok: Any) -> None:
+    model = make_llama(len(tok))
+    requests = normalise_requests(FACTS[:2])
+    templates = [["{}"], ["The river. {}", "I know. {}"]]
+    rows = build_key_rows(tok, requests, templates, "subject_last", input_device(model))
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    keys, z = read_keys(model, rows, names, "model.layers.1", stop_at="model.layers.1")
+    assert z is not None and z.shape == (2, 32)
+    for name in names:
+        assert keys[name].shape == (2, 48)
+        for i, req in enumerate(requests):
+            per_template = []
+            for ctx in ["{}", "The river. {}", "I know. {}"]:
+                template = ctx.replace("{}", req.template)
+                idx = lookup_indices(tok, [template], [req.subject], "subject_last")[0]
+                per_template.append(_manual_key(model, tok, name, template.replace("{}", req.subject), idx))
+            expected = (per_template[0] + (per_template[1] + per_template[2]) / 2) / 2
+            torch.testing.assert_close(keys[name][i], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_early_stop_matches_full_forward(tok: Any) -> None:
+    model = make_gpt2(len(tok))
+    requests = normalise_requests(FACTS)
+    rows = build_key_rows(tok, requests, [["{}"]], "subject_last", input_device(model))
+    a = capture(
+        model, rows.rows, ["transformer.h.0.mlp.c_proj"], ["transformer.h.1"], stop_at="transformer.h.1"
+    )
+    b = capture(model, rows.rows, ["transformer.h.0.mlp.c_proj"], ["transformer.h.1"], chunk_rows=1)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-4)
+
+
+def test_context_templates_are_seeded(tok: Any) -> None:
+    model = make_llama(len(tok))
+    a = generate_context_templates(model, tok, [[6, 5]], seed=3)
+    b = generate_context_templates(model, tok, [[6, 5]], seed=3)
+    c = generate_context_templates(model, tok, [[6, 5]], seed=4)
+    assert a == b and a != c
+    assert a[0] == ["{}"] and len(a[1]) == 5
+    prefixes = ["The", "Therefore", "Because", "I", "You"]
+    for text, prefix in zip(a[1], prefixes):
+        assert text.endswith(". {}") and text.strip().startswith(prefix)
+        assert (
+            len(tok(text[: -len(". {}")])["input_ids"]) <= 6
+        )  # MEMIT: max_out_len counts the prompt (specials dropped)
+    assert generate_context_templates(model, tok, [], seed=0) == [["{}"]]
+    assert len(generate_context_templates(model, tok, [[4, 7]], seed=0)[1]) == 7

@@ -1,0 +1,175 @@
+"""With p = 1, clustering off and no carried state, ECE's update is MEMIT's.
+
+1. On identical keys and z: ECE's masked update loop vs a direct implementation of MEMIT's equation
+   ``Delta = R K^T (lambda C0 + K K^T)^{-1}`` with the residual spread over the layers.
+2. End to end against EasyEdit main's ``apply_memit_to_model`` (same C0, no generated context templates), when
+   EasyEdit main is importable (env /work/envs/easyedit-main, PYTHONPATH=/work/ref/easyedit-main).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from typing import Any
+
+import pytest
+import torch
+from conftest import FACTS, fake_session, make_gpt2, make_hparams, make_llama, second_moment
+
+from ece_plugin.architecture import input_device, w_out
+from ece_plugin.editor import apply_ece_to_model
+from ece_plugin.keys import build_key_rows, read_keys
+from ece_plugin.requests import normalise_requests
+from ece_plugin.update import write_layers
+from ece_plugin.values import compute_z
+
+TEMPLATES = [["{}"], [" The city is famous. {}", " You know the river. {}"]]
+
+
+def _memit_direct(
+    model: Any, tok: Any, hp: Any, requests: Any, z: torch.Tensor, c0: dict, templates: Any = TEMPLATES
+) -> None:
+    """MEMIT's layer loop written out (test oracle): full d_ff solve, float64, in place."""
+    key_rows = build_key_rows(tok, requests, templates, hp.fact_token, input_device(model))
+    z_name = hp.layer_module_tmp.format(hp.layers[-1])
+    for i, layer in enumerate(hp.layers):
+        wo = w_out(model, hp.rewrite_module_tmp, layer)
+        keys, cur = read_keys(model, key_rows, [wo.name], z_name, stop_at=z_name)
+        k = keys[wo.name].double().t()  # [d_ff, n]
+        resid = ((z - cur).double() / (len(hp.layers) - i)).t()  # [d_model, n]
+        adj = torch.linalg.solve(hp.mom2_update_weight * c0[wo.name].double() + k @ k.t(), k)
+        upd = resid @ adj.t()  # [d_model, d_ff]
+        with torch.no_grad():
+            view = wo.neuron_view()
+            view.copy_((view.double() + upd).to(view.dtype))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_masked_update_with_all_neurons_is_memit(family: str, tok: Any) -> None:
+    model = make_llama(len(tok)) if family == "llama" else make_gpt2(len(tok))
+    hp = make_hparams(family, neuron_threshold=1.0, clustering=False, v_num_grad_steps=4)
+    requests = normalise_requests(FACTS)
+    z = compute_z(model, tok, requests, TEMPLATES, hp, [0, 1, 2, 3], [0, 1, 2, 3], False).z
+    w_outs = [w_out(model, hp.rewrite_module_tmp, layer) for layer in hp.layers]
+    c0 = {wo.name: second_moment(model, tok, wo.name) for wo in w_outs}
+    reference = copy.deepcopy(model)
+    _memit_direct(reference, tok, hp, requests, z, c0)
+
+    key_rows = build_key_rows(tok, requests, TEMPLATES, hp.fact_token, input_device(model))
+    z_name = hp.layer_module_tmp.format(hp.layers[-1])
+
+    def read(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, cur = read_keys(model, key_rows, [w_outs[i].name], z_name, stop_at=z_name)
+        assert cur is not None
+        return keys[w_outs[i].name], cur
+
+    all_neurons = [torch.arange(wo.d_ff) for wo in w_outs]
+    write_layers(
+        w_outs,
+        all_neurons,
+        z,
+        read,
+        lambda name, idx, dev: c0[name][idx][:, idx].to(dev, torch.float64),
+        lambda name, idx, dev: torch.zeros(len(idx), len(idx), dtype=torch.float64, device=dev),
+        hp.mom2_update_weight,
+    )
+    for wo in w_outs:
+        ours = wo.weight.detach()
+        theirs = reference.get_parameter(wo.weight_name).detach()
+        orig_change = (theirs - make_ref_weight(family, tok, wo.weight_name)).abs().max()
+        assert orig_change > 1e-3, "the oracle must actually change the weight"
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def make_ref_weight(family: str, tok: Any, name: str) -> torch.Tensor:
+    model = make_llama(len(tok)) if family == "llama" else make_gpt2(len(tok))
+    return model.get_parameter(name).detach()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_apply_with_p1_no_clustering_is_memit_end_to_end(family: str, tok: Any) -> None:
+    """The full editor (its own keys, z, statistics block) equals the oracle fed with ECE's z."""
+    model = make_llama(len(tok)) if family == "llama" else make_gpt2(len(tok))
+    hp = make_hparams(
+        family, neuron_threshold=1.0, clustering=False, v_num_grad_steps=4, context_template_length_params=[]
+    )
+    reference = copy.deepcopy(model)
+    session = fake_session(model, hp)
+    apply_ece_to_model(model, tok, FACTS, hp, session=session)
+    trace = session.last_trace.to_dict()
+    for layer in trace["layers"]:
+        assert layer["batch_set_size"] == layer["d_ff"]  # p = 1 selects every (non-zero) neuron
+    assert trace["clusters"]["labels"] == [0, 1, 2, 3]
+
+    requests = normalise_requests(FACTS)
+    plain = [["{}"]]
+    z = compute_z(reference, tok, requests, plain, hp, [0, 1, 2, 3], [0, 1, 2, 3], False).z
+    c0 = dict(session.statistics.moments)
+    _memit_direct(reference, tok, hp, requests, z, c0, plain)
+    for layer in hp.layers:
+        name = hp.rewrite_module_tmp.format(layer) + ".weight"
+        torch.testing.assert_close(
+            model.get_parameter(name), reference.get_parameter(name), rtol=1e-5, atol=1e-5
+        )
+
+
+def _easyedit_main() -> Any:
+    try:
+        from ece_plugin.easyedit import easyedit_version
+
+        if easyedit_version() != "main":
+            return None
+        return importlib.import_module("easyeditor.models.memit.memit_main")
+    except Exception:  # noqa: BLE001 - any failure means EasyEdit main is not usable here
+        return None
+
+
+@pytest.mark.easyeditor
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_against_easyedit_main_memit(family: str, tok: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    memit_main = _easyedit_main()
+    if memit_main is None:
+        pytest.skip("EasyEdit main (CPU-capable MEMIT) is not importable; run under /work/envs/easyedit-main")
+    hparams_mod = importlib.import_module("easyeditor.models.memit.memit_hparams")
+    model = make_llama(len(tok)) if family == "llama" else make_gpt2(len(tok))
+    theirs = copy.deepcopy(model)
+    hp = make_hparams(
+        family,
+        neuron_threshold=1.0,
+        clustering=False,
+        v_num_grad_steps=6,
+        v_loss_layer=2,
+        context_template_length_params=[],
+    )
+    fields = set(hparams_mod.MEMITHyperParams.__dataclass_fields__)
+    values = {k: v for k, v in hp.to_dict().items() if k in fields}
+    values.update(alg_name="MEMIT", layer_selection="all", device="cpu", stats_dir="/nonexistent")
+    mhp = hparams_mod.MEMITHyperParams(**values)
+
+    c0 = {}
+    for layer in hp.layers:
+        name = hp.rewrite_module_tmp.format(layer)
+        c0[name] = second_moment(model, tok, name)
+
+    def fake_get_cov(model: Any, tok: Any, layer_name: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return c0[layer_name].clone()
+
+    monkeypatch.setattr(memit_main, "get_cov", fake_get_cov)
+    monkeypatch.setattr(memit_main, "CONTEXT_TEMPLATES_CACHE", [["{}"]])
+    requests = [
+        dict(r, target_new=r["target_new"]["str"] if isinstance(r["target_new"], dict) else r["target_new"])
+        for r in FACTS
+    ]
+    for r in requests:
+        if "{}" not in r["prompt"]:
+            r["prompt"] = r["prompt"].replace(r["subject"], "{}")
+    memit_main.apply_memit_to_model(theirs, tok, copy.deepcopy(requests), mhp, return_orig_weights=True)
+
+    session = fake_session(model, hp)
+    apply_ece_to_model(model, tok, requests, hp, session=session)
+    for layer in hp.layers:
+        name = hp.rewrite_module_tmp.format(layer) + ".weight"
+        ours, ref = model.get_parameter(name).detach(), theirs.get_parameter(name).detach()
+        original = make_ref_weight(family, tok, name)
+        assert (ref - original).abs().max() > 1e-3
+        torch.testing.assert_close(ours - original, ref - original, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,123 @@
+"""bench (--timing and tables), layer-sweep, batch-study and stats on a tiny world; EasyEdit baselines where
+the installed EasyEdit can run on the CPU (EasyEdit main), otherwise the reason is checked."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from test_cli_world import World, make_world
+
+from ece_plugin import easyedit
+from ece_plugin.cli import main
+
+EASYEDIT_CPU, EASYEDIT_REASON = easyedit.can_run_on("cpu")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    return make_world(tmp_path_factory.mktemp("world"))
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = main(["--log-level", "WARNING", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _common(world: World) -> list[str]:
+    return ["--model", str(world.model_dir), "--hparams-dir", str(world.root / "hparams"), "--data", str(world.data),
+            "--no-fluency", "--device", "cpu"]
+
+
+def test_bench_timing(world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_dir = tmp_path / "timing"
+    rc, out, err = _run(capsys, "bench", "--timing", *_common(world), "--n-edits", "4", "--batch-sizes", "2",
+                        "--out", str(out_dir))
+    assert rc == 0, err
+    data = json.loads((out_dir / "timing.json").read_text())["report"]
+    methods = {m["method"]: m for m in data["methods"]}
+    ece = methods["ECE-AS"]
+    assert ece["ratio_to_ece"] == pytest.approx(1.0) and len(ece["seconds_per_batch"]) == 2
+    assert ece["quality"]["efficacy"] is not None and ece["peak_memory"]["process_max_rss_mib"] > 0
+    assert {"z", "attribution", "clustering", "keys", "solve"} <= set(data["ece_stage_seconds"])
+    assert data["z_steps_per_edit"] == 4
+    if EASYEDIT_CPU:
+        assert methods["MEMIT"]["available"] and methods["AlphaEdit"]["available"]
+        assert methods["MEMIT"]["ratio_to_ece"] > 0
+    else:
+        stand_in = methods["MEMIT-equivalent (project code)"]
+        assert stand_in["available"] and stand_in["ratio_to_ece"] > 0
+        assert any("cannot run" in n for n in data["notes"])
+        assert "MEMIT-equivalent (project code)" in out
+    for name in ("timing.csv", "timing.md", "timing.png"):
+        assert (out_dir / name).is_file()
+    assert "ECE time by stage" in out
+
+
+def test_bench_tables_over_settings(world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_dir = tmp_path / "bench"
+    rc, out, err = _run(capsys, "bench", *_common(world), "--methods", "ECE-RS", "MEMIT-equivalent", "--n-edits", "2 4",
+                        "--batch-sizes", "2", "--out", str(out_dir))
+    assert rc == 0, err
+    data = json.loads((out_dir / "bench.json").read_text())
+    assert [(c["n_edits"], c["batch_size"]) for c in data["comparisons"]] == [(2, 2), (4, 2)]
+    rows = list(csv.DictReader((out_dir / "bench.csv").open()))
+    assert {(r["setting_n_edits"], r["method"]) for r in rows} >= {("2", "ECE-RS"), ("4", "MEMIT-equivalent (project code)")}
+    assert (out_dir / "bench-n2-b2.png").is_file() and (out_dir / "bench-n4-b2.png").is_file()
+    assert out.count("| Pre-edited") == 2
+
+
+def test_layer_sweep_names_best_layer(world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_dir = tmp_path / "sweep"
+    methods = ["ECE", "ROME", "MEMIT"] if EASYEDIT_CPU else ["ECE", "MEMIT"]
+    rc, out, err = _run(capsys, "layer-sweep", *_common(world), "--limit", "2", "--methods", *methods,
+                        "--out", str(out_dir))
+    assert rc == 0, err
+    data = json.loads((out_dir / "layer_sweep.json").read_text())
+    ece_rows = [r for r in data["rows"] if r["method"] == "ECE"]
+    assert [r["layer"] for r in ece_rows] == [0, 1]
+    assert data["best_layer"]["ECE"] == max(ece_rows, key=lambda r: (r["score"], r["layer"]))["layer"]
+    assert f"Best layer for ECE (by score): {data['best_layer']['ECE']}" in out
+    if EASYEDIT_CPU:
+        assert {r["method"] for r in data["rows"]} == {"ECE", "ROME", "MEMIT"}
+    else:
+        assert "MEMIT" in data["unavailable"]
+    assert (out_dir / "layer_sweep.png").is_file() and (out_dir / "layer_sweep.csv").is_file()
+
+
+def test_batch_study_batch_and_sequential(world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_dir = tmp_path / "bs"
+    rc, out, err = _run(capsys, "batch-study", *_common(world), "--methods", "ECE", "--batch-sizes", "1 2",
+                        "--total", "2", "--out", str(out_dir))
+    assert rc == 0, err
+    data = json.loads((out_dir / "batch_study.json").read_text())
+    got = {(r["setting"], r["batch_size"]): r for r in data["rows"]}
+    assert set(got) == {("batch", 1), ("batch", 2), ("sequential", 1), ("sequential", 2)}
+    assert got[("sequential", 1)]["n_batches"] == 2 and got[("batch", 1)]["n_edits"] == 1
+    assert (out_dir / "batch_study.png").is_file()
+
+
+def test_stats_command_writes_easyedit_layout(world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = _run(capsys, "stats", "--model", str(world.model_dir), "--hparams", str(world.hparams),
+                        "--out", str(tmp_path / "st"), "--device", "cpu")
+    assert rc == 0, err
+    files = sorted(p.name for p in (world.stats_dir / "tiny-llama" / "wikipedia_stats").glob("*.npz"))
+    assert files == [f"model.layers.{i}.mlp.down_proj_float32_mom2_200.npz" for i in (0, 1)]
+    assert json.loads((tmp_path / "st" / "stats.json").read_text())["stats_dir"] == str(world.stats_dir)
+
+
+@pytest.mark.easyeditor
+@pytest.mark.skipif(not EASYEDIT_CPU, reason=f"EasyEdit cannot run on the CPU here: {EASYEDIT_REASON}")
+def test_demo_with_easyedit_baselines(world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_dir = tmp_path / "demo"
+    rc, out, err = _run(capsys, "demo", *_common(world), "--limit", "4", "--batch-size", "2", "--methods", "ECE-AS",
+                        "ROME", "MEMIT", "AlphaEdit", "--out", str(out_dir))
+    assert rc == 0, err
+    runs = {r["method"]: r for r in json.loads((out_dir / "demo.json").read_text())["comparisons"][0]["runs"]}
+    for name in ("ROME", "MEMIT", "AlphaEdit"):
+        assert runs[name]["available"], runs[name]["reason"]
+        assert runs[name]["result"]["summary"]["efficacy"]["n"] == 4
+    assert not list(Path.cwd().glob("null_space_project.pt"))

@@ -1,0 +1,210 @@
+"""The fact-world testbed: builder (llama + gpt2), determinism, tokenizer BOS, manifest, fact world, probe;
+and (slow) the shipped testbed's pre-edit figures and subject-recall probe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ece_plugin.testbed import (
+    MANIFEST_NAME,
+    SamplerConfig,
+    TestbedConfig,
+    TestbedConfigError,
+    build_fact_world,
+    build_testbed,
+    counterfact_preedit,
+    subject_recall_probe,
+)
+from ece_plugin.testbed.facts import SequenceSampler, TestbedDataError, cluster_relations, load_json_records
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data"
+COUNTERFACT = DATA / "counterfact" / "counterfact-edit.json"
+WIKI_VALID = DATA / "wikitext-2-raw" / "wiki.valid.raw"
+SHIPPED = REPO / "testbed" / "testbed-llama"
+
+
+def tiny_config(output_dir: Path, architecture: str = "llama", seed: int = 0, steps: int = 3) -> TestbedConfig:
+    return TestbedConfig(
+        output_dir=output_dir,
+        architecture=architecture,
+        seed=seed,
+        n_records=30,
+        n_val_records=5,
+        n_zsre=5,
+        wiki_paths=(WIKI_VALID,),
+        vocab_size=400,
+        n_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        n_heads=2,
+        max_length=32,
+        steps=steps,
+        batch_size=4,
+        warmup_steps=1,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_testbed(tiny_config(tmp_path_factory.mktemp("tb") / "tiny-llama"))
+
+
+def _load(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def test_tiny_llama_loads_as_hf_model_with_bos_adding_tokenizer(tiny_llama: Path) -> None:
+    from transformers import LlamaForCausalLM
+
+    model, tok = _load(tiny_llama)
+    assert isinstance(model, LlamaForCausalLM)
+    assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 32
+    assert next(model.parameters()).dtype == torch.float32
+    ids = tok("The mother tongue of Danielle Darrieux is")["input_ids"]
+    assert ids[0] == tok.bos_token_id
+    assert ids.count(tok.bos_token_id) == 1
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.bos_token_id
+    assert tok.padding_side == "right"
+    assert "token_type_ids" not in tok("x")
+    assert tok.decode(ids, skip_special_tokens=True) == "The mother tongue of Danielle Darrieux is"
+    # EasyEdit strips a leading BOS from encoded targets; without special tokens none is added
+    assert tok.encode(" French", add_special_tokens=False)[0] != tok.bos_token_id
+    batch = tok(["a b c d", "a"], padding=True, return_tensors="pt")
+    assert batch["attention_mask"][1].tolist()[:2] == [1, 1] and batch["attention_mask"][1, -1] == 0
+    out = model(**batch)
+    assert out.logits.shape[:2] == batch["input_ids"].shape
+
+
+def test_manifest_records_data_seed_config_and_training(tiny_llama: Path) -> None:
+    manifest = json.loads((tiny_llama / MANIFEST_NAME).read_text())
+    first = [r["case_id"] for r in json.loads(COUNTERFACT.read_text())[:30]]
+    assert manifest["counterfact_case_ids"] == first
+    assert len(manifest["counterfact_val_case_ids"]) == 5
+    assert manifest["zsre_indices"] == [0, 1, 2, 3, 4]
+    assert manifest["seed"] == 0
+    assert manifest["architecture"] == "llama"
+    assert manifest["config"]["n_layers"] == 2
+    assert manifest["training"]["steps"] == 3
+    assert manifest["training"]["final_loss"] > 0
+    assert manifest["training"]["seconds"] >= 0
+    paths = [f["path"] for f in manifest["data_files"]]
+    assert "data/counterfact/counterfact-edit.json" in paths
+    assert all(len(f["sha256"]) == 64 for f in manifest["data_files"])
+    assert manifest["command"]
+    assert manifest["relations"]
+
+
+def test_tiny_gpt2_has_conv1d_and_loads(tmp_path: Path) -> None:
+    from transformers import GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    path = build_testbed(tiny_config(tmp_path / "tiny-gpt2", architecture="gpt2", steps=2))
+    model, tok = _load(path)
+    assert isinstance(model, GPT2LMHeadModel)
+    c_proj = model.transformer.h[0].mlp.c_proj
+    assert isinstance(c_proj, Conv1D)
+    assert tuple(c_proj.weight.shape) == (64, 32)  # Conv1D: [d_ff, d_model]
+    assert tok("Paris")["input_ids"][0] == tok.bos_token_id
+
+
+def test_same_seed_same_weights_different_seed_different(tmp_path: Path) -> None:
+    a = build_testbed(tiny_config(tmp_path / "a" / "tiny-llama", seed=3))
+    b = build_testbed(tiny_config(tmp_path / "b" / "tiny-llama", seed=3))
+    c = build_testbed(tiny_config(tmp_path / "c" / "tiny-llama", seed=4))
+    from safetensors.torch import load_file
+
+    wa, wb, wc = (load_file(p / "model.safetensors") for p in (a, b, c))
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+    assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
+
+
+def test_output_dir_must_name_the_family(tmp_path: Path) -> None:
+    with pytest.raises(TestbedConfigError, match="must contain 'llama'"):
+        build_testbed(tiny_config(tmp_path / "my-model"))
+    with pytest.raises(TestbedConfigError, match="architecture"):
+        tiny_config(tmp_path / "x-llama", architecture="bert").validate()
+
+
+def test_bad_data_file_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"prompt": "x"}]))
+    with pytest.raises(TestbedDataError, match="lacks keys"):
+        load_json_records(bad, ("prompt", "subject"))
+    with pytest.raises(TestbedDataError, match="not found"):
+        load_json_records(tmp_path / "missing.json", ("prompt",))
+
+
+def test_relation_clustering_groups_paraphrased_templates() -> None:
+    records = json.loads(COUNTERFACT.read_text())
+    rome = json.loads((DATA / "counterfact" / "counterfact-rome-format.json").read_text())
+    template_relation, relations = cluster_relations(records, rome)
+    assert template_relation["The mother tongue of {} is"] == template_relation["{} is a native speaker of"]
+    assert template_relation["The capital of {} is"] == template_relation["{}'s capital city is"]
+    assert template_relation["The mother tongue of {} is"] != template_relation["The capital of {} is"]
+    assert 10 <= len(relations) <= 60
+
+
+def test_fact_world_and_sampler_are_deterministic() -> None:
+    world = build_fact_world(COUNTERFACT, 20, None, 0, DATA / "counterfact" / "counterfact-rome-format.json",
+                             None, 0, [WIKI_VALID])
+    assert len(world.facts) == 40  # each record: its fact and its neighbourhood fact
+    first = world.facts[0]
+    assert first.answer == "French" and "The mother tongue of Danielle Darrieux is" in first.prompts
+    texts_a = list(SequenceSampler(world, SamplerConfig(), seed=1).texts(20, 200))
+    texts_b = list(SequenceSampler(world, SamplerConfig(), seed=1).texts(20, 200))
+    assert texts_a == texts_b
+    assert any("French." in t for t in SequenceSampler(world, SamplerConfig(), seed=1).texts(200, 200))
+
+
+def test_preedit_and_probe_run_on_tiny_model(tiny_llama: Path) -> None:
+    model, tok = _load(tiny_llama)
+    records = json.loads(COUNTERFACT.read_text())[:6]
+    figures = counterfact_preedit(model, tok, records)
+    assert figures.n == 6 and all(0 <= v <= 100 for v in (figures.efficacy, figures.paraphrase,
+                                                          figures.neighborhood))
+    before = [p.detach().clone() for p in model.parameters()]
+    baseline = subject_recall_probe(model, tok, records, layer=1, steps=0)
+    free = subject_recall_probe(model, tok, records, layer=1, steps=30, lr=1.0, position="last")
+    assert free.n == 6 and 0 <= free.moved <= 100
+    assert free.mean_target_prob > baseline.mean_target_prob  # the vector pushes towards the new object
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the probe edits nothing
+    with pytest.raises(ValueError, match="layer"):
+        subject_recall_probe(model, tok, records, layer=7)
+
+
+# ----- the shipped testbed ----------------------------------------------------------------------------------
+
+shipped = pytest.mark.skipif(not (SHIPPED / MANIFEST_NAME).is_file(), reason=f"no shipped testbed at {SHIPPED}")
+
+
+@shipped
+@pytest.mark.slow
+def test_shipped_testbed_knows_its_facts() -> None:
+    model, tok = _load(SHIPPED)
+    manifest = json.loads((SHIPPED / MANIFEST_NAME).read_text())
+    trained = set(manifest["counterfact_case_ids"])
+    records = [r for r in json.loads(COUNTERFACT.read_text()) if r["case_id"] in trained][:200]
+    figures = counterfact_preedit(model, tok, records)
+    assert figures.efficacy <= 10.0, figures
+    assert figures.paraphrase <= 20.0, figures
+    assert figures.neighborhood >= 85.0, figures
+
+
+@shipped
+@pytest.mark.slow
+def test_shipped_testbed_recalls_facts_from_the_subject() -> None:
+    model, tok = _load(SHIPPED)
+    manifest = json.loads((SHIPPED / MANIFEST_NAME).read_text())
+    layer = int(manifest.get("edit_layer", 1))
+    records = json.loads(COUNTERFACT.read_text())[:20]
+    result = subject_recall_probe(model, tok, records, layer=layer, steps=100, lr=1.0)
+    assert result.moved >= 90.0, result
