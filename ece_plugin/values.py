@@ -137,8 +137,9 @@ class ZModules:
     z_device: torch.device
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = self.ln_f(hidden.to(self.lm_weight.device))
-        out = x @ self.lm_weight.t()
+        ln_param = next(self.ln_f.parameters(), None)
+        x = self.ln_f(hidden if ln_param is None else hidden.to(ln_param.device))
+        out = x.to(self.lm_weight.device) @ self.lm_weight.t()
         if self.lm_bias is not None:
             out = out + self.lm_bias
         return out.float()

@@ -185,3 +185,18 @@ def test_with_the_real_statistics_cache(tok: Any, tmp_path: Any) -> None:
     assert len(session.statistics) == 2
     assert any((tmp_path / "stats").rglob("*.npz"))
     assert sum(_probs(model, tok)) > sum(before)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_on_cuda(family: str, tok: Any) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    model = _model(family, 48 if family == "llama" else 64, tok).cuda()
+    hp = make_hparams(family, context_template_length_params=[[5, 5]])
+    session = fake_session(model, hp)
+    before = _probs(model.cpu(), tok)
+    model.cuda()
+    apply_ece_to_model(model, tok, FACTS, hp, session=session)
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    assert sum(_probs(model.cpu(), tok)) > 5 * sum(before)
