@@ -331,7 +331,7 @@ def _optimise(
         if not live:
             break
         eval_only = last_is_eval and it == n_forwards - 1
-        opt.zero_grad(set_to_none=False) if delta.grad is not None else None
+        opt.zero_grad()
         for chunk in _chunks(live, problem, chunk_rows):
             loc = torch.tensor([position[e] for e in chunk], device=dev)
             rows = torch.cat([problem.edit_rows[e] for e in chunk])
@@ -405,8 +405,9 @@ def _reference(
     rows = torch.stack([problem.plain_row, problem.kl_row], 1).flatten()
     hs, kls, probs = [], [], []
     with torch.no_grad():
-        for start in range(0, len(rows), max(2, chunk_rows - chunk_rows % 2)):
-            part = rows[start : start + max(2, chunk_rows - chunk_rows % 2)]
+        step = max(2, chunk_rows // 2 * 2)  # even: plain and KL rows of an edit stay together
+        for start in range(0, len(rows), step):
+            part = rows[start : start + step]
             sub = problem.rows.select(part)
             h_rows, hidden = _forward(model, mods, sub, None)
             plain_local = torch.arange(0, len(part), 2)

@@ -173,8 +173,12 @@ def test_with_the_real_statistics_cache(tok: Any, tmp_path: Any) -> None:
     model = make_llama(len(tok))
     model.config._name_or_path = "tiny-llama"
     hp = make_hparams(
-        "llama", mom2_corpus=str(corpus), stats_dir=str(tmp_path / "stats"), mom2_n_samples=200,
-        clustering=False, v_num_grad_steps=4,
+        "llama",
+        mom2_corpus=str(corpus),
+        stats_dir=str(tmp_path / "stats"),
+        mom2_n_samples=200,
+        clustering=False,
+        v_num_grad_steps=4,
     )
     from ece_plugin.state import reset_session
 
