@@ -36,6 +36,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -66,7 +67,10 @@ class EasyEditUnavailableError(ImportError):
 def import_easyedit(name: str) -> ModuleType:
     """Import ``easyeditor.<name>`` (or a full dotted name) through importlib, past shadowed attributes."""
     full = name if name == "easyeditor" or name.startswith("easyeditor.") else f"easyeditor.{name}"
-    return importlib.import_module(full)
+    with warnings.catch_warnings():
+        # easyeditor imports timm's deprecated module paths; their FutureWarnings say nothing about ECE
+        warnings.simplefilter("ignore", FutureWarning)
+        return importlib.import_module(full)
 
 
 def _easyeditor_importable() -> Optional[ModuleType]:

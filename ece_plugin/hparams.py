@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -33,7 +34,9 @@ class HParamsError(ValueError):
 def _easyedit_hyperparams_base() -> type:
     """EasyEdit's ``HyperParams`` when easyeditor is importable, else a minimal stand-in with its API."""
     try:
-        module = importlib.import_module("easyeditor.util.hparams")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # timm's deprecation notices, via easyeditor
+            module = importlib.import_module("easyeditor.util.hparams")
         return module.HyperParams  # type: ignore[no-any-return]
     except Exception:  # noqa: BLE001 - any import failure means "no EasyEdit here"
         logger.debug("easyeditor not importable; ECEHyperParams uses a local HyperParams base")

@@ -35,6 +35,7 @@ model fingerprint). Written atomically.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -412,6 +413,16 @@ class EditSession:
     statistics: StatisticsCache = field(default_factory=StatisticsCache)
     last_trace: Optional[Any] = None
     context_templates: Optional[Any] = None  # cached context templates (the editor decides the form)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> EditSession:
+        """A deep-copied model gets its own copy of the sequential state; the statistics cache (read-only C0
+        matrices, gigabytes for Llama-3-8B) and the context templates are shared, not duplicated."""
+        return EditSession(
+            state=copy.deepcopy(self.state, memo),
+            statistics=self.statistics,
+            last_trace=self.last_trace,
+            context_templates=self.context_templates,
+        )
 
 
 SESSION_ATTR = "_ece_session"

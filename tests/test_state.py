@@ -204,3 +204,19 @@ def test_session_attached_to_model_and_reset() -> None:
     reset_session(model)
     fresh = get_session(model)
     assert fresh is not session and fresh.context_templates is None and fresh.state.n_edits == 0
+
+
+def test_deepcopied_model_gets_own_state_but_shares_statistics() -> None:
+    import copy
+
+    from torch import nn
+
+    from ece_plugin.state import get_session
+
+    model = nn.Linear(3, 2)
+    session = get_session(model)
+    clone = copy.deepcopy(model)
+    clone_session = get_session(clone)
+    assert clone_session is not session
+    assert clone_session.state is not session.state  # edits of the copy never reach the original's state
+    assert clone_session.statistics is session.statistics  # read-only C0 is not duplicated
