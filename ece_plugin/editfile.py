@@ -33,6 +33,8 @@ from typing import Any, Optional, Union
 
 import torch
 
+from . import atomic
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -265,15 +267,8 @@ def save_edit_file(edit: EditFile, path: PathLike) -> Path:
     header = edit.summary()
     header.update({"hparams": edit.hparams, "records": edit.records, "extra": edit.extra})
     metadata = {METADATA_KEY: json.dumps(header, default=str)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic.atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     logger.info("wrote edit file %s (%d weight(s))", path, len(edit.weights))
     return path
 

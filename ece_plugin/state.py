@@ -38,8 +38,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -47,6 +45,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from . import atomic
 from .statistics import StatisticsCache, model_fingerprint, module_input_dim
 
 logger = logging.getLogger(__name__)
@@ -305,17 +304,8 @@ class SequentialState:
             "layers": layers_meta,
             "fingerprint": self.fingerprint,
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic.atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
 
     @classmethod
     def load(

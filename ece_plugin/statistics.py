@@ -46,7 +46,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +55,8 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from . import atomic
 
 logger = logging.getLogger(__name__)
 
@@ -458,18 +459,10 @@ def _storage_dtype(dtype: str) -> Any:
 
 
 def _atomic_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)  # type: ignore[arg-type]
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)  # type: ignore[arg-type]
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

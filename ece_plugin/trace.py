@@ -7,13 +7,13 @@ types (the explain command and the benchmark read it), ``save(path)`` writes it 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
 import torch
+
+from . import atomic
 
 SHARE_FRACTIONS = (0.01, 0.05, 0.1, 0.25, 0.5)
 HISTOGRAM_BINS = 20
@@ -92,17 +92,7 @@ class ECETrace:
 
     def save(self, path: Union[str, Path]) -> None:
         """Write the trace as JSON atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json(indent=1))
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic.write_text(path, self.to_json(indent=1))
 
 
 def _plain(value: Any) -> Any:

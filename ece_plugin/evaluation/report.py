@@ -17,8 +17,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -26,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 if TYPE_CHECKING:
     from .protocol import RunResult
 
+from .. import atomic
 from .fluency import CONSISTENCY_UNAVAILABLE
 
 MetricSummary = dict[str, Any]  # {"mean": float, "sem": float | None, "n": int}
@@ -193,20 +192,7 @@ def _notes(
 # ---------------------------------------------------------------------------------------------- files
 def write_text_atomic(path: Union[str, Path], text: str) -> Path:
     """Write ``text`` to ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic.write_text(path, text)
 
 
 def write_json(path: Union[str, Path], obj: Any) -> Path:

@@ -11,7 +11,6 @@ import math
 import os
 import resource
 import sys
-import tempfile
 import time
 import tracemalloc
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+
+from .. import atomic
 
 logger = logging.getLogger(__name__)
 
@@ -74,17 +75,7 @@ def _clean_floats(obj: Any) -> Any:
 
 def atomic_write_text(path: PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic.write_text(path, text)
 
 
 def write_json(path: PathLike, obj: Any) -> Path:
@@ -113,18 +104,12 @@ def savefig(fig: Any, path: PathLike) -> Path:
     """Save a matplotlib figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
+        with atomic.atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------- model
