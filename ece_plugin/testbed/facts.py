@@ -290,7 +290,7 @@ class SamplerConfig:
     verbatim_prob: float = 0.5
     prefix_prob: float = 0.5
     wiki_sequence_prob: float = 0.2
-    prefix_words: tuple[int, int] = (3, 9)
+    prefix_words: tuple[int, int] = (2, 7)
 
 
 class SequenceSampler:
