@@ -190,14 +190,9 @@ def _notes(
 
 
 # ---------------------------------------------------------------------------------------------- files
-def write_text_atomic(path: Union[str, Path], text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
-    return atomic.write_text(path, text)
-
-
 def write_json(path: Union[str, Path], obj: Any) -> Path:
     """Write ``obj`` as indented JSON, atomically."""
-    return write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    return atomic.write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def _csv_metrics(results: Sequence[RunResult]) -> list[str]:
@@ -245,4 +240,4 @@ def results_csv(results: Sequence[RunResult]) -> str:
 
 def write_csv(path: Union[str, Path], results: Sequence[RunResult]) -> Path:
     """Write :func:`results_csv` to ``path`` atomically."""
-    return write_text_atomic(path, results_csv(results))
+    return atomic.write_text(path, results_csv(results))

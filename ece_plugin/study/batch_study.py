@@ -149,8 +149,8 @@ def run_batch_study(
 
 
 def write_batch_study(study: BatchStudy, out_dir: Path, config: dict[str, Any]) -> dict[str, Path]:
+    from ..atomic import write_text as atomic_write_text
     from .bench import environment
-    from .common import atomic_write_text
 
     out_dir = Path(out_dir)
     return {

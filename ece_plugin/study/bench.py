@@ -140,7 +140,7 @@ def write_comparisons(
         for row in csv.DictReader(io.StringIO(text)):
             csv_rows.append({"setting_n_edits": c.n_edits, "setting_batch_size": c.batch_size, **row})
     files["csv"] = write_csv(out_dir / f"{stem}.csv", csv_rows)
-    from .common import atomic_write_text
+    from ..atomic import write_text as atomic_write_text
 
     files["md"] = atomic_write_text(out_dir / f"{stem}.md", "\n\n".join(c.table for c in comparisons) + "\n")
     for i, c in enumerate(comparisons):
@@ -384,7 +384,7 @@ def plot_timing(report: TimingReport, path: Path) -> Path:
 
 def write_timing(report: TimingReport, runs: Sequence[MethodRun], out_dir: Path, config: dict[str, Any]) -> dict[str, Path]:
     """``timing.json`` (report, config, environment, full results), ``timing.csv``, ``timing.md``, ``timing.png``."""
-    from .common import atomic_write_text
+    from ..atomic import write_text as atomic_write_text
 
     out_dir = Path(out_dir)
     files = {

@@ -73,15 +73,10 @@ def _clean_floats(obj: Any) -> Any:
     return obj
 
 
-def atomic_write_text(path: PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    return atomic.write_text(path, text)
-
-
 def write_json(path: PathLike, obj: Any) -> Path:
     """JSON (indented; NaN written as null), atomically."""
     data = json.loads(json.dumps(obj, default=_json_default))
-    return atomic_write_text(path, json.dumps(_clean_floats(data), indent=2) + "\n")
+    return atomic.write_text(path, json.dumps(_clean_floats(data), indent=2) + "\n")
 
 
 def write_csv(path: PathLike, rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[str]] = None) -> Path:
@@ -97,7 +92,7 @@ def write_csv(path: PathLike, rows: Sequence[Mapping[str, Any]], columns: Option
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
-    return atomic_write_text(path, buf.getvalue())
+    return atomic.write_text(path, buf.getvalue())
 
 
 def savefig(fig: Any, path: PathLike) -> Path:

@@ -211,8 +211,8 @@ def run_layer_sweep(
 
 
 def write_layer_sweep(sweep: LayerSweep, out_dir: Path, config: dict[str, Any]) -> dict[str, Path]:
+    from ..atomic import write_text as atomic_write_text
     from .bench import environment
-    from .common import atomic_write_text
 
     out_dir = Path(out_dir)
     files = {
