@@ -128,14 +128,24 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
 
 
-def _int_list(text: str) -> list[int]:
+def _parse_ints(text: str, minimum: int, what: str) -> list[int]:
     try:
         values = [int(x) for x in text.replace(",", " ").split()]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected integers, got {text!r}") from exc
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    if not values or any(v < minimum for v in values):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return values
+
+
+def _int_list(text: str) -> list[int]:
+    """Counts and sizes: positive integers."""
+    return _parse_ints(text, 1, "positive integers")
+
+
+def _layer_list(text: str) -> list[int]:
+    """Layer indices: integers >= 0 (the model check names a layer it does not have)."""
+    return _parse_ints(text, 0, "layer indices (integers >= 0)")
 
 
 # ----------------------------------------------------------------------------- commands
@@ -166,6 +176,8 @@ def _write_run_explanations(runs: Sequence[Any], out: Path) -> None:
 
     for run in runs:
         for i, trace in enumerate(run.traces):
+            if "layers" not in trace:  # EasyEdit baselines' traces say only how they ran
+                continue
             stem = f"explain-{run.name}-batch{i}".replace(" ", "_").replace("(", "").replace(")", "")
             write_explanation(explanation_from_trace(trace), out, stem=stem)
 
@@ -500,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     _hparams_args(p)
     p.set_defaults(limit=20)
     p.add_argument("--methods", nargs="+", default=["ROME", "MEMIT", "ECE"], choices=["ROME", "MEMIT", "ECE"])
-    p.add_argument("--layers", type=_int_list, default=None, help="layers to sweep (default: all)")
+    p.add_argument("--layers", type=_layer_list, default=None, help="layers to sweep (default: all)")
     p.add_argument("--no-fluency", action="store_true")
     p.set_defaults(func=cmd_layer_sweep)
 
@@ -533,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="precompute the second-moment statistics (EasyEdit's cache layout)")
     _common(p, data=False)
     _hparams_args(p)
-    p.add_argument("--layers", type=_int_list, default=None, help="layers (default: those of the hparams)")
+    p.add_argument("--layers", type=_layer_list, default=None, help="layers (default: those of the hparams)")
     p.set_defaults(func=cmd_stats)
 
     try:

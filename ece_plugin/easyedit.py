@@ -44,6 +44,7 @@ from typing import Any, Optional, Union
 
 import torch
 import yaml
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -286,6 +287,59 @@ def baseline_hparams(
     if missing:
         raise KeyError(f"{class_name}: missing key(s) {missing}")
     return cls(**config)
+
+
+# Model families whose tokenizer BaseEditor.__init__ gives pad = eos, and those it pads on the right for the
+# locate-and-edit methods (EasyEdit main, editors/editor.py).
+_PAD_EOS_FAMILIES = ("gpt", "llama", "baichuan", "internlm", "mistral")
+_RIGHT_PAD_FAMILIES = ("mistral", "llama", "qwen")
+
+
+def easyedit_tokenizer(tok: Any, model_name: str) -> Any:
+    """A copy of ``tok`` set up as EasyEdit's ``BaseEditor.__init__`` sets up the tokenizer it loads for
+    ROME / MEMIT / AlphaEdit (pad = eos for GPT/Llama-like families, right padding for Llama/Mistral/Qwen)."""
+    import copy as _copy
+
+    name = model_name.lower()
+    out = _copy.deepcopy(tok)
+    if any(family in name for family in _PAD_EOS_FAMILIES) and getattr(out, "eos_token_id", None) is not None:
+        out.pad_token_id = out.eos_token_id
+    if any(family in name for family in _RIGHT_PAD_FAMILIES):
+        out.padding_side = "right"
+    return out
+
+
+def base_editor_keeps_edits() -> bool:
+    """Whether the installed ``BaseEditor.batch_edit`` can keep a batch's edits (EasyEdit main's
+    ``sequential_edit``); easyeditor 0.0.1.dev0 always restores the weights after each chunk."""
+    import inspect
+
+    if easyedit_version() is None:
+        return False
+    editor_cls = getattr(import_easyedit("easyeditor"), "BaseEditor", None)
+    if editor_cls is None:
+        return False
+    return "sequential_edit" in inspect.signature(editor_cls.batch_edit).parameters
+
+
+def base_editor(hparams: Any, model: nn.Module, tok: Any) -> Any:
+    """EasyEdit's own ``BaseEditor.from_hparams(hparams)`` editing ``model`` in place (no second copy).
+
+    BaseEditor accepts ``(model, tokenizer)`` in place of a model name and then skips loading; the
+    tokenizer is set up as BaseEditor would set up its own (:func:`easyedit_tokenizer`), and the editor's
+    ``model_name`` is put back to the string EasyEdit's evaluation and apply functions look at.
+    """
+    if easyedit_version() is None:
+        raise EasyEditUnavailableError("BaseEditor needs easyeditor (not importable)")
+    editor_cls = import_easyedit("easyeditor").BaseEditor
+    model_name = str(hparams.model_name)
+    hparams.model_name = (model, easyedit_tokenizer(tok, model_name))
+    try:
+        editor = editor_cls.from_hparams(hparams)
+    finally:
+        hparams.model_name = model_name
+    editor.model_name = model_name
+    return editor
 
 
 def baseline_apply(alg_name: str) -> Callable[..., Any]:

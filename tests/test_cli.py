@@ -137,3 +137,13 @@ def test_evaluate_prints_pre_edit_rows(world: World, tmp_path: Path, capsys: pyt
     assert cf["summary"]["efficacy"]["n"] == 4
     assert f"{cf['summary']['efficacy']['mean'] * 100:.2f}" in out.split("| Pre-edited")[1]
     assert (tmp_path / "ev" / "pre-edit-zsre.csv").is_file()
+
+
+def test_layer_options_accept_layer_zero_and_counts_must_be_positive() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["layer-sweep", "--layers", "0 2"]).layers == [0, 2]
+    assert parser.parse_args(["stats", "--layers", "0"]).layers == [0]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["layer-sweep", "--layers", "-1"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--batch-sizes", "0"])

@@ -299,3 +299,46 @@ def test_pypi_edits_accumulate_unless_keep_original_weight(tmp_path: Path) -> No
                       subject=SUBJECTS[:2], keep_original_weight=False, verbose=False)
     assert not torch.equal(editor.model.get_parameter(name), before)  # empty copy: the edit stays
     assert state.reconcile(editor.model) == "committed" and state.n_edits == 2
+
+
+# ----------------------------------------------------------------------------------- baselines via BaseEditor
+def test_easyedit_tokenizer_mirrors_base_editor_setup() -> None:
+    tok = SimpleNamespace(eos_token_id=2, pad_token_id=0, padding_side="left")
+    llama = ee.easyedit_tokenizer(tok, "./testbed/testbed-llama")
+    assert (llama.pad_token_id, llama.padding_side) == (2, "right")
+    gpt2 = ee.easyedit_tokenizer(tok, "gpt2-xl")
+    assert (gpt2.pad_token_id, gpt2.padding_side) == (2, "left")
+    assert (tok.pad_token_id, tok.padding_side) == (0, "left")  # the caller's tokenizer is untouched
+
+
+def test_base_editor_kwargs_from_requests() -> None:
+    from ece_plugin.study.baselines import _base_editor_kwargs
+
+    requests = [
+        {"prompt": "P1", "subject": "S1", "target_new": "T1", "ground_truth": "G1", "rephrase_prompt": "R1",
+         "locality_prompt": "L1", "locality_ground_truth": "A1"},
+        {"prompt": "P2", "subject": "S2", "target_new": "T2", "ground_truth": None, "rephrase_prompt": None,
+         "locality_prompt": None, "locality_ground_truth": None},
+    ]
+    kwargs = _base_editor_kwargs(requests)
+    assert kwargs["prompts"] == ["P1", "P2"] and kwargs["subject"] == ["S1", "S2"]
+    assert kwargs["ground_truth"] == ["G1", None] and kwargs["rephrase_prompts"] == ["R1", None]
+    assert kwargs["locality_inputs"] == {"neighborhood": {"prompt": ["L1", None], "ground_truth": ["A1", None]}}
+    assert "locality_inputs" not in _base_editor_kwargs(requests[1:])
+
+
+@pytest.mark.easyeditor
+@pytest.mark.skipif(VERSION != ee.EASYEDIT_PYPI, reason="checks easyeditor 0.0.1.dev0's BaseEditor")
+def test_pypi_base_editor_cannot_keep_edits_so_baselines_use_the_apply_function() -> None:
+    from ece_plugin.study.baselines import EasyEditMethod, StudyError
+
+    assert not ee.base_editor_keeps_edits()
+    assert not EasyEditMethod("MEMIT", Path("x.yaml")).uses_base_editor()
+    with pytest.raises(StudyError, match="restores the weights after every batch"):
+        EasyEditMethod("MEMIT", Path("x.yaml"), via="BaseEditor").uses_base_editor()
+
+
+@pytest.mark.easyeditor
+@needs_main
+def test_main_base_editor_keeps_edits() -> None:
+    assert ee.base_editor_keeps_edits()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_cli_world import World, make_world
@@ -120,4 +121,33 @@ def test_demo_with_easyedit_baselines(world: World, tmp_path: Path, capsys: pyte
     for name in ("ROME", "MEMIT", "AlphaEdit"):
         assert runs[name]["available"], runs[name]["reason"]
         assert runs[name]["result"]["summary"]["efficacy"]["n"] == 4
+    # EasyEdit main's BaseEditor made the edits (sequential_edit=True), on the model the evaluation read
+    assert runs["ROME"]["via"] == "BaseEditor.edit"
+    assert runs["MEMIT"]["via"] == runs["AlphaEdit"]["via"] == "BaseEditor.batch_edit"
+    assert runs["ECE-AS"]["via"] == "ece_plugin"
+    assert "MEMIT via BaseEditor.batch_edit(sequential_edit=True)" in out
+    assert all(s > 0 for name in ("ROME", "MEMIT") for s in runs[name]["edit_seconds_per_batch"])
     assert not list(Path.cwd().glob("null_space_project.pt"))
+
+
+def test_method_bars_leave_out_methods_that_did_not_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ece_plugin.study import plots
+
+    drawn: dict[str, Any] = {}
+    real_savefig = plots.savefig
+
+    def spy(fig: Any, path: Path) -> Path:
+        ax, ax_t = fig.axes
+        drawn["bars"] = len(ax.patches)
+        drawn["labels"] = [t.get_text() for t in ax_t.get_xticklabels()]
+        drawn["texts"] = [t.get_text() for t in ax.texts]
+        return real_savefig(fig, path)
+
+    monkeypatch.setattr(plots, "savefig", spy)
+    summary = {"efficacy": {"mean": 0.9, "sem": 0.01, "n": 10}, "specificity": {"mean": 0.8, "sem": 0.02, "n": 10}}
+    rows = [("Pre-edited", summary, None), ("ECE-AS", summary, 1.5), ("MEMIT", None, None)]
+    path = plots.plot_method_bars(rows, ["efficacy", "specificity"], tmp_path / "bars.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert drawn["bars"] == 4  # 2 methods x 2 metrics; no empty slot for MEMIT
+    assert drawn["labels"] == ["ECE-AS"]  # only timed methods in the time panel
+    assert drawn["texts"] == ["not run: MEMIT"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from ece_plugin.testbed import (
     MANIFEST_NAME,
@@ -26,7 +27,9 @@ DATA = REPO / "data"
 COUNTERFACT = DATA / "counterfact" / "counterfact-edit.json"
 WIKI_VALID = DATA / "wikitext-2-raw" / "wiki.valid.raw"
 SHIPPED = REPO / "testbed" / "testbed-llama"
-SHIPPED_EDIT_LAYER = 1  # the layer of hparams/{MEMIT,ROME,ECE}/testbed-llama.yaml
+HPARAMS = REPO / "hparams"
+# the edit layer every shipped testbed hparams file uses (one layer, the same for all methods)
+SHIPPED_EDIT_LAYER = yaml.safe_load((HPARAMS / "MEMIT" / "testbed-llama.yaml").read_text())["layers"][0]
 
 
 def tiny_config(output_dir: Path, architecture: str = "llama", seed: int = 0, steps: int = 3) -> TestbedConfig:
@@ -207,3 +210,30 @@ def test_shipped_testbed_recalls_facts_from_the_subject() -> None:
     records = json.loads(COUNTERFACT.read_text())[:20]  # trained on (the first 2,000 are)
     result = subject_recall_probe(model, tok, records, layer=SHIPPED_EDIT_LAYER, steps=100, lr=1.0)
     assert result.moved >= 90.0, result
+
+
+def test_shipped_hparams_share_layers_and_z_budget() -> None:
+    configs = {alg: yaml.safe_load((HPARAMS / alg / "testbed-llama.yaml").read_text())
+               for alg in ("ECE", "MEMIT", "ROME", "AlphaEdit")}
+    assert {tuple(c["layers"]) for c in configs.values()} == {(SHIPPED_EDIT_LAYER,)}
+    assert {c["v_num_grad_steps"] for c in configs.values()} == {25}
+    ece = configs["ECE"]
+    assert ece["shared_grad_steps"] + ece["per_edit_grad_steps"] == ece["v_num_grad_steps"]
+
+
+@shipped
+def test_bundled_statistics_belong_to_the_shipped_testbed() -> None:
+    from ece_plugin import statistics
+    from ece_plugin.hparams import ECEHyperParams
+
+    model, _ = _load(SHIPPED)
+    hparams = ECEHyperParams.from_hparams(HPARAMS / "ECE" / "testbed-llama.yaml")
+    hparams.stats_dir = str(REPO / "data" / "stats")
+    spec = statistics.StatsSpec.from_hparams(hparams)
+    name = hparams.rewrite_module_tmp.format(SHIPPED_EDIT_LAYER)
+    path = statistics.stats_paths_for(model, name, spec).main  # EasyEdit main's layout, as shipped
+    assert path.is_file(), path
+    mom2, count, sample_size, meta = statistics.read_stats_file(path)
+    d_ff = model.config.intermediate_size
+    statistics.check_stats_file(path, model, name, spec, d_ff, mom2, sample_size, meta)  # refuses another model's
+    assert mom2.shape == (d_ff, d_ff) and count > 0

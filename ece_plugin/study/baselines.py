@@ -2,10 +2,14 @@
 
 * :class:`ECEMethod` - this project's ECE (``apply_ece_to_model``) with a variant's hyperparameters
   (ECE-AS / ECE-WI / ECE-RS; clustering off and p = 1 is the 'MEMIT-equivalent (project code)').
-* :class:`EasyEditMethod` - EasyEdit's own ROME, MEMIT and AlphaEdit through the apply functions EasyEdit
-  registers in ``ALG_DICT`` (the functions ``BaseEditor`` calls), with EasyEdit's hyperparameter classes
-  read from YAML. Whether the installed EasyEdit can run on the device is asked of
-  :func:`ece_plugin.easyedit.can_run_on`; a method that cannot run says why in one line.
+* :class:`EasyEditMethod` - EasyEdit's own ROME, MEMIT and AlphaEdit, with EasyEdit's hyperparameter classes
+  read from YAML, through EasyEdit's own ``BaseEditor`` (``batch_edit(..., sequential_edit=True)`` for MEMIT
+  and AlphaEdit, ``edit(..., sequential_edit=True)`` for ROME) sharing the model object, so that every method
+  is evaluated by the same code on the same model. easyeditor 0.0.1.dev0's ``BaseEditor`` always restores the
+  weights after a batch, so there (and with ``via="apply"``) the apply function EasyEdit registers in
+  ``ALG_DICT`` -- the one ``BaseEditor`` calls -- is called directly. Whether the installed EasyEdit can run
+  on the device is asked of :func:`ece_plugin.easyedit.can_run_on`; a method that cannot run says why in one
+  line.
 
 Every method edits a model in place, one batch of EasyEdit request dicts at a time, and keeps sequential
 state between batches until :meth:`EditMethod.reset`.
@@ -38,10 +42,14 @@ ECE_VARIANTS: dict[str, dict[str, Any]] = {
     "ECE-AS": {"attribution": "AS"},
     "ECE-WI": {"attribution": "WI"},
     "ECE-RS": {"attribution": "RS"},
+    # Attribution, neuron selection and the masked update with clustering off: every edit's z from zero with
+    # v_num_grad_steps batched steps (no shared phase).
+    "ECE-AS-unclustered": {"attribution": "AS", "clustering": False},
     # Clustering off and p = 1: every neuron, MEMIT's z -> MEMIT's update computed by this project's code.
     "MEMIT-equivalent": {"clustering": False, "neuron_threshold": 1.0},
 }
 MEMIT_EQUIVALENT_LABEL = "MEMIT-equivalent (project code)"
+VARIANT_LABELS = {"MEMIT-equivalent": MEMIT_EQUIVALENT_LABEL, "ECE-AS-unclustered": "ECE-AS (clustering off)"}
 
 
 @dataclass
@@ -175,23 +183,84 @@ def _model_device(model: torch.nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
+class _TimedApply:
+    """Wraps EasyEdit's apply function inside a ``BaseEditor``: times each call (BaseEditor's own evaluation
+    before and after is not editing time) and asks AlphaEdit to reset its cache on a run's first call."""
+
+    def __init__(self, apply: Any, alg: str, model: torch.nn.Module) -> None:
+        self.apply = apply
+        self.alg = alg
+        self.model = model
+        self.seconds = 0.0
+        self.first_call = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.alg == "AlphaEdit":
+            kwargs["reset_cache"] = self.first_call  # EasyEdit keeps AlphaEdit's cache in module globals
+        self.first_call = False
+        start = time.perf_counter()
+        out = self.apply(*args, **kwargs)
+        _sync(self.model)
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def _base_editor_kwargs(requests: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``BaseEditor.edit`` / ``batch_edit`` keyword arguments for EasyEdit request dicts (one entry per request,
+    as ``examples/run_AlphaEdit_editing.py`` builds them)."""
+    kwargs: dict[str, Any] = {
+        "prompts": [r["prompt"] for r in requests],
+        "target_new": [r["target_new"] for r in requests],
+        "ground_truth": [r.get("ground_truth") for r in requests],
+        "subject": [r["subject"] for r in requests],
+        "rephrase_prompts": [r.get("rephrase_prompt") for r in requests],
+    }
+    if any(r.get("locality_prompt") for r in requests):
+        kwargs["locality_inputs"] = {
+            "neighborhood": {
+                "prompt": [r.get("locality_prompt") for r in requests],
+                "ground_truth": [r.get("locality_ground_truth") for r in requests],
+            }
+        }
+    return kwargs
+
+
+def _mean_metric(metrics: Sequence[dict[str, Any]], key: str) -> Optional[float]:
+    """Mean of EasyEdit's post-edit ``key`` (e.g. ``rewrite_acc``) over BaseEditor's per-request metrics."""
+    values: list[float] = []
+    for metric in metrics:
+        value = (metric.get("post") or {}).get(key)
+        if isinstance(value, (list, tuple)):
+            values.extend(float(v) for v in value)
+        elif isinstance(value, (int, float)):
+            values.append(float(value))
+    return sum(values) / len(values) if values else None
+
+
 @dataclass
 class EasyEditMethod:
-    """EasyEdit's ROME / MEMIT / AlphaEdit via the apply function EasyEdit registers for it."""
+    """EasyEdit's ROME / MEMIT / AlphaEdit through EasyEdit's ``BaseEditor`` (``via="BaseEditor"``) or the
+    apply function EasyEdit registers for it (``via="apply"``); ``via="auto"`` takes BaseEditor wherever the
+    installed EasyEdit's BaseEditor can keep edits across batches (EasyEdit main)."""
 
     alg: str
     hparams_path: Path
     name: str = ""
     overrides: dict[str, Any] = field(default_factory=dict)
     ensure_stats: bool = True
+    via: str = "auto"
     _hparams: Any = None
     _apply: Any = None
+    _editor: Any = None
+    _timed: Optional[_TimedApply] = None
     _first_batch: bool = True
     _workdir: Optional[Path] = None
 
     def __post_init__(self) -> None:
         if self.alg not in BASELINES:
             raise StudyError(f"unknown EasyEdit baseline {self.alg!r}; known: {BASELINES}")
+        if self.via not in ("auto", "BaseEditor", "apply"):
+            raise StudyError(f"via must be 'auto', 'BaseEditor' or 'apply', got {self.via!r}")
         self.name = self.name or self.alg
         self.hparams_path = Path(self.hparams_path)
 
@@ -216,6 +285,20 @@ class EasyEditMethod:
             self._apply = easyedit.baseline_apply(self.alg)
         return self._apply
 
+    def uses_base_editor(self) -> bool:
+        """Whether edits go through EasyEdit's ``BaseEditor`` (see the class docstring)."""
+        from .. import easyedit
+
+        if self.via == "apply":
+            return False
+        keeps = easyedit.base_editor_keeps_edits()
+        if self.via == "BaseEditor" and not keeps:
+            raise StudyError(
+                f"{self.alg}: this easyeditor's BaseEditor restores the weights after every batch "
+                "(no sequential_edit); use via='apply' for sequential editing"
+            )
+        return keeps
+
     # -- EditMethod
     def availability(self, model: torch.nn.Module) -> tuple[bool, str]:
         from .. import easyedit
@@ -231,6 +314,7 @@ class EasyEditMethod:
         try:
             self.load(model)
             self._apply_fn()
+            self.uses_base_editor()
         except Exception as exc:  # noqa: BLE001
             return False, f"EasyEdit {self.alg} could not be set up: {type(exc).__name__}: {exc}"
         return True, ""
@@ -245,6 +329,17 @@ class EasyEditMethod:
             ensure_statistics(model, tok, hparams)
         if self.alg == "AlphaEdit":
             self._prepare_alphaedit_projection(model, tok, hparams)
+        if self.uses_base_editor():
+            self._prepare_base_editor(model, tok, hparams)
+
+    def _prepare_base_editor(self, model: torch.nn.Module, tok: Any, hparams: Any) -> None:
+        """EasyEdit's BaseEditor on this very model object (built once per model), its apply function timed."""
+        from .. import easyedit
+
+        if self._editor is None or self._editor.model is not model:
+            self._editor = easyedit.base_editor(hparams, model, tok)
+        self._timed = _TimedApply(self._apply_fn(), self.alg, model)
+        self._editor.apply_algo = self._timed
 
     def _prepare_alphaedit_projection(self, model: torch.nn.Module, tok: Any, hparams: Any) -> None:
         """Compute AlphaEdit's null-space projection P once, outside the timed edits, into a private file.
@@ -270,8 +365,39 @@ class EasyEditMethod:
 
     def reset(self, model: torch.nn.Module) -> None:
         self._first_batch = True
+        if self._timed is not None:
+            self._timed.first_call = True
 
     def edit_batch(self, model: torch.nn.Module, tok: Any, requests: Sequence[dict[str, Any]]) -> BatchOutcome:
+        if self._editor is not None and self._timed is not None:
+            return self._edit_with_base_editor(model, requests)
+        return self._edit_with_apply(model, tok, requests)
+
+    def _edit_with_base_editor(self, model: torch.nn.Module, requests: Sequence[dict[str, Any]]) -> BatchOutcome:
+        """One batch through ``BaseEditor``; the time is the apply function's (BaseEditor's own pre/post
+        evaluation is left out), EasyEdit's own mean post-edit accuracies go into the trace."""
+        assert self._editor is not None and self._timed is not None
+        editor, timed = self._editor, self._timed
+        timed.seconds = 0.0
+        kwargs = _base_editor_kwargs(requests)
+        if self.alg == "ROME":  # ROME edits one fact per call: BaseEditor.edit, sequentially
+            call = "BaseEditor.edit"
+            metrics = editor.edit(**kwargs, sequential_edit=True, verbose=False)
+            metrics = metrics[0] if isinstance(metrics, tuple) else metrics
+        else:
+            call = "BaseEditor.batch_edit"
+            editor.hparams.batch_size = len(requests)
+            metrics, _, _ = editor.batch_edit(**kwargs, sequential_edit=True, verbose=False)
+        if editor.model is not model:
+            raise StudyError(f"{self.alg}: BaseEditor replaced the model object; the edit would be lost")
+        trace = {
+            "via": call,
+            "easyedit_post_rewrite_acc": _mean_metric(metrics, "rewrite_acc"),
+            "easyedit_post_rephrase_acc": _mean_metric(metrics, "rephrase_acc"),
+        }
+        return BatchOutcome(seconds=timed.seconds, trace=trace)
+
+    def _edit_with_apply(self, model: torch.nn.Module, tok: Any, requests: Sequence[dict[str, Any]]) -> BatchOutcome:
         hparams = self.load()
         apply = self._apply_fn()
         start = time.perf_counter()
@@ -285,7 +411,7 @@ class EasyEditMethod:
             apply(model, tok, [dict(r) for r in requests], hparams, copy=False, return_orig_weights=False, **kwargs)
         _sync(model)
         self._first_batch = False
-        return BatchOutcome(seconds=time.perf_counter() - start)
+        return BatchOutcome(seconds=time.perf_counter() - start, trace={"via": "apply function"})
 
 
 # ----------------------------------------------------------------------------- construction
@@ -315,9 +441,7 @@ def build_methods(
     for name in names:
         if name in ECE_VARIANTS:
             hp = ece_variant_hparams(ece_hparams, name, **(ece_overrides or {}))
-            label = MEMIT_EQUIVALENT_LABEL if name == "MEMIT-equivalent" else (
-                name if name != "ECE" else f"ECE-{hp.attribution}"
-            )
+            label = VARIANT_LABELS.get(name) or (name if name != "ECE" else f"ECE-{hp.attribution}")
             methods.append(ECEMethod(hp, name=label))
         elif name in BASELINES:
             if name not in baseline_hparams:

@@ -22,7 +22,7 @@ import torch
 
 from ..hparams import ECEHyperParams
 from .baselines import ECE_VARIANTS, build_methods
-from .common import StudyError, write_csv, write_json
+from .common import StudyError, pct, write_csv, write_json
 from .layer_sweep import SWEEP_METRICS, _mean
 from .plots import plot_metric_lines
 from .runner import run_method
@@ -57,20 +57,17 @@ class BatchStudy:
     def format(self) -> str:
         lines = [
             f"Batch-size study: batch = one batch of B edits; sequential = {self.total_edits} edits in batches of "
-            f"B (evaluated {self.protocol}); metrics in %",
+            f"B (evaluated {self.protocol}); metrics in %, fluency = n-gram entropy x 100",
             "",
             "| Method | Setting | B | n edits | Eff. | Gen. | Spe. | Score | Flu. | s/batch |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
 
-        def pct(v: Optional[float], scale: float = 100.0) -> str:
-            return "n/a" if v is None else f"{v * scale:.1f}"
-
         for r in self.rows:
             lines.append(
                 f"| {r['method']} | {r['setting']} | {r['batch_size']} | {r['n_edits']} | {pct(r.get('efficacy'))} | "
                 f"{pct(r.get('generalization'))} | {pct(r.get('specificity'))} | {pct(r.get('score'))} | "
-                f"{pct(r.get('fluency'), 1.0)} | {pct(r.get('seconds_per_batch'), 1.0)} |"
+                f"{pct(r.get('fluency'))} | {pct(r.get('seconds_per_batch'), 1.0)} |"
             )
         for method, reason in self.unavailable.items():
             lines.append(f"{method}: n/a: {reason}")

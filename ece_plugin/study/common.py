@@ -33,6 +33,12 @@ class StudyError(ValueError):
 
 
 # ----------------------------------------------------------------------------- output
+def pct(value: Optional[float], scale: float = 100.0) -> str:
+    """A table cell: ``value x scale`` with one decimal (fractions as %, fluency as the papers' entropy x 100),
+    ``n/a`` when it could not be computed."""
+    return "n/a" if value is None else f"{value * scale:.1f}"
+
+
 def make_out_dir(out: Optional[PathLike], command: str) -> Path:
     """``out`` (created) or ``runs/<command>-<timestamp>/``."""
     if out is None:

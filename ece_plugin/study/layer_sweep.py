@@ -21,7 +21,7 @@ import torch
 
 from ..hparams import ECEHyperParams
 from .baselines import BatchOutcome, EasyEditMethod, ECEMethod, ensure_statistics
-from .common import StudyError, n_layers_of, restore_weights, snapshot_weights, write_csv, write_json
+from .common import StudyError, n_layers_of, pct, restore_weights, snapshot_weights, write_csv, write_json
 from .plots import plot_metric_lines
 from .runner import MethodRun, run_method
 
@@ -105,12 +105,9 @@ class LayerSweep:
         return dataclasses.asdict(self)
 
     def format(self) -> str:
-        lines = [f"Layer sweep: {self.n_edits} single (non-sequential) edits per layer and method; metrics in %"]
+        lines = [f"Layer sweep: {self.n_edits} single (non-sequential) edits per layer and method; metrics in %, fluency = n-gram entropy x 100"]
         header = ["Method", "Layer", "Eff.", "Gen.", "Spe.", "Score", "Flu.", "s/edit"]
         lines += ["", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-
-        def pct(v: Optional[float], scale: float = 100.0) -> str:
-            return "n/a" if v is None else f"{v * scale:.1f}"
 
         for row in self.rows:
             lines.append(
@@ -123,7 +120,7 @@ class LayerSweep:
                         pct(row.get("generalization")),
                         pct(row.get("specificity")),
                         pct(row.get("score")),
-                        pct(row.get("fluency"), 1.0),
+                        pct(row.get("fluency")),
                         pct(row.get("seconds_per_edit"), 1.0),
                     ]
                 )
@@ -131,7 +128,7 @@ class LayerSweep:
             )
         lines.append("")
         for method, layer in self.best_layer.items():
-            lines.append(f"Best layer for {method} (by score): {layer}")
+            lines.append(f"Best layer for {method} (by score): {'n/a' if layer is None else layer}")
         for method, reason in self.unavailable.items():
             lines.append(f"{method}: n/a: {reason}")
         return "\n".join(lines)

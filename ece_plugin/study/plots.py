@@ -61,9 +61,11 @@ def plot_method_bars(
     ``rows``: (method, summary {metric: {mean, sem, n}} or None when it could not run, seconds per batch).
     """
     plt = _pyplot()
+    ran = [r for r in rows if r[1]]
+    missing = [r[0] for r in rows if not r[1]]
     fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 1]})
-    width = 0.8 / max(1, len(rows))
-    for i, (method, summary, _seconds) in enumerate(rows):
+    width = 0.8 / max(1, len(ran))
+    for i, (method, summary, _seconds) in enumerate(ran):
         xs = [j + i * width for j in range(len(metrics))]
         means = [_mean(summary, m) for m in metrics]
         heights = [0.0 if v is None else v for v in means]
@@ -72,13 +74,15 @@ def plot_method_bars(
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))])
     ax.set_xticklabels([METRIC_LABELS.get(m, m) for m in metrics], rotation=15)
     ax.set_ylabel("mean (fraction)")
-    ax.legend(fontsize=8)
+    if ran:
+        ax.legend(fontsize=8)
     ax.set_title(title)
-    names = [r[0] for r in rows]
-    seconds = [0.0 if r[2] is None else r[2] for r in rows]
-    ax_t.bar(range(len(rows)), seconds, color="tab:gray")
-    ax_t.set_xticks(range(len(rows)))
-    ax_t.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+    if missing:  # methods that could not run get no empty slot, only this note
+        ax.text(0.0, -0.28, "not run: " + ", ".join(missing), transform=ax.transAxes, fontsize=8, va="top")
+    timed = [r for r in rows if r[2] is not None]
+    ax_t.bar(range(len(timed)), [float(r[2] or 0.0) for r in timed], color="tab:gray")
+    ax_t.set_xticks(range(len(timed)))
+    ax_t.set_xticklabels([r[0] for r in timed], rotation=45, ha="right", fontsize=8)
     ax_t.set_ylabel("edit seconds per batch")
     fig.tight_layout()
     return savefig(fig, path)

@@ -40,12 +40,21 @@ class MethodRun:
     def mean_batch_seconds(self) -> Optional[float]:
         return sum(self.batch_seconds) / len(self.batch_seconds) if self.batch_seconds else None
 
+    @property
+    def via(self) -> Optional[str]:
+        """How the edits were made: an EasyEdit baseline's route (``BaseEditor.batch_edit``, ``BaseEditor.edit``
+        or ``apply function``), ``ece_plugin`` for this project's ECE, None before any batch."""
+        if not self.traces:
+            return None
+        return str(self.traces[0].get("via", "ece_plugin"))
+
     def to_dict(self) -> dict[str, Any]:
         result = self.result.to_dict() if hasattr(self.result, "to_dict") else self.result
         return {
             "method": self.name,
             "available": self.available,
             "reason": self.reason,
+            "via": self.via,
             "edit_seconds_per_batch": self.batch_seconds,
             "mean_edit_seconds_per_batch": self.mean_batch_seconds,
             "peak_memory": self.peak_memory.to_dict() if self.peak_memory else None,
