@@ -68,7 +68,7 @@ class TestbedConfig:
     vocab_size: int = 8000
     n_layers: int = 6
     hidden_size: int = 192
-    intermediate_size: int = 768
+    intermediate_size: int = 1536
     n_heads: int = 6
     max_length: int = 64
     # training
