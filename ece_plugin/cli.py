@@ -176,8 +176,6 @@ def _write_run_explanations(runs: Sequence[Any], out: Path) -> None:
 
     for run in runs:
         for i, trace in enumerate(run.traces):
-            if "layers" not in trace:  # EasyEdit baselines' traces say only how they ran
-                continue
             stem = f"explain-{run.name}-batch{i}".replace(" ", "_").replace("(", "").replace(")", "")
             write_explanation(explanation_from_trace(trace), out, stem=stem)
 

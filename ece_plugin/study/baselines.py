@@ -42,14 +42,22 @@ ECE_VARIANTS: dict[str, dict[str, Any]] = {
     "ECE-AS": {"attribution": "AS"},
     "ECE-WI": {"attribution": "WI"},
     "ECE-RS": {"attribution": "RS"},
-    # Attribution, neuron selection and the masked update with clustering off: every edit's z from zero with
-    # v_num_grad_steps batched steps (no shared phase).
-    "ECE-AS-unclustered": {"attribution": "AS", "clustering": False},
+    # The configured attribution, neuron selection and masked update with clustering off: every edit's z from
+    # zero with v_num_grad_steps batched steps (no shared phase).
+    "ECE-unclustered": {"clustering": False},
     # Clustering off and p = 1: every neuron, MEMIT's z -> MEMIT's update computed by this project's code.
     "MEMIT-equivalent": {"clustering": False, "neuron_threshold": 1.0},
 }
 MEMIT_EQUIVALENT_LABEL = "MEMIT-equivalent (project code)"
-VARIANT_LABELS = {"MEMIT-equivalent": MEMIT_EQUIVALENT_LABEL, "ECE-AS-unclustered": "ECE-AS (clustering off)"}
+
+
+def variant_label(variant: str, hparams: ECEHyperParams) -> str:
+    """The table name of an ECE variant run with ``hparams``."""
+    if variant == "MEMIT-equivalent":
+        return MEMIT_EQUIVALENT_LABEL
+    if variant == "ECE-unclustered":
+        return f"ECE-{hparams.attribution} (clustering off)"
+    return f"ECE-{hparams.attribution}" if variant == "ECE" else variant
 
 
 @dataclass
@@ -57,7 +65,8 @@ class BatchOutcome:
     """What editing one batch produced."""
 
     seconds: float
-    trace: Optional[dict[str, Any]] = None
+    trace: Optional[dict[str, Any]] = None  # ECE's trace of the batch (None for EasyEdit's baselines)
+    via: str = "ece_plugin"  # how the edit was made: ece_plugin, BaseEditor.batch_edit, BaseEditor.edit, apply function
 
 
 class EditMethod(Protocol):
@@ -225,18 +234,6 @@ def _base_editor_kwargs(requests: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return kwargs
 
 
-def _mean_metric(metrics: Sequence[dict[str, Any]], key: str) -> Optional[float]:
-    """Mean of EasyEdit's post-edit ``key`` (e.g. ``rewrite_acc``) over BaseEditor's per-request metrics."""
-    values: list[float] = []
-    for metric in metrics:
-        value = (metric.get("post") or {}).get(key)
-        if isinstance(value, (list, tuple)):
-            values.extend(float(v) for v in value)
-        elif isinstance(value, (int, float)):
-            values.append(float(value))
-    return sum(values) / len(values) if values else None
-
-
 @dataclass
 class EasyEditMethod:
     """EasyEdit's ROME / MEMIT / AlphaEdit through EasyEdit's ``BaseEditor`` (``via="BaseEditor"``) or the
@@ -369,33 +366,27 @@ class EasyEditMethod:
             self._timed.first_call = True
 
     def edit_batch(self, model: torch.nn.Module, tok: Any, requests: Sequence[dict[str, Any]]) -> BatchOutcome:
-        if self._editor is not None and self._timed is not None:
+        if self._timed is not None:  # set by prepare() when edits go through BaseEditor
             return self._edit_with_base_editor(model, requests)
         return self._edit_with_apply(model, tok, requests)
 
     def _edit_with_base_editor(self, model: torch.nn.Module, requests: Sequence[dict[str, Any]]) -> BatchOutcome:
         """One batch through ``BaseEditor``; the time is the apply function's (BaseEditor's own pre/post
-        evaluation is left out), EasyEdit's own mean post-edit accuracies go into the trace."""
+        evaluation is left out)."""
         assert self._editor is not None and self._timed is not None
         editor, timed = self._editor, self._timed
         timed.seconds = 0.0
         kwargs = _base_editor_kwargs(requests)
         if self.alg == "ROME":  # ROME edits one fact per call: BaseEditor.edit, sequentially
             call = "BaseEditor.edit"
-            metrics = editor.edit(**kwargs, sequential_edit=True, verbose=False)
-            metrics = metrics[0] if isinstance(metrics, tuple) else metrics
+            editor.edit(**kwargs, sequential_edit=True, verbose=False)
         else:
             call = "BaseEditor.batch_edit"
             editor.hparams.batch_size = len(requests)
-            metrics, _, _ = editor.batch_edit(**kwargs, sequential_edit=True, verbose=False)
+            editor.batch_edit(**kwargs, sequential_edit=True, verbose=False)
         if editor.model is not model:
             raise StudyError(f"{self.alg}: BaseEditor replaced the model object; the edit would be lost")
-        trace = {
-            "via": call,
-            "easyedit_post_rewrite_acc": _mean_metric(metrics, "rewrite_acc"),
-            "easyedit_post_rephrase_acc": _mean_metric(metrics, "rephrase_acc"),
-        }
-        return BatchOutcome(seconds=timed.seconds, trace=trace)
+        return BatchOutcome(seconds=timed.seconds, via=call)
 
     def _edit_with_apply(self, model: torch.nn.Module, tok: Any, requests: Sequence[dict[str, Any]]) -> BatchOutcome:
         hparams = self.load()
@@ -411,7 +402,7 @@ class EasyEditMethod:
             apply(model, tok, [dict(r) for r in requests], hparams, copy=False, return_orig_weights=False, **kwargs)
         _sync(model)
         self._first_batch = False
-        return BatchOutcome(seconds=time.perf_counter() - start, trace={"via": "apply function"})
+        return BatchOutcome(seconds=time.perf_counter() - start, via="apply function")
 
 
 # ----------------------------------------------------------------------------- construction
@@ -441,8 +432,7 @@ def build_methods(
     for name in names:
         if name in ECE_VARIANTS:
             hp = ece_variant_hparams(ece_hparams, name, **(ece_overrides or {}))
-            label = VARIANT_LABELS.get(name) or (name if name != "ECE" else f"ECE-{hp.attribution}")
-            methods.append(ECEMethod(hp, name=label))
+            methods.append(ECEMethod(hp, name=variant_label(name, hp)))
         elif name in BASELINES:
             if name not in baseline_hparams:
                 raise StudyError(f"no hparams file given for {name}")

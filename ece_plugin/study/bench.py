@@ -14,7 +14,6 @@ cannot run a baseline on the device, ECE with clustering off and p = 1 stands in
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import platform
 import time
@@ -26,7 +25,7 @@ from typing import Any, Optional
 import torch
 
 from ..hparams import ECEHyperParams
-from .baselines import MEMIT_EQUIVALENT_LABEL, EasyEditMethod, ECEMethod, ece_variant_hparams
+from .baselines import MEMIT_EQUIVALENT_LABEL, EasyEditMethod, ECEMethod, ece_variant_hparams, variant_label
 from .common import StudyError, write_csv, write_json
 from .plots import plot_method_bars
 from .runner import MethodRun, run_methods, stage_seconds
@@ -210,8 +209,8 @@ def timing_methods(
     methods: list[Any] = [ECEMethod(ece_hparams, name=f"ECE-{ece_hparams.attribution}")]
     notes: list[str] = []
     if ece_hparams.clustering:  # the same ECE without the shared phase: attribution + masked update only
-        flat = dataclasses.replace(ece_hparams, clustering=False, v_num_grad_steps=z_steps)
-        methods.append(ECEMethod(flat, name=f"ECE-{ece_hparams.attribution} (clustering off)"))
+        flat = ece_variant_hparams(ece_hparams, "ECE-unclustered", v_num_grad_steps=z_steps)
+        methods.append(ECEMethod(flat, name=variant_label("ECE-unclustered", flat)))
     need_stand_in = False
     for alg in ("MEMIT", "AlphaEdit"):
         path = baseline_hparams.get(alg)
@@ -289,7 +288,8 @@ def run_timing(
         notes=notes,
     )
     ece_mean = runs[0].mean_batch_seconds
-    flat_mean = runs[1].mean_batch_seconds if len(runs) > 1 and runs[1].name.endswith("(clustering off)") else None
+    flat_name = variant_label("ECE-unclustered", ece_hparams)
+    flat_mean = next((r.mean_batch_seconds for r in runs if r.name == flat_name), None)
     stages = _sum_stages(runs[0].traces)
     total = stages.pop("total", None)
     if total is not None and stages:

@@ -35,18 +35,11 @@ class MethodRun:
     batch_seconds: list[float] = field(default_factory=list)
     traces: list[dict[str, Any]] = field(default_factory=list)
     peak_memory: Optional[PeakMemory] = None
+    via: Optional[str] = None  # BatchOutcome.via of its batches; None before any batch
 
     @property
     def mean_batch_seconds(self) -> Optional[float]:
         return sum(self.batch_seconds) / len(self.batch_seconds) if self.batch_seconds else None
-
-    @property
-    def via(self) -> Optional[str]:
-        """How the edits were made: an EasyEdit baseline's route (``BaseEditor.batch_edit``, ``BaseEditor.edit``
-        or ``apply function``), ``ece_plugin`` for this project's ECE, None before any batch."""
-        if not self.traces:
-            return None
-        return str(self.traces[0].get("via", "ece_plugin"))
 
     def to_dict(self) -> dict[str, Any]:
         result = self.result.to_dict() if hasattr(self.result, "to_dict") else self.result
@@ -80,6 +73,7 @@ def _edit_fn(method: EditMethod, run: MethodRun) -> Any:
         requests = [r.to_request() if hasattr(r, "to_request") else dict(r) for r in records]
         outcome: BatchOutcome = method.edit_batch(model, tok, requests)
         run.batch_seconds.append(outcome.seconds)
+        run.via = outcome.via
         if outcome.trace is not None:
             run.traces.append(outcome.trace)
         return {"edit_seconds": outcome.seconds, "stage_seconds": stage_seconds(outcome.trace)}
