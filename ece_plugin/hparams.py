@@ -87,6 +87,10 @@ class ECEHyperParams(_HyperParamsBase):  # type: ignore[misc,valid-type]
     clamp_norm_factor: float = 0.75
     kl_factor: float = 0.0625
     fact_token: str = "subject_last"
+    z_prefix_cache: bool = (
+        True  # run each prompt's tokens before the fact token once per batch (exact, faster)
+    )
+    z_cache_mb: float = 2048.0  # memory for those cached keys/values; more edits run in blocks, one by one
     context_template_length_params: list[list[int]] = field(default_factory=lambda: [[10, 5]])
     # --- the least-squares update ---
     mom2_adjustment: bool = True
@@ -196,6 +200,8 @@ class ECEHyperParams(_HyperParamsBase):  # type: ignore[misc,valid-type]
         for name in ("v_weight_decay", "kl_factor", "mom2_update_weight"):
             if getattr(self, name) < 0:
                 raise HParamsError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not self.z_cache_mb > 0:
+            raise HParamsError(f"z_cache_mb: must be > 0, got {self.z_cache_mb}")
         if self.fact_token not in FACT_TOKENS:
             raise HParamsError(f"fact_token: must be one of {FACT_TOKENS}, got {self.fact_token!r}")
         if self.mom2_dtype not in MOM2_DTYPES:

@@ -29,14 +29,22 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architecture import get_module, hidden_state, input_device, num_layers, replace_hidden_state
+from .architecture import (
+    ArchitectureError,
+    get_module,
+    hidden_state,
+    input_device,
+    num_layers,
+    replace_hidden_state,
+)
 from .keys import ContextTemplates, EncodedRows, encode_rows
+from .prefix_cache import FullRows, PrefixCache, RowBatch, edit_blocks, key_value_bytes_per_token
 from .requests import EditRequest, RequestError
 
 logger = logging.getLogger(__name__)
@@ -44,6 +52,7 @@ logger = logging.getLogger(__name__)
 EARLY_STOP_LOSS = 5e-2  # MEMIT's threshold
 KL_TEMPLATE = "{} is a"  # MEMIT's KL prompt
 DEFAULT_Z_CHUNK_ROWS = 128
+DEFAULT_Z_CACHE_MB = 2048.0
 
 
 class _StopForward(Exception):
@@ -66,6 +75,11 @@ class ZProblem:
     @property
     def n_edits(self) -> int:
         return len(self.target_ids)
+
+    def optimised_rows(self, edit: int, with_kl: bool) -> torch.Tensor:
+        """Rows of ``edit`` that a z step runs: all, or the rewriting rows only when the KL term is off."""
+        rows = self.edit_rows[edit]
+        return rows if with_kl else rows[rows != int(self.kl_row[edit])]
 
     def target_positions(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions whose next-token distribution must give the target, and the target ids (MEMIT's layout)."""
@@ -168,20 +182,20 @@ def z_modules(model: nn.Module, hparams: Any) -> ZModules:
 def _forward(
     model: nn.Module,
     mods: ZModules,
-    rows: EncodedRows,
+    batch: RowBatch,
     disp: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward of ``rows`` adding ``disp[r]`` to row r's z-layer output at its fact token.
+    """One forward of ``batch`` adding ``disp[r]`` to row r's z-layer output at its fact token.
 
-    Returns (z-layer output at the fact tokens before the addition ``[R, d]``, loss-layer hidden ``[R, T, d]``).
-    The forward stops at the loss layer.
+    Returns (z-layer output at the fact tokens before the addition ``[R, d]``, loss-layer hidden ``[R, T, d]``
+    along the batch's tokens). The forward stops at the loss layer.
     """
     store: dict[str, torch.Tensor] = {}
 
     def z_hook(module: nn.Module, args: tuple, output: Any) -> Any:
         hs = hidden_state(output)
         ar = torch.arange(hs.shape[0], device=hs.device)
-        lookup = rows.lookup.to(hs.device)
+        lookup = batch.fact_pos.to(hs.device)
         store["h"] = hs[ar, lookup].detach()
         if disp is not None:
             hs = hs.index_put((ar, lookup), disp.to(device=hs.device, dtype=hs.dtype), accumulate=True)
@@ -199,7 +213,7 @@ def _forward(
     if mods.loss_name != mods.z_name:
         handles.append(get_module(model, mods.loss_name).register_forward_hook(loss_hook))
     try:
-        model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False)
+        model(**batch.forward_kwargs())
     except _StopForward:
         pass
     finally:
@@ -208,6 +222,68 @@ def _forward(
     if "loss" not in store:
         raise RuntimeError(f"layer {mods.loss_name!r} did not run in the forward pass")
     return store["h"], store["loss"]
+
+
+@dataclass
+class _ChunkPlan:
+    """One chunk of a z step: its edits, its rows' forward inputs and the fixed gather indices of its loss."""
+
+    edits: list[int]  # global edit ids
+    loc: torch.Tensor  # their positions in the phase's deltas
+    rows_per_edit: int
+    batch: RowBatch
+    r_idx: torch.Tensor  # per target token: local row, position in the batch's tokens, target id, local edit
+    p_idx: torch.Tensor
+    t_idx: torch.Tensor
+    owner: torch.Tensor
+    plain: torch.Tensor  # bool: the token belongs to the edit's '{}' row
+    row_owner: torch.Tensor  # [R] local edit of each rewriting row, -1 for the KL row
+    tgt_len: torch.Tensor  # [m]
+    kl_r: torch.Tensor  # local KL rows and the position of their fact token
+    kl_p: torch.Tensor
+
+
+def _plan_chunk(
+    problem: ZProblem,
+    chunk: list[int],
+    loc: torch.Tensor,
+    rows: torch.Tensor,
+    batch: RowBatch,
+    zdev: torch.device,
+) -> _ChunkPlan:
+    local = {e: j for j, e in enumerate(chunk)}
+    r_idx, p_idx, t_idx, owner, plain_mask, kl_r, kl_p = [], [], [], [], [], [], []
+    offset = batch.offset.tolist()
+    for j, row in enumerate(rows.tolist()):
+        edit = local[int(problem.row_edit[row])]
+        if bool(problem.row_is_kl[row]):
+            kl_r.append(j)
+            kl_p.append(int(batch.fact_pos[j]))
+            continue
+        pos, tgt = problem.target_positions(row)
+        r_idx.append(torch.full_like(pos, j))
+        p_idx.append(pos - offset[j])
+        t_idx.append(tgt)
+        owner.append(torch.full_like(pos, edit))
+        plain_mask.append(torch.full_like(pos, int(row == int(problem.plain_row[chunk[edit]]))))
+    ri = torch.cat(r_idx)
+    row_owner = torch.full((len(rows),), -1, dtype=torch.long)
+    row_owner[ri.cpu()] = torch.cat(owner).cpu()
+    return _ChunkPlan(
+        edits=chunk,
+        loc=loc,
+        rows_per_edit=len(rows) // len(chunk),
+        batch=batch,
+        r_idx=ri,
+        p_idx=torch.cat(p_idx),
+        t_idx=torch.cat(t_idx),
+        owner=torch.cat(owner).to(zdev),
+        plain=torch.cat(plain_mask).bool().to(zdev),
+        row_owner=row_owner.to(zdev),
+        tgt_len=torch.tensor([len(problem.target_ids[e]) for e in chunk], device=zdev, dtype=torch.float32),
+        kl_r=torch.tensor(kl_r, dtype=torch.long),
+        kl_p=torch.tensor(kl_p, dtype=torch.long),
+    )
 
 
 @dataclass
@@ -221,77 +297,55 @@ class _Eval:
 
 
 def _evaluate(
+    plan: _ChunkPlan,
     problem: ZProblem,
     mods: ZModules,
-    chunk_edits: Sequence[int],
-    rows: torch.Tensor,
     hidden: torch.Tensor,
     kl_init: torch.Tensor,
     total_disp: torch.Tensor,
     h_norm: torch.Tensor,
     hparams: Any,
 ) -> _Eval:
-    """Losses of the edits ``chunk_edits`` (global ids) from the loss-layer ``hidden`` of their ``rows``."""
-    m = len(chunk_edits)
-    local = {e: j for j, e in enumerate(chunk_edits)}
-    dev = hidden.device
-    r_idx, p_idx, t_idx, owner, plain_mask = [], [], [], [], []
-    kl_r, kl_p = [], []
-    for j, row in enumerate(rows.tolist()):
-        edit = local[int(problem.row_edit[row])]
-        if bool(problem.row_is_kl[row]):
-            kl_r.append(j)
-            kl_p.append(int(problem.rows.lookup[row]))
-            continue
-        pos, tgt = problem.target_positions(row)
-        r_idx.append(torch.full_like(pos, j))
-        p_idx.append(pos)
-        t_idx.append(tgt)
-        owner.append(torch.full_like(pos, edit))
-        plain_mask.append(torch.full_like(pos, int(row == int(problem.plain_row[chunk_edits[edit]]))))
-    ri, pi, ti = torch.cat(r_idx).to(dev), torch.cat(p_idx).to(dev), torch.cat(t_idx)
-    own, plain = torch.cat(owner), torch.cat(plain_mask).bool()
-    logits = mods.logits(hidden[ri, pi])
+    """Losses of the chunk's edits from the loss-layer ``hidden`` of its rows."""
+    m = len(plan.edits)
+    dev, zdev = hidden.device, mods.z_device
+    logits = mods.logits(hidden[plan.r_idx.to(dev), plan.p_idx.to(dev)])
     log_probs = torch.log_softmax(logits, -1)
-    ti = ti.to(log_probs.device)
-    tok_lp = log_probs.gather(1, ti.unsqueeze(1)).squeeze(1)
-    zdev = mods.z_device
-    tok_lp, own, plain = tok_lp.to(zdev), own.to(zdev), plain.to(zdev)
-    tgt_len = torch.tensor([len(problem.target_ids[e]) for e in chunk_edits], device=zdev, dtype=tok_lp.dtype)
-    # per rewriting row: -(sum of target log-probs) / len(target); rows of one edit are contiguous
-    row_of_pos = torch.cat(r_idx).to(zdev)
-    n_rows_local = len(rows)
-    row_sum = torch.zeros(n_rows_local, device=zdev, dtype=tok_lp.dtype).index_add(0, row_of_pos, tok_lp)
-    row_owner = torch.full((n_rows_local,), -1, device=zdev, dtype=torch.long)
-    row_owner[row_of_pos] = own
-    rew = row_owner >= 0
-    nll_row = -row_sum[rew] / tgt_len[row_owner[rew]]
-    nll = (
-        torch.zeros(m, device=zdev, dtype=tok_lp.dtype).index_add(0, row_owner[rew], nll_row)
-        / problem.n_rewrite
+    ti = plan.t_idx.to(log_probs.device)
+    tok_lp = log_probs.gather(1, ti.unsqueeze(1)).squeeze(1).to(zdev)
+    # per rewriting row: -(sum of target log-probs) / len(target)
+    row_sum = torch.zeros(len(plan.row_owner), device=zdev, dtype=tok_lp.dtype).index_add(
+        0, plan.r_idx.to(zdev), tok_lp
     )
+    rew = plan.row_owner >= 0
+    owners = plan.row_owner[rew]
+    nll_row = -row_sum[rew] / plan.tgt_len[owners]
+    nll = torch.zeros(m, device=zdev, dtype=tok_lp.dtype).index_add(0, owners, nll_row) / problem.n_rewrite
     prob = (
-        torch.zeros(m, device=zdev, dtype=tok_lp.dtype).index_add(
-            0, row_owner[rew], torch.exp(-nll_row.detach())
-        )
+        torch.zeros(m, device=zdev, dtype=tok_lp.dtype).index_add(0, owners, torch.exp(-nll_row.detach()))
         / problem.n_rewrite
     )
     greedy_ok = (log_probs.argmax(-1) == ti).to(zdev)
-    misses = torch.zeros(m, device=zdev).index_add(0, own[plain], (~greedy_ok[plain]).float())
-    # KL row: sum p_cur (log p_cur - log p_init), one row per edit (MEMIT's batchmean over one row)
-    kl_logits = mods.logits(hidden[torch.tensor(kl_r, device=dev), torch.tensor(kl_p, device=dev)])
-    kl_lp = torch.log_softmax(kl_logits, -1)
-    init = kl_init.to(kl_lp.device)
-    kl = (kl_lp.exp() * (kl_lp - init)).sum(-1).to(zdev)
-    decay = hparams.v_weight_decay * total_disp.norm(dim=1) / h_norm**2
-    loss = nll + hparams.kl_factor * kl + decay
+    misses = torch.zeros(m, device=zdev).index_add(
+        0, plan.owner[plan.plain], (~greedy_ok[plan.plain]).float()
+    )
+    loss = nll + hparams.v_weight_decay * total_disp.norm(dim=1) / h_norm**2
+    if len(plan.kl_r):
+        # KL row: sum p_cur (log p_cur - log p_init), one row per edit (MEMIT's batchmean over one row)
+        kl_logits = mods.logits(hidden[plan.kl_r.to(dev), plan.kl_p.to(dev)])
+        kl_lp = torch.log_softmax(kl_logits, -1)
+        kl = (kl_lp.exp() * (kl_lp - kl_init.to(kl_lp.device))).sum(-1).to(zdev)
+        loss = loss + hparams.kl_factor * kl
     return _Eval(loss=loss, nll=nll.detach(), target_prob=prob, reached=misses == 0)
 
 
-def _chunks(edits: Sequence[int], problem: ZProblem, chunk_rows: int) -> list[list[int]]:
-    per = len(problem.edit_rows[0])
-    size = max(1, chunk_rows // per)
-    return [list(edits[i : i + size]) for i in range(0, len(edits), size)]
+def _chunks(
+    edits: Sequence[int], width: dict[int, int], rows_per_edit: int, chunk_rows: int
+) -> list[list[int]]:
+    """Chunks of at most ``chunk_rows`` rows, edits of similar token width together (less padding)."""
+    ordered = sorted(edits, key=lambda e: (width[e], e))
+    size = max(1, chunk_rows // rows_per_edit)
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
 
 @dataclass
@@ -300,6 +354,9 @@ class PhaseStats:
     loss: list[float]
     target_prob: list[float]
     reached: list[bool]
+
+
+RowSource = Union[FullRows, PrefixCache]
 
 
 def _optimise(
@@ -314,6 +371,7 @@ def _optimise(
     last_is_eval: bool,
     hparams: Any,
     chunk_rows: int,
+    source: RowSource,
     desc: str,
 ) -> tuple[torch.Tensor, PhaseStats]:
     """Adam on one delta per edit in ``edits`` (added to the fixed ``base``); returns the deltas and stats."""
@@ -326,24 +384,37 @@ def _optimise(
     h_norm = h.norm(dim=1)
     max_norm = hparams.clamp_norm_factor * h_norm
     position = {e: j for j, e in enumerate(edits)}
+    with_kl = hparams.kl_factor > 0
+    rows_of = {e: problem.optimised_rows(e, with_kl) for e in edits}
+    rows_per_edit = len(rows_of[edits[0]])
+    width = {e: int(source.suffix_lengths(rows_of[e]).max()) for e in edits}
+    plans: dict[tuple[int, ...], _ChunkPlan] = {}
     for it in tqdm(range(n_forwards), desc=desc, leave=False, disable=None):
         live = [edits[j] for j in torch.nonzero(active).flatten().tolist()]
         if not live:
             break
         eval_only = last_is_eval and it == n_forwards - 1
         opt.zero_grad()
-        for chunk in _chunks(live, problem, chunk_rows):
-            loc = torch.tensor([position[e] for e in chunk], device=dev)
-            rows = torch.cat([problem.edit_rows[e] for e in chunk])
-            sub = problem.rows.select(rows)
+        step_plans = []
+        for chunk in _chunks(live, width, rows_per_edit, chunk_rows):
+            key = tuple(chunk)
+            if key not in plans:
+                rows = torch.cat([rows_of[e] for e in chunk])
+                loc = torch.tensor([position[e] for e in chunk], device=dev)
+                plans[key] = _plan_chunk(problem, chunk, loc, rows, source.batch(rows), dev)
+            step_plans.append(plans[key])
+        plans = {tuple(p.edits): p for p in step_plans}  # drop plans of chunks that no longer occur
+        for plan in step_plans:
             with torch.set_grad_enabled(not eval_only):
-                total = base[loc] + delta[loc]
-                per_row = total.repeat_interleave(len(problem.edit_rows[chunk[0]]), dim=0)
-                _, hidden = _forward(model, mods, sub, per_row)
-                ev = _evaluate(problem, mods, chunk, rows, hidden, kl_init[loc], total, h_norm[loc], hparams)
+                total = base[plan.loc] + delta[plan.loc]
+                per_row = total.repeat_interleave(plan.rows_per_edit, dim=0)
+                _, hidden = _forward(model, mods, plan.batch, per_row)
+                ev = _evaluate(
+                    plan, problem, mods, hidden, kl_init[plan.loc], total, h_norm[plan.loc], hparams
+                )
                 if not eval_only:
                     ev.loss.sum().backward()
-            for j, e in enumerate(chunk):
+            for j, e in enumerate(plan.edits):
                 k = position[e]
                 stats.steps[k] = it + 1
                 stats.loss[k] = float(ev.loss[j].detach())
@@ -365,6 +436,81 @@ def _optimise(
             scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-30), torch.ones_like(norms))
             delta.copy_(total * scale.unsqueeze(1) - base)
     return delta.detach(), stats
+
+
+def _row_source(
+    model: nn.Module, problem: ZProblem, rows: torch.Tensor, hparams: Any, chunk_rows: int
+) -> RowSource:
+    """The prefix cache of ``rows`` (``z_prefix_cache``), or whole prompts where the model's cache is unusable."""
+    if not getattr(hparams, "z_prefix_cache", True):
+        return FullRows(problem.rows)
+    try:
+        return PrefixCache(model, problem.rows, rows, chunk_rows)
+    except ArchitectureError as exc:
+        logger.warning("z: prefix cache unavailable (%s); every step runs whole prompts", exc)
+        return FullRows(problem.rows)
+
+
+def _run_phase(
+    model: nn.Module,
+    problem: ZProblem,
+    mods: ZModules,
+    edits: list[int],
+    base: torch.Tensor,
+    h: torch.Tensor,
+    kl_init: torch.Tensor,
+    n_forwards: int,
+    last_is_eval: bool,
+    hparams: Any,
+    chunk_rows: int,
+    desc: str,
+) -> tuple[torch.Tensor, PhaseStats]:
+    """``_optimise`` over blocks of edits whose cached prefixes fit ``z_cache_mb``, one block after another.
+
+    Edits never interact (per-edit losses, per-coordinate Adam), so blocks give the same deltas as one run.
+    """
+    with_kl = hparams.kl_factor > 0
+    positions = list(range(len(edits)))
+    if getattr(hparams, "z_prefix_cache", True):
+        blocks = edit_blocks(
+            positions,
+            len(problem.optimised_rows(edits[0], with_kl)),
+            float(problem.rows.lookup.max()),
+            key_value_bytes_per_token(model),
+            float(getattr(hparams, "z_cache_mb", DEFAULT_Z_CACHE_MB)),
+        )
+    else:
+        blocks = [positions]
+    deltas, merged = (
+        torch.zeros_like(base),
+        PhaseStats([0] * len(edits), [0.0] * len(edits), [0.0] * len(edits), [False] * len(edits)),
+    )
+    for b, block in enumerate(blocks):
+        idx = torch.tensor(block, device=base.device)
+        block_edits = [edits[j] for j in block]
+        rows = torch.cat([problem.optimised_rows(e, with_kl) for e in block_edits])
+        source = _row_source(model, problem, rows, hparams, chunk_rows)
+        label = desc if len(blocks) == 1 else f"{desc} (block {b + 1}/{len(blocks)})"
+        d, st = _optimise(
+            model,
+            problem,
+            mods,
+            block_edits,
+            base[idx],
+            h[idx],
+            kl_init[idx],
+            n_forwards,
+            last_is_eval,
+            hparams,
+            chunk_rows,
+            source,
+            label,
+        )
+        deltas[idx] = d
+        for k, j in enumerate(block):
+            merged.steps[j], merged.loss[j] = st.steps[k], st.loss[k]
+            merged.target_prob[j], merged.reached[j] = st.target_prob[k], st.reached[k]
+    return deltas, merged
 
 
 @dataclass
@@ -408,8 +554,7 @@ def _reference(
         step = max(2, chunk_rows // 2 * 2)  # even: plain and KL rows of an edit stay together
         for start in range(0, len(rows), step):
             part = rows[start : start + step]
-            sub = problem.rows.select(part)
-            h_rows, hidden = _forward(model, mods, sub, None)
+            h_rows, hidden = _forward(model, mods, RowBatch.full(problem.rows.select(part)), None)
             plain_local = torch.arange(0, len(part), 2)
             hs.append(h_rows[plain_local.to(h_rows.device)].float().to(mods.z_device))
             kl_local = torch.arange(1, len(part), 2)
@@ -457,7 +602,7 @@ def compute_z(
         if clustering and hparams.shared_grad_steps > 0:
             anchor_list = list(anchors)
             loc = torch.tensor(anchor_list, device=mods.z_device)
-            shared, s1 = _optimise(
+            shared, s1 = _run_phase(
                 model,
                 problem,
                 mods,
@@ -478,7 +623,7 @@ def compute_z(
         else:
             base = torch.zeros(n, d_model, device=mods.z_device)
             n_fw, desc = hparams.v_num_grad_steps, "z"
-        d, s2 = _optimise(
+        d, s2 = _run_phase(
             model, problem, mods, list(range(n)), base, h, kl_init, n_fw, True, hparams, chunk_rows, desc
         )
     finally:

@@ -68,7 +68,9 @@ FACTS = [  # subjects end the prompt, so a tiny random model can be steered to t
 ]
 
 
-def make_tokenizer() -> Any:
+def make_tokenizer(bos: bool = True) -> Any:
+    """The word-level tokenizer; ``bos=False`` adds no BOS token (as GPT-2's), so a prompt can start with its
+    subject's last token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -78,7 +80,8 @@ def make_tokenizer() -> Any:
     t = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     t.decoder = decoders.Replace("▁", " ")
-    t.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    if bos:
+        t.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
     return PreTrainedTokenizerFast(
         tokenizer_object=t, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
     )

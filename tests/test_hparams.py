@@ -76,6 +76,8 @@ def test_yaml_float_for_int_field_and_json(tmp_path: Path) -> None:
         ("mom2_dtype", "int8"),
         ("mom2_n_samples", 0),
         ("batch_size", 0),
+        ("z_cache_mb", 0.0),
+        ("z_prefix_cache", "yes"),
         ("state_device", "gpu"),
         ("rewrite_module_tmp", "model.layers.mlp.down_proj"),
         ("layer_module_tmp", "model.layers"),
