@@ -173,12 +173,14 @@ def _run(
             session.statistics.second_moment(model, tok, wo.name, hparams)
         t = _tick(timings, "statistics", t)
 
+    # Layer i's keys are read after layers < i are written. Writing W_out of layer i or of a later layer never
+    # changes layer i's input, so these are also the keys of the fully edited model that the state carries.
+    written_keys: dict[str, torch.Tensor] = {}
+
     def read(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if i == 0:
-            assert zout0 is not None
-            return keys0[names[0]], zout0
-        keys, cur = read_keys(model, key_rows, [names[i]], z_name, stop_at=z_name)
+        keys, cur = (keys0, zout0) if i == 0 else read_keys(model, key_rows, [names[i]], z_name, stop_at=z_name)
         assert cur is not None
+        written_keys[names[i]] = keys[names[i]]
         return keys[names[i]], cur
 
     def c0_block(name: str, idx: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
@@ -204,16 +206,17 @@ def _run(
     t = time.perf_counter()
 
     try:
-        final_keys, _ = read_keys(model, key_rows, names, None, stop_at=z_name)
+        if set(written_keys) != set(names):
+            raise RuntimeError(f"keys of layers {sorted(set(names) - set(written_keys))} were never read")
         session.state.stage(
-            {name: final_keys[name].t() for name in names},
+            {name: written_keys[name].t() for name in names},
             {w.name + ".weight": (w.idx, w.post, wo.axis, w.pre) for w, wo in zip(writes, w_outs)},
             n,
         )
     except BaseException:
         undo(w_outs, writes)
         raise
-    t = _tick(timings, "final_keys", t)
+    t = _tick(timings, "state", t)
     timings["total"] = time.perf_counter() - start
     return _trace(requests, hparams, templates, w_outs, attributions, clusters, zres, writes, timings)
 

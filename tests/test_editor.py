@@ -10,8 +10,10 @@ import pytest
 import torch
 from conftest import FACTS, fake_session, make_gpt2, make_hparams, make_llama, target_prob
 
+from ece_plugin.architecture import input_device
 from ece_plugin.editor import apply_ece_to_model
-from ece_plugin.requests import RequestError
+from ece_plugin.keys import build_key_rows, read_keys
+from ece_plugin.requests import RequestError, normalise_requests
 from ece_plugin.state import get_session
 
 CASES = [("llama", 48), ("gpt2", 64), ("gpt2", 32)]  # (family, d_ff); d_ff == d_model = 32 catches axis bugs
@@ -148,6 +150,23 @@ def test_sequential_edits_carry_keys(tok: Any) -> None:
     assert session.state.reconcile(model) == "discarded-restored"
     assert session.state.n_edits == 4
     assert get_session(model) is session
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_carried_keys_are_the_keys_of_the_edited_model(family: str, tok: Any) -> None:
+    """The state carries keys read while writing (layer i after layers < i); they equal a fresh read."""
+    model = make_llama(len(tok)) if family == "llama" else make_gpt2(len(tok))
+    hp = make_hparams(family, layers=[0, 1], clustering=False, v_num_grad_steps=3)
+    session = fake_session(model, hp)
+    apply_ece_to_model(model, tok, FACTS, hp)
+    model_after_first = copy.deepcopy(model)
+    apply_ece_to_model(model, tok, FACTS[:1], hp)  # commits the first batch
+    key_rows = build_key_rows(tok, normalise_requests(FACTS), [["{}"]], hp.fact_token, input_device(model))
+    names = [hp.rewrite_module_tmp.format(layer) for layer in hp.layers]
+    keys, _ = read_keys(model_after_first, key_rows, names, None, stop_at=hp.layer_module_tmp.format(1))
+    for name in names:
+        k = keys[name].double()
+        torch.testing.assert_close(session.state.cprev(name), k.t() @ k, rtol=1e-5, atol=1e-5)
 
 
 def test_clustering_off_and_wi(tok: Any) -> None:
