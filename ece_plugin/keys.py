@@ -175,8 +175,14 @@ def capture(
             for start in range(0, rows.n_rows, chunk_rows):
                 part = rows.select(torch.arange(start, min(start + chunk_rows, rows.n_rows)))
                 current["lookup"] = part.lookup
+                # causal: the tokens after the chunk's last fact token change nothing that is read
+                width = int(part.lookup.max()) + 1
                 try:
-                    model(input_ids=part.input_ids, attention_mask=part.attention_mask, use_cache=False)
+                    model(
+                        input_ids=part.input_ids[:, :width],
+                        attention_mask=part.attention_mask[:, :width],
+                        use_cache=False,
+                    )
                 except _StopForward:
                     pass
     finally:

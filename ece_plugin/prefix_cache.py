@@ -143,28 +143,36 @@ class PrefixCache:
     def _run_prefixes(
         self, model: nn.Module, chunk_rows: int
     ) -> tuple[KeyValues, Callable[[KeyValues], Any]]:
-        width = self.width
-        mask = (torch.arange(width, device=self.split.device) < self.split.unsqueeze(1)).long()
-        ids = self._ids[:, :width]  # beyond a row's split: its own later tokens or padding, masked
-        positions = torch.arange(width, device=ids.device).expand_as(ids)
-        parts: list[KeyValues] = []
-        make: Callable[[KeyValues], Any] | None = None
+        """One no-grad pass over the prefixes, rows sorted by prefix length so that a chunk is padded only to
+        its own longest prefix; the result is right-padded to ``self.width``."""
+        order = torch.argsort(self.split, stable=True)
         body = _body(model)
+        kv: KeyValues = []
+        make: Optional[Callable[[KeyValues], Any]] = None
         with torch.no_grad():
-            for start in range(0, len(ids), chunk_rows):
-                sl = slice(start, start + chunk_rows)
+            for start in range(0, len(order), chunk_rows):
+                idx = order[start : start + chunk_rows]
+                width = int(self.split[idx].max())
+                if width == 0:  # no prefix: these rows' cache stays zero (and masked)
+                    continue
+                steps = torch.arange(width, device=idx.device)
+                mask = (steps.unsqueeze(0) < self.split[idx].unsqueeze(1)).long()
                 out = body(
-                    input_ids=ids[sl], attention_mask=mask[sl], position_ids=positions[sl], use_cache=True
+                    input_ids=self._ids[idx, :width],  # beyond a row's split: later tokens or padding, masked
+                    attention_mask=mask,
+                    position_ids=steps.expand(len(idx), -1),
+                    use_cache=True,
                 )
                 past = out.past_key_values
-                kv = _key_values(past)
                 make = make or cache_factory(model, past)
-                parts.append([self._zero_padding(k, v, mask[sl]) for k, v in kv])
-        assert make is not None
-        kv = [
-            (torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts]))
-            for i in range(len(parts[0]))
-        ]
+                for i, (k, v) in enumerate(_key_values(past)):
+                    k, v = self._zero_padding(k, v, mask)
+                    if len(kv) <= i:
+                        shape = (len(order), k.shape[1], self.width, k.shape[3])
+                        kv.append((k.new_zeros(shape), v.new_zeros(shape[:3] + (v.shape[3],))))
+                    kv[i][0][idx.to(k.device), :, :width] = k
+                    kv[i][1][idx.to(v.device), :, :width] = v
+        assert make is not None  # self.width > 0: some chunk ran
         return kv, make
 
     def _zero_padding(

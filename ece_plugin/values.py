@@ -339,13 +339,27 @@ def _evaluate(
     return _Eval(loss=loss, nll=nll.detach(), target_prob=prob, reached=misses == 0)
 
 
+MIN_CHUNK_SHARE = 2  # a chunk closes at a change of token width once it holds half its maximum rows
+
+
 def _chunks(
     edits: Sequence[int], width: dict[int, int], rows_per_edit: int, chunk_rows: int
 ) -> list[list[int]]:
-    """Chunks of at most ``chunk_rows`` rows, edits of similar token width together (less padding)."""
-    ordered = sorted(edits, key=lambda e: (width[e], e))
+    """Chunks of at most ``chunk_rows`` rows. Edits are sorted by token width and a chunk closes where the width
+    changes once it is half full: less padding, at the price of a few more (fixed-cost) forwards."""
     size = max(1, chunk_rows // rows_per_edit)
-    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    for e in sorted(edits, key=lambda e: (width[e], e)):
+        full = len(current) >= size
+        new_width = (
+            bool(current) and width[e] != width[current[-1]] and len(current) * MIN_CHUNK_SHARE >= size
+        )
+        if full or new_width:
+            chunks.append(current)
+            current = []
+        current.append(e)
+    return chunks + [current] if current else chunks
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 from conftest import FACTS, make_gpt2, make_llama
 
@@ -51,7 +52,8 @@ def _manual_key(model: Any, tok: Any, module_name: str, text: str, index: int) -
     h = model.get_submodule(module_name).register_forward_pre_hook(lambda m, a: got.update(k=a[0][0, index]))
     try:
         with torch.no_grad():
-            model(**tok(text, return_tensors="pt"))
+            enc = tok(text, return_tensors="pt")  # ids and mask only: GPT-2 would embed token_type_ids
+            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
     finally:
         h.remove()
     return got["k"].float()
@@ -75,6 +77,27 @@ def test_read_keys_is_memits_template_average(tok: Any) -> None:
                 per_template.append(_manual_key(model, tok, name, template.replace("{}", req.subject), idx))
             expected = (per_template[0] + (per_template[1] + per_template[2]) / 2) / 2
             torch.testing.assert_close(keys[name][i], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_keys_of_a_subject_mid_prompt_equal_the_whole_prompts(family: str, tok: Any) -> None:
+    """capture() runs each chunk only up to its last fact token; the keys equal a forward of the whole prompt."""
+    model = make_llama(len(tok)) if family == "llama" else make_gpt2(len(tok))
+    requests = normalise_requests(
+        [
+            {"prompt": "{} is the capital of", "subject": "Paris", "target_new": "Italy"},
+            {"prompt": "{} plays soccer in the city of", "subject": "Lionel Messi", "target_new": "Rome"},
+        ]
+    )
+    contexts = ["{}", "I know. {}"]
+    rows = build_key_rows(tok, requests, [contexts[:1], contexts[1:]], "subject_last", input_device(model))
+    assert int(rows.rows.lookup.max()) + 1 < rows.rows.input_ids.shape[1]  # there is a tail to skip
+    name = "model.layers.1.mlp.down_proj" if family == "llama" else "transformer.h.1.mlp.c_proj"
+    got = capture(model, rows.rows, [name])[name]
+    for r, (req, ctx) in enumerate((req, ctx) for req in requests for ctx in contexts):
+        text = ctx.replace("{}", req.template).replace("{}", req.subject)
+        expected = _manual_key(model, tok, name, text, int(rows.rows.lookup[r]))
+        torch.testing.assert_close(got[r], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_early_stop_matches_full_forward(tok: Any) -> None:
