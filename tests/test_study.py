@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from test_cli_world import World, make_world
 
 from ece_plugin import easyedit
@@ -56,6 +57,29 @@ def test_bench_timing(world: World, tmp_path: Path, capsys: pytest.CaptureFixtur
     for name in ("timing.csv", "timing.md", "timing.png"):
         assert (out_dir / name).is_file()
     assert "ECE time by stage" in out
+    assert any(n.startswith("warm-up, not timed: ECE on a copy of the model, 4 records") for n in data["notes"])
+
+
+def test_bench_timing_warm_up_leaves_the_model_alone(world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ece_plugin.data import load_records
+    from ece_plugin.hparams import ECEHyperParams
+    from ece_plugin.state import get_session
+    from ece_plugin.study.bench import warm_up
+    from ece_plugin.study.common import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(str(world.model_dir), device="cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hp = ECEHyperParams.from_hparams(next((world.root / "hparams" / "ECE").glob("*.yaml")))
+    assert warm_up(model, tok, load_records(str(world.data), limit=2), hp) > 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert get_session(model).state.n_edits == 0 and not get_session(model).state.has_pending
+    rc, out, err = _run(capsys, "bench", "--timing", *_common(world), "--n-edits", "2", "--batch-sizes", "2",
+                        "--warmup", "0", "--out", str(tmp_path / "t0"))
+    assert rc == 0, err
+    data = json.loads((tmp_path / "t0" / "timing.json").read_text())["report"]
+    assert not any(n.startswith("warm-up") for n in data["notes"])
+    rc, out, err = _run(capsys, "bench", "--timing", *_common(world), "--n-edits", "2", "--warmup", "-1")
+    assert rc != 0 and "warmup must be >= 0" in err
 
 
 def test_bench_tables_over_settings(world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -66,11 +66,16 @@ def stage_seconds(trace: Optional[dict[str, Any]]) -> dict[str, float]:
     return {}
 
 
+def as_requests(records: Sequence[Any]) -> list[dict[str, Any]]:
+    """EasyEdit request dicts of records (EditRecord or already a dict)."""
+    return [r.to_request() if hasattr(r, "to_request") else dict(r) for r in records]
+
+
 def _edit_fn(method: EditMethod, run: MethodRun) -> Any:
     """The callable ``run_protocol`` calls once per batch: edits in place, records time and trace."""
 
     def edit(model: torch.nn.Module, tok: Any, records: Sequence[Any]) -> dict[str, Any]:
-        requests = [r.to_request() if hasattr(r, "to_request") else dict(r) for r in records]
+        requests = as_requests(records)
         outcome: BatchOutcome = method.edit_batch(model, tok, requests)
         run.batch_seconds.append(outcome.seconds)
         run.via = outcome.via
