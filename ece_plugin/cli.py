@@ -274,7 +274,14 @@ def cmd_revert(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .study.baselines import build_methods
-    from .study.bench import DEFAULT_WARMUP, compare_methods, run_timing, write_comparisons, write_timing
+    from .study.bench import (
+        DEFAULT_REPEATS,
+        DEFAULT_WARMUP,
+        compare_methods,
+        run_timing,
+        write_comparisons,
+        write_timing,
+    )
 
     model_dir = _model_dir(args.model)
     ece_path = _hparams_file(args.hparams, Path(args.hparams_dir), "ECE", model_dir)
@@ -293,6 +300,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             model, tok, records[: max(n_list)], ece_hp, baselines, batch_size=batch,
             eval_kwargs=_eval_kwargs(args), trace_python_memory=args.tracemalloc,
             warmup=DEFAULT_WARMUP if args.warmup is None else args.warmup,
+            repeats=DEFAULT_REPEATS if args.repeats is None else args.repeats,
         )
         files = write_timing(report, runs, out, _config(args))
         _print(report.table)
@@ -506,6 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--warmup", type=int, default=None,
         help="timing: records of one untimed ECE batch on a copy of the model first (default 10; 0: none)",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=None,
+        help="timing: rounds per method, s/batch is their median (default 3; rounds after the first only edit)",
     )
     p.add_argument("--no-fluency", action="store_true")
     p.set_defaults(func=cmd_bench)

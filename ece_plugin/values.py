@@ -369,6 +369,37 @@ class PhaseStats:
     target_prob: list[float]
     reached: list[bool]
 
+    @classmethod
+    def empty(cls, n: int) -> PhaseStats:
+        return cls([0] * n, [float("nan")] * n, [0.0] * n, [False] * n)
+
+    def put(self, positions: Sequence[int], part: PhaseStats) -> None:
+        """Copy ``part`` (stats of the edits at ``positions``) into place."""
+        for k, j in enumerate(positions):
+            self.steps[j], self.loss[j] = part.steps[k], part.loss[k]
+            self.target_prob[j], self.reached[j] = part.target_prob[k], part.reached[k]
+
+
+@dataclass
+class _Phase:
+    """One z phase: one delta per edit in ``edits``, added to the fixed ``base``, for ``n_forwards`` forwards
+    (the last one only evaluates when ``last_is_eval``). ``base``, ``h`` and ``kl_init`` follow ``edits``."""
+
+    edits: list[int]
+    base: torch.Tensor
+    h: torch.Tensor
+    kl_init: torch.Tensor
+    n_forwards: int
+    last_is_eval: bool
+    desc: str
+
+    def block(self, positions: Sequence[int], desc: str) -> _Phase:
+        idx = torch.tensor(list(positions), device=self.base.device)
+        edits = [self.edits[j] for j in positions]
+        return _Phase(
+            edits, self.base[idx], self.h[idx], self.kl_init[idx], self.n_forwards, self.last_is_eval, desc
+        )
+
 
 RowSource = Union[FullRows, PrefixCache]
 
@@ -377,24 +408,20 @@ def _optimise(
     model: nn.Module,
     problem: ZProblem,
     mods: ZModules,
-    edits: list[int],
-    base: torch.Tensor,
-    h: torch.Tensor,
-    kl_init: torch.Tensor,
-    n_forwards: int,
-    last_is_eval: bool,
+    phase: _Phase,
     hparams: Any,
     chunk_rows: int,
     source: RowSource,
-    desc: str,
 ) -> tuple[torch.Tensor, PhaseStats]:
-    """Adam on one delta per edit in ``edits`` (added to the fixed ``base``); returns the deltas and stats."""
+    """Adam on the deltas of ``phase``; returns the deltas and stats."""
+    edits, base, h, kl_init = phase.edits, phase.base, phase.h, phase.kl_init
+    n_forwards, last_is_eval = phase.n_forwards, phase.last_is_eval
     m = len(edits)
     dev = mods.z_device
     delta = torch.zeros_like(base, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hparams.v_lr)
     active = torch.ones(m, dtype=torch.bool)
-    stats = PhaseStats(steps=[0] * m, loss=[float("nan")] * m, target_prob=[0.0] * m, reached=[False] * m)
+    stats = PhaseStats.empty(m)
     h_norm = h.norm(dim=1)
     max_norm = hparams.clamp_norm_factor * h_norm
     position = {e: j for j, e in enumerate(edits)}
@@ -403,7 +430,7 @@ def _optimise(
     rows_per_edit = len(rows_of[edits[0]])
     width = {e: int(source.suffix_lengths(rows_of[e]).max()) for e in edits}
     plans: dict[tuple[int, ...], _ChunkPlan] = {}
-    for it in tqdm(range(n_forwards), desc=desc, leave=False, disable=None):
+    for it in tqdm(range(n_forwards), desc=phase.desc, leave=False, disable=None):
         live = [edits[j] for j in torch.nonzero(active).flatten().tolist()]
         if not live:
             break
@@ -466,65 +493,41 @@ def _row_source(
 
 
 def _run_phase(
-    model: nn.Module,
-    problem: ZProblem,
-    mods: ZModules,
-    edits: list[int],
-    base: torch.Tensor,
-    h: torch.Tensor,
-    kl_init: torch.Tensor,
-    n_forwards: int,
-    last_is_eval: bool,
-    hparams: Any,
-    chunk_rows: int,
-    desc: str,
+    model: nn.Module, problem: ZProblem, mods: ZModules, phase: _Phase, hparams: Any, chunk_rows: int
 ) -> tuple[torch.Tensor, PhaseStats]:
     """``_optimise`` over blocks of edits whose cached prefixes fit ``z_cache_mb``, one block after another.
 
     Edits never interact (per-edit losses, per-coordinate Adam), so blocks give the same deltas as one run.
     """
     with_kl = hparams.kl_factor > 0
-    positions = list(range(len(edits)))
+    positions = list(range(len(phase.edits)))
+    blocks = [positions]
     if getattr(hparams, "z_prefix_cache", True):
         blocks = edit_blocks(
             positions,
-            len(problem.optimised_rows(edits[0], with_kl)),
+            len(problem.optimised_rows(phase.edits[0], with_kl)),
             float(problem.rows.lookup.max()),
             key_value_bytes_per_token(model),
             float(getattr(hparams, "z_cache_mb", DEFAULT_Z_CACHE_MB)),
         )
-    else:
-        blocks = [positions]
-    deltas, merged = (
-        torch.zeros_like(base),
-        PhaseStats([0] * len(edits), [0.0] * len(edits), [0.0] * len(edits), [False] * len(edits)),
-    )
+    deltas, stats = torch.zeros_like(phase.base), PhaseStats.empty(len(positions))
     for b, block in enumerate(blocks):
-        idx = torch.tensor(block, device=base.device)
-        block_edits = [edits[j] for j in block]
-        rows = torch.cat([problem.optimised_rows(e, with_kl) for e in block_edits])
-        source = _row_source(model, problem, rows, hparams, chunk_rows)
-        label = desc if len(blocks) == 1 else f"{desc} (block {b + 1}/{len(blocks)})"
+        part = phase.block(
+            block, phase.desc if len(blocks) == 1 else f"{phase.desc} (block {b + 1}/{len(blocks)})"
+        )
+        rows = torch.cat([problem.optimised_rows(e, with_kl) for e in part.edits])
         d, st = _optimise(
             model,
             problem,
             mods,
-            block_edits,
-            base[idx],
-            h[idx],
-            kl_init[idx],
-            n_forwards,
-            last_is_eval,
+            part,
             hparams,
             chunk_rows,
-            source,
-            label,
+            _row_source(model, problem, rows, hparams, chunk_rows),
         )
-        deltas[idx] = d
-        for k, j in enumerate(block):
-            merged.steps[j], merged.loss[j] = st.steps[k], st.loss[k]
-            merged.target_prob[j], merged.reached[j] = st.target_prob[k], st.reached[k]
-    return deltas, merged
+        deltas[torch.tensor(block, device=deltas.device)] = d
+        stats.put(block, st)
+    return deltas, stats
 
 
 @dataclass
@@ -616,20 +619,11 @@ def compute_z(
         if clustering and hparams.shared_grad_steps > 0:
             anchor_list = list(anchors)
             loc = torch.tensor(anchor_list, device=mods.z_device)
-            shared, s1 = _run_phase(
-                model,
-                problem,
-                mods,
-                anchor_list,
-                torch.zeros(n_clusters, d_model, device=mods.z_device),
-                h[loc],
-                kl_init[loc],
-                hparams.shared_grad_steps,
-                False,
-                hparams,
-                chunk_rows,
-                "z shared",
+            zeros = torch.zeros(n_clusters, d_model, device=mods.z_device)
+            shared_phase = _Phase(
+                anchor_list, zeros, h[loc], kl_init[loc], hparams.shared_grad_steps, False, "z shared"
             )
+            shared, s1 = _run_phase(model, problem, mods, shared_phase, hparams, chunk_rows)
             steps_shared = [s1.steps[c] for c in cluster_of]
         if clustering:
             base = shared[torch.tensor(list(cluster_of), device=mods.z_device)]
@@ -638,7 +632,12 @@ def compute_z(
             base = torch.zeros(n, d_model, device=mods.z_device)
             n_fw, desc = hparams.v_num_grad_steps, "z"
         d, s2 = _run_phase(
-            model, problem, mods, list(range(n)), base, h, kl_init, n_fw, True, hparams, chunk_rows, desc
+            model,
+            problem,
+            mods,
+            _Phase(list(range(n)), base, h, kl_init, n_fw, True, desc),
+            hparams,
+            chunk_rows,
         )
     finally:
         for name, p in model.named_parameters():

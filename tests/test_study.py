@@ -43,6 +43,9 @@ def test_bench_timing(world: World, tmp_path: Path, capsys: pytest.CaptureFixtur
     methods = {m["method"]: m for m in data["methods"]}
     ece = methods["ECE-AS"]
     assert ece["ratio_to_ece"] == pytest.approx(1.0) and len(ece["seconds_per_batch"]) == 2
+    assert data["repeats"] == 3 and len(ece["seconds_per_batch_by_round"]) == 3  # the default: 3 rounds
+    round_means = sorted(sum(r) / len(r) for r in ece["seconds_per_batch_by_round"])
+    assert ece["median_seconds_per_batch"] == pytest.approx(round_means[1])
     assert ece["quality"]["efficacy"] is not None and ece["peak_memory"]["process_max_rss_mib"] > 0
     assert {"z", "attribution", "clustering", "keys", "solve"} <= set(data["ece_stage_seconds"])
     assert data["z_steps_per_edit"] == 4
@@ -60,7 +63,7 @@ def test_bench_timing(world: World, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert any(n.startswith("warm-up, not timed: ECE on a copy of the model, 4 records") for n in data["notes"])
 
 
-def test_bench_timing_warm_up_leaves_the_model_alone(world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_timing_warm_up_and_extra_rounds_leave_the_model_alone(world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from ece_plugin.data import load_records
     from ece_plugin.hparams import ECEHyperParams
     from ece_plugin.state import get_session
@@ -74,10 +77,21 @@ def test_bench_timing_warm_up_leaves_the_model_alone(world: World, tmp_path: Pat
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert get_session(model).state.n_edits == 0 and not get_session(model).state.has_pending
     rc, out, err = _run(capsys, "bench", "--timing", *_common(world), "--n-edits", "2", "--batch-sizes", "2",
-                        "--warmup", "0", "--out", str(tmp_path / "t0"))
+                        "--warmup", "0", "--repeats", "1", "--out", str(tmp_path / "t0"))
     assert rc == 0, err
     data = json.loads((tmp_path / "t0" / "timing.json").read_text())["report"]
     assert not any(n.startswith("warm-up") for n in data["notes"])
+    assert all(len(m["seconds_per_batch_by_round"]) == 1 for m in data["methods"] if m["available"])
+    assert "median of 1 rounds" in out
+    rc, out, err = _run(capsys, "bench", "--timing", *_common(world), "--n-edits", "2", "--repeats", "0")
+    assert rc != 0 and "repeats must be >= 1" in err
+    from ece_plugin.study.baselines import ECEMethod
+    from ece_plugin.study.runner import time_method
+
+    seconds = time_method(ECEMethod(hp), model, tok, load_records(str(world.data), limit=3), batch_size=2)
+    assert len(seconds) == 2 and all(s > 0 for s in seconds)  # batches of 2 and 1, edit-only
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # restored
+    assert get_session(model).state.n_edits == 0 and not get_session(model).state.has_pending
     rc, out, err = _run(capsys, "bench", "--timing", *_common(world), "--n-edits", "2", "--warmup", "-1")
     assert rc != 0 and "warmup must be >= 0" in err
 

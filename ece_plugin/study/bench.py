@@ -176,6 +176,7 @@ class TimingReport:
     batch_size: int
     layers: list[int]
     z_steps: int
+    repeats: int = 1
     methods: list[dict[str, Any]] = field(default_factory=list)
     ece_stage_seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -187,6 +188,7 @@ class TimingReport:
             "batch_size": self.batch_size,
             "layers": self.layers,
             "z_steps_per_edit": self.z_steps,
+            "repeats": self.repeats,
             "methods": self.methods,
             "ece_stage_seconds": self.ece_stage_seconds,
             "notes": self.notes,
@@ -233,6 +235,16 @@ def timing_methods(
 
 
 DEFAULT_WARMUP = 10
+DEFAULT_REPEATS = 3
+
+
+def _median_round(rounds: Sequence[Sequence[float]]) -> Optional[float]:
+    """Median over rounds of the mean seconds per batch (None when no round has a batch)."""
+    means = sorted(sum(r) / len(r) for r in rounds if r)
+    if not means:
+        return None
+    mid = len(means) // 2
+    return means[mid] if len(means) % 2 else (means[mid - 1] + means[mid]) / 2
 
 
 def warm_up(model: torch.nn.Module, tok: Any, records: Sequence[Any], hparams: ECEHyperParams) -> float:
@@ -279,14 +291,18 @@ def run_timing(
     eval_kwargs: Optional[dict[str, Any]] = None,
     trace_python_memory: bool = False,
     warmup: int = DEFAULT_WARMUP,
+    repeats: int = DEFAULT_REPEATS,
 ) -> tuple[TimingReport, list[MethodRun]]:
-    """The speed comparison of issue 5 (see the module docstring)."""
-    from .runner import run_method
+    """The speed comparison of issue 5 (see the module docstring). Seconds per batch: the median over
+    ``repeats`` rounds of each method's mean per batch (round 1 is the evaluated run, later rounds only edit)."""
+    from .runner import run_method, time_method
 
     if not records:
         raise StudyError("no records to edit")
     if warmup < 0:
         raise StudyError(f"warmup must be >= 0 records, got {warmup}")
+    if repeats < 1:
+        raise StudyError(f"repeats must be >= 1, got {repeats}")
     methods, notes = timing_methods(ece_hparams, baseline_hparams, model)
     if warmup:
         seconds = warm_up(model, tok, records[:warmup], ece_hparams)
@@ -307,16 +323,23 @@ def run_timing(
                 trace_python_memory=trace_python_memory,
             )
         )
+    rounds = [[run.batch_seconds] for run in runs]  # round 1: the evaluated run
+    for _ in range(repeats - 1):  # more rounds, methods interleaved, edit-only
+        for method, run, times in zip(methods, runs, rounds):
+            if run.available:
+                times.append(time_method(method, model, tok, records, batch_size=batch_size))
+    medians = [_median_round(times) for times in rounds]
     report = TimingReport(
         n_edits=len(records),
         batch_size=batch_size,
         layers=list(ece_hparams.layers),
         z_steps=z_steps_per_edit(ece_hparams),
+        repeats=repeats,
         notes=notes,
     )
-    ece_mean = runs[0].mean_batch_seconds
+    ece_mean = medians[0]
     flat_name = variant_label("ECE-unclustered", ece_hparams)
-    flat_mean = next((r.mean_batch_seconds for r in runs if r.name == flat_name), None)
+    flat_mean = next((m for r, m in zip(runs, medians) if r.name == flat_name), None)
     stages = _sum_stages(runs[0].traces)
     total = stages.pop("total", None)
     if total is not None and stages:
@@ -324,16 +347,16 @@ def run_timing(
         if rest > 0:
             stages["other"] = rest
     report.ece_stage_seconds = stages
-    for run in runs:
+    for run, times, mean in zip(runs, rounds, medians):
         result = run.result
-        mean = run.mean_batch_seconds
         report.methods.append(
             {
                 "method": run.name,
                 "available": run.available,
                 "reason": run.reason,
                 "seconds_per_batch": run.batch_seconds,
-                "mean_seconds_per_batch": mean,
+                "seconds_per_batch_by_round": times if run.available else [],
+                "median_seconds_per_batch": mean,
                 "ratio_to_ece": (mean / ece_mean) if (mean is not None and ece_mean) else None,
                 "ratio_to_ece_clustering_off": (mean / flat_mean) if (mean is not None and flat_mean) else None,
                 "peak_memory": run.peak_memory.to_dict() if run.peak_memory else None,
@@ -364,7 +387,7 @@ def format_timing(report: TimingReport) -> str:
         rows.append(
             [
                 m["method"],
-                _fmt(m["mean_seconds_per_batch"]),
+                _fmt(m["median_seconds_per_batch"]),
                 _fmt(m["ratio_to_ece"]),
                 *([_fmt(m.get("ratio_to_ece_clustering_off"))] if flat else []),
                 _fmt(q["efficacy"], scale=100),
@@ -377,7 +400,8 @@ def format_timing(report: TimingReport) -> str:
     widths = [max([len(h)] + [len(r[i]) for r in rows if not r[i].startswith("n/a:")]) for i, h in enumerate(header)]
     lines = [
         f"Speed: {report.n_edits} edits in sequential batches of {report.batch_size}, layers {report.layers}, "
-        f"{report.z_steps} z steps per edit; quality in % (evaluated after all batches)",
+        f"{report.z_steps} z steps per edit; s/batch: median of {report.repeats} rounds; quality in % "
+        "(evaluated after all batches)",
         "",
         "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
         "|" + "|".join("-" * (w + 2) for w in widths) + "|",
@@ -387,7 +411,7 @@ def format_timing(report: TimingReport) -> str:
     total = sum(report.ece_stage_seconds.values())
     if report.ece_stage_seconds:
         lines.append("")
-        lines.append("ECE time by stage (all batches):")
+        lines.append("ECE time by stage (all batches of the first round):")
         for stage, seconds in sorted(report.ece_stage_seconds.items(), key=lambda kv: -kv[1]):
             share = seconds / total * 100 if total else 0.0
             lines.append(f"  {stage:<20} {seconds:8.2f} s  {share:5.1f} %")
@@ -411,9 +435,9 @@ def plot_timing(report: TimingReport, path: Path) -> Path:
     from .common import savefig
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    avail = [m for m in report.methods if m["available"] and m["mean_seconds_per_batch"] is not None]
-    ax.bar([m["method"] for m in avail], [m["mean_seconds_per_batch"] for m in avail], color="tab:blue")
-    ax.set_ylabel("edit seconds per batch")
+    avail = [m for m in report.methods if m["available"] and m["median_seconds_per_batch"] is not None]
+    ax.bar([m["method"] for m in avail], [m["median_seconds_per_batch"] for m in avail], color="tab:blue")
+    ax.set_ylabel(f"edit seconds per batch (median of {report.repeats} rounds)")
     ax.set_title(f"{report.n_edits} edits, batches of {report.batch_size}")
     ax.tick_params(axis="x", rotation=20)
     stages = report.ece_stage_seconds
@@ -453,14 +477,15 @@ def write_timing(report: TimingReport, runs: Sequence[MethodRun], out_dir: Path,
                 "method": m["method"],
                 "available": m["available"],
                 "reason": m["reason"],
-                "mean_seconds_per_batch": m["mean_seconds_per_batch"],
+                "seconds_per_batch": m["median_seconds_per_batch"],
                 "ratio_to_ece": m["ratio_to_ece"],
                 **{f"{k}_mean": v for k, v in m["quality"].items()},
                 **mem,
             }
         )
     for stage, seconds in report.ece_stage_seconds.items():
-        rows.append({"method": f"ECE stage: {stage}", "available": True, "mean_seconds_per_batch": seconds / max(1, len(runs[0].batch_seconds))})
+        per_batch = seconds / max(1, len(runs[0].batch_seconds))  # the evaluated round
+        rows.append({"method": f"ECE stage: {stage}", "available": True, "seconds_per_batch": per_batch})
     files["csv"] = write_csv(out_dir / "timing.csv", rows)
     files["md"] = atomic_write_text(out_dir / "timing.md", report.table + "\n")
     files["png"] = plot_timing(report, out_dir / "timing.png")

@@ -152,6 +152,26 @@ def run_method(
     return run
 
 
+def time_method(
+    method: EditMethod, model: torch.nn.Module, tok: Any, records: Sequence[Any], *, batch_size: int
+) -> list[float]:
+    """Seconds per batch of one more edit-only run (no evaluation) over ``records`` in sequential batches of
+    ``batch_size``, from a reset method; the model is restored afterwards."""
+    snapshot = snapshot_weights(model, method.edited_weight_names(model))
+    seconds: list[float] = []
+    try:
+        method.reset(model)
+        method.prepare(model, tok)
+        for start in range(0, len(records), batch_size):
+            seconds.append(
+                method.edit_batch(model, tok, as_requests(records[start : start + batch_size])).seconds
+            )
+    finally:
+        restore_weights(model, snapshot)
+        method.reset(model)
+    return seconds
+
+
 def run_methods(
     methods: Sequence[EditMethod],
     model: torch.nn.Module,
@@ -168,7 +188,9 @@ def run_methods(
     runs: list[MethodRun] = []
     kind = (eval_kwargs or {}).get("kind") or evaluation.metric_kind(list(records))
     for method in methods:
-        logger.info("running %s (%d records, batches of %d, %s)", method.name, len(records), batch_size, protocol)
+        logger.info(
+            "running %s (%d records, batches of %d, %s)", method.name, len(records), batch_size, protocol
+        )
         have_pre = any(r.available and r.result is not None and r.result.pre_summary for r in runs)
         runs.append(
             run_method(
