@@ -30,15 +30,33 @@ EXTRA = [
 
 
 def _model(family: str, vocab: int) -> Any:
+    if family == "gptj":  # rotary positions, parallel attention and MLP
+        from transformers import GPTJConfig, GPTJForCausalLM
+
+        torch.manual_seed(0)
+        config = GPTJConfig(
+            vocab_size=vocab, n_embd=32, n_layer=3, n_head=4, rotary_dim=4, n_positions=64,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        )
+        return GPTJForCausalLM(config).eval()
     return make_llama(vocab) if family == "llama" else make_gpt2(vocab)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def _hparams(family: str) -> Any:
+    if family == "gptj":
+        return make_hparams(
+            "gpt2", rewrite_module_tmp="transformer.h.{}.mlp.fc_out", attn_module_tmp="transformer.h.{}.attn",
+            lm_head_module="lm_head",
+        )
+    return make_hparams(family)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gptj"])
 @pytest.mark.parametrize("bos", [True, False])
 def test_suffix_forward_equals_full_forward(family: str, bos: bool) -> None:
     tok = make_tokenizer(bos=bos)
     model = _model(family, len(tok))
-    hp = make_hparams(family)
+    hp = _hparams(family)
     problem = build_z_problem(
         tok, normalise_requests(FACTS + EXTRA), TEMPLATES, "subject_last", torch.device("cpu")
     )
