@@ -61,7 +61,8 @@ class FullRows:
     def __init__(self, rows: EncodedRows) -> None:
         self.rows = rows
 
-    def suffix_lengths(self, rows: torch.Tensor) -> torch.Tensor:
+    def step_tokens(self, rows: torch.Tensor) -> torch.Tensor:
+        """Tokens each of ``rows`` runs per step: the whole prompt."""
         return self.rows.lengths[rows]
 
     def batch(self, rows: torch.Tensor) -> RowBatch:
@@ -186,7 +187,8 @@ class PrefixCache:
         return k * keep, v * keep
 
     # ------------------------------------------------------------------ use
-    def suffix_lengths(self, rows: torch.Tensor) -> torch.Tensor:
+    def step_tokens(self, rows: torch.Tensor) -> torch.Tensor:
+        """Tokens each of ``rows`` runs per step: its suffix, from the fact token on."""
         return self.suffix_len[self._local[rows.to(self._local.device)]]
 
     def batch(self, rows: torch.Tensor) -> RowBatch:

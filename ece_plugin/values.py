@@ -433,7 +433,7 @@ def _optimise(
     with_kl = hparams.kl_factor > 0
     rows_of = {e: problem.optimised_rows(e, with_kl) for e in edits}
     rows_per_edit = len(rows_of[edits[0]])
-    width = {e: int(source.suffix_lengths(rows_of[e]).max()) for e in edits}
+    width = {e: int(source.step_tokens(rows_of[e]).max()) for e in edits}
     plans: dict[tuple[int, ...], _ChunkPlan] = {}
     for it in tqdm(range(n_forwards), desc=phase.desc, leave=False, disable=None):
         live = [edits[j] for j in torch.nonzero(active).flatten().tolist()]
