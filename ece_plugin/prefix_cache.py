@@ -16,7 +16,6 @@ selection of it back into what the model's forward accepts (legacy tuples or a `
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -26,8 +25,6 @@ from torch import nn
 
 from .architecture import ArchitectureError
 from .keys import EncodedRows
-
-logger = logging.getLogger(__name__)
 
 KeyValues = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -124,13 +121,12 @@ class PrefixCache:
 
     def __init__(self, model: nn.Module, rows: EncodedRows, row_ids: torch.Tensor, chunk_rows: int) -> None:
         dev = rows.input_ids.device
-        self.row_ids = row_ids.to(dev)
+        row_ids = row_ids.to(dev)
         self._local = torch.full((rows.n_rows,), -1, dtype=torch.long, device=dev)
-        self._local[self.row_ids] = torch.arange(len(self.row_ids), device=dev)
-        self.split = rows.lookup[self.row_ids]  # prefix length = index of the fact token
-        self.lengths = rows.lengths[self.row_ids]
-        self.suffix_len = self.lengths - self.split
-        self._ids = rows.input_ids[self.row_ids]
+        self._local[row_ids] = torch.arange(len(row_ids), device=dev)
+        self.split = rows.lookup[row_ids]  # prefix length = index of the fact token
+        self.suffix_len = rows.lengths[row_ids] - self.split
+        self._ids = rows.input_ids[row_ids]
         self.width = int(self.split.max()) if len(self.split) else 0
         self.kv: Optional[KeyValues] = None
         self._make: Optional[Callable[[KeyValues], Any]] = None

@@ -57,7 +57,6 @@ logger = logging.getLogger(__name__)
 EARLY_STOP_LOSS = 5e-2  # MEMIT's threshold
 KL_TEMPLATE = "{} is a"  # MEMIT's KL prompt
 DEFAULT_Z_CHUNK_ROWS = 128
-DEFAULT_Z_CACHE_MB = 2048.0
 
 
 class _StopForward(Exception):
@@ -271,9 +270,9 @@ def _plan_chunk(
         t_idx.append(tgt)
         owner.append(torch.full_like(pos, edit))
         plain_mask.append(torch.full_like(pos, int(row == int(problem.plain_row[chunk[edit]]))))
-    ri = torch.cat(r_idx)
+    ri, own = torch.cat(r_idx), torch.cat(owner)
     row_owner = torch.full((len(rows),), -1, dtype=torch.long)
-    row_owner[ri.cpu()] = torch.cat(owner).cpu()
+    row_owner[ri.cpu()] = own.cpu()
     return _ChunkPlan(
         edits=chunk,
         loc=loc,
@@ -282,7 +281,7 @@ def _plan_chunk(
         r_idx=ri,
         p_idx=torch.cat(p_idx),
         t_idx=torch.cat(t_idx),
-        owner=torch.cat(owner).to(zdev),
+        owner=own.to(zdev),
         plain=torch.cat(plain_mask).bool().to(zdev),
         row_owner=row_owner.to(zdev),
         tgt_len=torch.tensor([len(problem.target_ids[e]) for e in chunk], device=zdev, dtype=torch.float32),
@@ -488,7 +487,7 @@ def _row_source(
     model: nn.Module, problem: ZProblem, rows: torch.Tensor, hparams: Any, chunk_rows: int
 ) -> RowSource:
     """The prefix cache of ``rows`` (``z_prefix_cache``), or whole prompts where the model's cache is unusable."""
-    if not getattr(hparams, "z_prefix_cache", True):
+    if not hparams.z_prefix_cache:
         return FullRows(problem.rows)
     try:
         return PrefixCache(model, problem.rows, rows, chunk_rows)
@@ -507,13 +506,13 @@ def _run_phase(
     with_kl = hparams.kl_factor > 0
     positions = list(range(len(phase.edits)))
     blocks = [positions]
-    if getattr(hparams, "z_prefix_cache", True):
+    if hparams.z_prefix_cache:
         blocks = edit_blocks(
             positions,
             len(problem.optimised_rows(phase.edits[0], with_kl)),
             float(problem.rows.lookup.max()),
             key_value_bytes_per_token(model),
-            float(getattr(hparams, "z_cache_mb", DEFAULT_Z_CACHE_MB)),
+            hparams.z_cache_mb,
         )
     deltas, stats = torch.zeros_like(phase.base), PhaseStats.empty(len(positions))
     for b, block in enumerate(blocks):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -240,11 +241,8 @@ DEFAULT_REPEATS = 3
 
 def _median_round(rounds: Sequence[Sequence[float]]) -> Optional[float]:
     """Median over rounds of the mean seconds per batch (None when no round has a batch)."""
-    means = sorted(sum(r) / len(r) for r in rounds if r)
-    if not means:
-        return None
-    mid = len(means) // 2
-    return means[mid] if len(means) % 2 else (means[mid - 1] + means[mid]) / 2
+    means = [sum(r) / len(r) for r in rounds if r]
+    return statistics.median(means) if means else None
 
 
 def warm_up(model: torch.nn.Module, tok: Any, records: Sequence[Any], hparams: ECEHyperParams) -> float:
