@@ -10,7 +10,8 @@ or after each batch), and restores the model again.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -86,6 +87,27 @@ def _edit_fn(method: EditMethod, run: MethodRun) -> Any:
     return edit
 
 
+@contextmanager
+def _fresh_method(
+    method: EditMethod, model: torch.nn.Module, tok: Any, snapshot: Optional[dict[str, torch.Tensor]] = None
+) -> Iterator[None]:
+    """``method`` reset and prepared on ``model`` (set to ``snapshot`` first when given). On exit, even on an
+    error, the method is reset and the weights it edits are restored: to ``snapshot`` when given, else to what
+    they were on entry."""
+    on_entry = snapshot_weights(model, method.edited_weight_names(model))
+    if snapshot is not None:
+        restore_weights(model, snapshot)
+    try:
+        method.reset(model)
+        method.prepare(model, tok)
+        yield
+    finally:
+        restore_weights(model, on_entry)
+        if snapshot is not None:
+            restore_weights(model, snapshot)
+        method.reset(model)
+
+
 def run_method(
     method: EditMethod,
     model: torch.nn.Module,
@@ -114,27 +136,23 @@ def run_method(
             method.name, reason, kind=kind, n_edits=len(records), batch_size=batch_size, protocol=protocol
         )
         return run
-    own_snapshot = snapshot_weights(model, method.edited_weight_names(model))
-    if snapshot is not None:
-        restore_weights(model, snapshot)
     try:
-        method.reset(model)
-        method.prepare(model, tok)
-        device = next(model.parameters()).device
-        with measure_peak_memory(device, trace_python=trace_python_memory) as peak:
-            run.result = evaluation.run_protocol(
-                model,
-                tok,
-                list(records),
-                _edit_fn(method, run),
-                method=method.name,
-                batch_size=batch_size,
-                protocol=protocol,
-                pre=pre,
-                eval_kwargs=eval_kwargs,
-                progress=progress,
-            )
-        run.peak_memory = peak
+        with _fresh_method(method, model, tok, snapshot):
+            device = next(model.parameters()).device
+            with measure_peak_memory(device, trace_python=trace_python_memory) as peak:
+                run.result = evaluation.run_protocol(
+                    model,
+                    tok,
+                    list(records),
+                    _edit_fn(method, run),
+                    method=method.name,
+                    batch_size=batch_size,
+                    protocol=protocol,
+                    pre=pre,
+                    eval_kwargs=eval_kwargs,
+                    progress=progress,
+                )
+            run.peak_memory = peak
     except Exception as exc:  # noqa: BLE001 - one failing method must not end a comparison
         if isinstance(exc, (KeyboardInterrupt, MemoryError)):
             raise
@@ -144,11 +162,6 @@ def run_method(
         run.result = evaluation.RunResult.unavailable(
             method.name, run.reason, kind=kind, n_edits=len(records), batch_size=batch_size, protocol=protocol
         )
-    finally:
-        restore_weights(model, own_snapshot)
-        if snapshot is not None:
-            restore_weights(model, snapshot)
-        method.reset(model)
     return run
 
 
@@ -157,18 +170,12 @@ def time_method(
 ) -> list[float]:
     """Seconds per batch of one more edit-only run (no evaluation) over ``records`` in sequential batches of
     ``batch_size``, from a reset method; the model is restored afterwards."""
-    snapshot = snapshot_weights(model, method.edited_weight_names(model))
     seconds: list[float] = []
-    try:
-        method.reset(model)
-        method.prepare(model, tok)
+    with _fresh_method(method, model, tok):
         for start in range(0, len(records), batch_size):
             seconds.append(
                 method.edit_batch(model, tok, as_requests(records[start : start + batch_size])).seconds
             )
-    finally:
-        restore_weights(model, snapshot)
-        method.reset(model)
     return seconds
 
 
