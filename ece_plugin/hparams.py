@@ -87,9 +87,8 @@ class ECEHyperParams(_HyperParamsBase):  # type: ignore[misc,valid-type]
     clamp_norm_factor: float = 0.75
     kl_factor: float = 0.0625
     fact_token: str = "subject_last"
-    z_prefix_cache: bool = (
-        True  # run each prompt's tokens before the fact token once per batch (exact, faster)
-    )
+    # run each prompt's tokens before the fact token once per batch (exact, faster)
+    z_prefix_cache: bool = True
     z_cache_mb: float = 2048.0  # memory for those cached keys/values; more edits run in blocks, one by one
     context_template_length_params: list[list[int]] = field(default_factory=lambda: [[10, 5]])
     # --- the least-squares update ---

@@ -98,9 +98,8 @@ def cache_factory(model: nn.Module, past: Any) -> Callable[[KeyValues], Any]:
         if getattr(model, "_supports_cache_class", False):
             from transformers import DynamicCache
 
-            if hasattr(
-                DynamicCache, "from_legacy_cache"
-            ):  # transformers 4.x: avoid the tuple deprecation path
+            # transformers 4.x: hand back a DynamicCache, not tuples (their deprecated path)
+            if hasattr(DynamicCache, "from_legacy_cache"):
                 return lambda kv: DynamicCache.from_legacy_cache(tuple(kv))
         return lambda kv: tuple(kv)
     cls = type(past)
@@ -132,9 +131,11 @@ class PrefixCache:
         self._make: Optional[Callable[[KeyValues], Any]] = None
         if self.width > 0:
             self.kv, self._make = self._run_prefixes(model, chunk_rows)
-        self.nbytes = sum(
-            k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv or []
-        )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached keys and values."""
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv or [])
 
     # ------------------------------------------------------------------ building
     def _run_prefixes(

@@ -254,11 +254,7 @@ def warm_up(model: torch.nn.Module, tok: Any, records: Sequence[Any], hparams: E
     from ..editor import apply_ece_to_model
 
     start = time.perf_counter()
-    scratch = copy.deepcopy(model)
-    try:
-        apply_ece_to_model(scratch, tok, as_requests(records), hparams)
-    finally:
-        del scratch
+    apply_ece_to_model(copy.deepcopy(model), tok, as_requests(records), hparams)
     return time.perf_counter() - start
 
 
@@ -303,9 +299,9 @@ def run_timing(
         raise StudyError(f"repeats must be >= 1, got {repeats}")
     methods, notes = timing_methods(ece_hparams, baseline_hparams, model)
     if warmup:
-        seconds = warm_up(model, tok, records[:warmup], ece_hparams)
-        n_warm = min(warmup, len(records))
-        notes.append(f"warm-up, not timed: ECE on a copy of the model, {n_warm} records ({seconds:.1f} s)")
+        warm = records[:warmup]
+        seconds = warm_up(model, tok, warm, ece_hparams)
+        notes.append(f"warm-up, not timed: ECE on a copy of the model, {len(warm)} records ({seconds:.1f} s)")
     runs: list[MethodRun] = []
     for i, method in enumerate(methods):
         runs.append(
