@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -150,6 +151,16 @@ def num_layers(model: nn.Module) -> int:
         if isinstance(value, int):
             return value
     raise ArchitectureError("cannot read the number of layers from the model config")
+
+
+def max_positions(model: nn.Module) -> Optional[int]:
+    """The longest sequence the model's position scheme was made for (None when the config does not say)."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def input_device(model: nn.Module) -> torch.device:

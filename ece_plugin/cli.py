@@ -11,11 +11,10 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 logger = logging.getLogger("ece_plugin.cli")
 
@@ -72,12 +71,21 @@ def _hparams_file(explicit: Optional[str], hparams_dir: Path, alg: str, model_di
     return path
 
 
-def _load_ece_hparams(path: Path, model_dir: Path, overrides: Optional[dict[str, Any]] = None) -> Any:
+def _load_ece_hparams(
+    path: Path, model_dir: Path, overrides: Optional[dict[str, Any]] = None, args: Optional[argparse.Namespace] = None
+) -> Any:
+    """The ECE hparams; with ``args``, a device the hparams name (``device: cuda``) is where the model is loaded
+    unless ``--device`` names one (ECE edits the model where it lies)."""
+    from .easyedit import explicit_device
     from .hparams import ECEHyperParams
 
     hp = ECEHyperParams.from_hparams(path)
     if overrides:
         hp = dataclasses.replace(hp, **overrides)
+    wanted = explicit_device(hp)
+    if args is not None and wanted is not None and getattr(args, "device", None) in (None, "auto"):
+        logger.info("loading the model on %s (device of %s)", wanted, path)
+        args.device = str(wanted)
     return hp
 
 
@@ -138,6 +146,17 @@ def _parse_ints(text: str, minimum: int, what: str) -> list[int]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    """A count or size: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _int_list(text: str) -> list[int]:
     """Counts and sizes: positive integers."""
     return _parse_ints(text, 1, "positive integers")
@@ -155,7 +174,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     model_dir = _model_dir(args.model)
     ece_path = _hparams_file(args.hparams, Path(args.hparams_dir), "ECE", model_dir)
-    ece_hp = _load_ece_hparams(ece_path, model_dir)
+    ece_hp = _load_ece_hparams(ece_path, model_dir, args=args)
     records = _records(args)
     out = _out(args, "demo")
     model, tok = _load_model(args, model_dir)
@@ -183,6 +202,7 @@ def _write_run_explanations(runs: Sequence[Any], out: Path) -> None:
 def cmd_edit(args: argparse.Namespace) -> int:
     from . import evaluation
     from .editfile import build_edit_file, save_edit_file, state_to_tensors
+    from .modeldir import check_target
     from .study.baselines import ECEMethod
     from .study.common import snapshot_weights, write_json
     from .study.runner import MethodRun, _edit_fn
@@ -190,7 +210,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if not args.save_model and not args.save_edits:
         raise CLIError("give --save-model OUT or --save-edits FILE.safetensors")
     model_dir = _model_dir(args.model)
-    hp = _load_ece_hparams(Path(args.hparams), model_dir)
+    if args.save_model:
+        check_target(args.save_model, force=args.force)
+    hp = _load_ece_hparams(Path(args.hparams), model_dir, args=args)
     records = _records(args)
     out = _out(args, "edit")
     model, tok = _load_model(args, model_dir)
@@ -226,39 +248,31 @@ def cmd_edit(args: argparse.Namespace) -> int:
         n = sum(w.n_changed for w in edit.weights.values())
         _print(f"edit file: {path} ({len(edit.weights)} weight(s), {n} neuron slice(s) changed)")
     if args.save_model:
-        _save_model(model, tok, Path(args.save_model))
+        _save_model(model, tok, Path(args.save_model), force=args.force)
         _print(f"edited model: {args.save_model}")
     _print(f"results in {out}")
     return 0
 
 
-def _save_model(model: Any, tok: Any, path: Path) -> None:
-    """save_pretrained + tokenizer into ``path`` (written to a temporary sibling, then renamed)."""
-    import shutil
-    import tempfile
+def _save_model(model: Any, tok: Any, path: Path, force: bool = False) -> None:
+    """save_pretrained + tokenizer into ``path``: written beside it, swapped in, the old folder removed last
+    (modeldir.py)."""
+    from .modeldir import save_model_folder
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    save_model_folder(model, tok, path, force=force)
 
 
 def _apply_or_revert(args: argparse.Namespace, forward: bool) -> int:
     from .editfile import apply_edit_file, load_edit_file, revert_edit_file
+    from .modeldir import check_target
 
     model_dir = _model_dir(args.model)
+    check_target(args.out, force=args.force)
     edit = load_edit_file(args.edits)
     args.device = args.device or "cpu"
     model, tok = _load_model(args, model_dir)
-    written = (apply_edit_file if forward else revert_edit_file)(model, edit)
-    _save_model(model, tok, Path(args.out))
+    written = (apply_edit_file if forward else revert_edit_file)(model, edit, force=args.force)
+    _save_model(model, tok, Path(args.out), force=args.force)
     verb = "applied" if forward else "reverted"
     _print(f"{verb} {args.edits} on {len(written)} weight(s); model written to {args.out}")
     return 0
@@ -285,7 +299,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     model_dir = _model_dir(args.model)
     ece_path = _hparams_file(args.hparams, Path(args.hparams_dir), "ECE", model_dir)
-    ece_hp = _load_ece_hparams(ece_path, model_dir)
+    ece_hp = _load_ece_hparams(ece_path, model_dir, args=args)
     baselines = _baseline_paths(args, model_dir)
     n_list = args.n_edits or [args.limit or 100]
     args.limit = max(n_list)
@@ -325,7 +339,7 @@ def cmd_layer_sweep(args: argparse.Namespace) -> int:
 
     model_dir = _model_dir(args.model)
     ece_path = _hparams_file(args.hparams, Path(args.hparams_dir), "ECE", model_dir)
-    ece_hp = _load_ece_hparams(ece_path, model_dir)
+    ece_hp = _load_ece_hparams(ece_path, model_dir, args=args)
     records = _records(args)
     out = _out(args, "layer-sweep")
     model, tok = _load_model(args, model_dir)
@@ -344,7 +358,7 @@ def cmd_batch_study(args: argparse.Namespace) -> int:
 
     model_dir = _model_dir(args.model)
     ece_path = _hparams_file(args.hparams, Path(args.hparams_dir), "ECE", model_dir)
-    ece_hp = _load_ece_hparams(ece_path, model_dir)
+    ece_hp = _load_ece_hparams(ece_path, model_dir, args=args)
     total = args.total or max(args.batch_sizes)
     args.limit = max(total, max(args.batch_sizes))
     records = _records(args)
@@ -365,7 +379,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .explain import explain_records, write_explanation
 
     model_dir = _model_dir(args.model)
-    hp = _load_ece_hparams(Path(args.hparams), model_dir)
+    hp = _load_ece_hparams(Path(args.hparams), model_dir, args=args)
     records = _records(args)
     out = _out(args, "explain")
     model, tok = _load_model(args, model_dir)
@@ -425,7 +439,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from .study.common import write_json
 
     model_dir = _model_dir(args.model)
-    hp = _load_ece_hparams(_hparams_file(args.hparams, Path(args.hparams_dir), "ECE", model_dir), model_dir)
+    hp = _load_ece_hparams(_hparams_file(args.hparams, Path(args.hparams_dir), "ECE", model_dir), model_dir, args=args)
     if args.layers:
         hp = dataclasses.replace(hp, layers=sorted(set(args.layers)))
     out = _out(args, "stats")
@@ -459,8 +473,15 @@ def _hparams_args(p: argparse.ArgumentParser, required: bool = False) -> None:
         p.add_argument(f"--{alg.lower()}-hparams", help=f"EasyEdit {alg} hparams YAML (default: from --hparams-dir)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (``ece-plugin edit: error: argument --batch-size: ...``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = _Parser(
         prog="ece-plugin",
         description="ECE (Explainable and Efficient Editing) for EasyEdit: demo, editing, benchmarks, studies.",
     )
@@ -471,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _hparams_args(p)
     p.set_defaults(limit=200)
-    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--batch-size", type=_positive_int, default=50)
     p.add_argument("--methods", nargs="+", default=list(DEMO_METHODS))
     p.add_argument("--protocol", default="after_all", choices=["after_all", "after_batch"])
     p.add_argument("--no-fluency", action="store_true", help="skip generation (fluency) in the evaluation")
@@ -481,10 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("edit", help="sequential batched ECE edits; save the edited model or a compact edit file")
     _common(p)
     p.add_argument("--hparams", required=True, help="ECE hparams YAML")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=_positive_int, default=100)
     p.add_argument("--protocol", default="after_all", choices=["after_all", "after_batch"])
     p.add_argument("--save-model", help="write the edited model (save_pretrained + tokenizer) here")
     p.add_argument("--save-edits", help="write a compact, reversible edit file (.safetensors) here")
+    p.add_argument("--force", action="store_true", help="--save-model may replace a non-empty folder that is not a model")
     p.add_argument("--no-eval", action="store_true", help="edit only (no evaluation table)")
     p.add_argument("--no-fluency", action="store_true")
     p.add_argument("--explain", action="store_true", help="write neuron/cluster reports (JSON + heatmap)")
@@ -498,6 +520,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", required=True, help="model folder")
         p.add_argument("--edits", required=True, help="edit file (.safetensors) from `ece-plugin edit --save-edits`")
         p.add_argument("--out", required=True, help="folder for the resulting model")
+        p.add_argument(
+            "--force", action="store_true",
+            help="use a model whose weights differ from the file's fingerprint outside the edited neurons, and "
+            "replace a non-empty --out folder that is not a model",
+        )
         p.add_argument("--device", default="cpu")
         p.add_argument("--threads", type=int, default=None)
         p.set_defaults(func=func)
@@ -595,9 +622,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     except _known_errors() as exc:
         logger.debug("error", exc_info=True)
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        sys.stderr.write(f"ece-plugin {args.command}: error: {type(exc).__name__}: {message}\n")
+        sys.stderr.write(f"ece-plugin {args.command}: error: {type(exc).__name__}: {_one_line(exc)}\n")
         return EXIT_FAILURE
+    except Exception as exc:  # noqa: BLE001 - anything else: still one line; the traceback with DEBUG
+        logger.debug("unexpected error", exc_info=True)
+        sys.stderr.write(
+            f"ece-plugin {args.command}: error: {type(exc).__name__}: {_one_line(exc)} "
+            "(unexpected; --log-level DEBUG shows the traceback)\n"
+        )
+        return EXIT_FAILURE
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -115,6 +115,35 @@ def can_run_on(device: Union[int, str, torch.device, None]) -> tuple[bool, str]:
     return True, f"EasyEdit main on {dev or 'the default device'}"
 
 
+def explicit_device(hparams: Any) -> Optional[torch.device]:
+    """The device an hparams' ``device`` names by string (``cpu``, ``cuda``, ``cuda:1``); None for EasyEdit's
+    integer GPU index (which only ``BaseEditor`` reads, to place the model itself)."""
+    value = getattr(hparams, "device", None)
+    if not isinstance(value, str):
+        return None
+    return torch.device(value)
+
+
+_DEVICE_WARNED: set[tuple[str, str]] = set()  # (hparams device type, model device type): said once a process
+
+
+def warn_unused_device(hparams: Any, model: nn.Module) -> None:
+    """ECE edits the model where it lies and never moves it: an hparams ``device`` naming another device type
+    than the model's is not honoured, and a warning says so (the CLI loads the model there instead)."""
+    wanted = explicit_device(hparams)
+    try:
+        actual = next(model.parameters()).device
+    except StopIteration:
+        return
+    if wanted is not None and wanted.type != actual.type and (wanted.type, actual.type) not in _DEVICE_WARNED:
+        _DEVICE_WARNED.add((wanted.type, actual.type))
+        logger.warning(
+            "hparams device %r is not used: ECE edits the model on %s, where it lies; move the model (or pass "
+            "--device %s to the CLI) to edit on %s",
+            str(wanted), actual, wanted, wanted,
+        )
+
+
 def wants_weights_copy(
     return_orig_weights: bool, kwargs: dict[str, Any], version: Optional[str] = None
 ) -> bool:

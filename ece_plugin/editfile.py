@@ -6,8 +6,10 @@ projection ``[d_model, d_ff]``, rows of a GPT-2 ``Conv1D`` ``[d_ff, d_model]``),
 and their new values, in the weight's own dtype. Putting an edit on (:func:`apply_edit_file`) writes the
 new values; taking it off (:func:`revert_edit_file`) writes the originals back; both are bit-exact and
 check first that the model is the one the file was made for (a fingerprint of its configuration and of
-the edited weights' names and shapes) and that it holds the expected values (the originals before
-applying, the new values before reverting).
+the edited weights' names and shapes, and a SHA-256 of every tensor of the model's state dict, the edited
+weights both before and after the edit) and that it holds the expected values (the originals before
+applying, the new values before reverting). A file without the whole-model fingerprint (older versions) is
+still read, with a warning.
 
 The file can also carry the sequential-editing state (tensors named ``state/...``) and JSON metadata
 (hyperparameters, the edited records, free-form extras) in the safetensors header.
@@ -152,6 +154,56 @@ def model_fingerprint(model: torch.nn.Module, weight_names: Iterable[str]) -> di
     }
 
 
+def tensor_digest(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes (first 16 hex digits)."""
+    data = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{data.dtype}{tuple(data.shape)}".encode())
+    h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def model_digests(model: torch.nn.Module, replace: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, str]:
+    """:func:`tensor_digest` of every tensor of the model's ``state_dict`` (``replace`` gives other values for
+    some names, e.g. the weights before an edit)."""
+    replace = replace or {}
+    return {name: tensor_digest(replace.get(name, t)) for name, t in model.state_dict().items()}
+
+
+def _differences(expected: Mapping[str, str], actual: Mapping[str, str]) -> list[str]:
+    missing = sorted(set(expected) - set(actual))
+    extra = sorted(set(actual) - set(expected))
+    changed = sorted(n for n in set(expected) & set(actual) if expected[n] != actual[n])
+    parts = []
+    for label, names in (("differ", changed), ("missing here", missing), ("not in the file's model", extra)):
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            parts.append(f"{len(names)} tensor(s) {label}: {shown}")
+    return parts
+
+
+def _check_whole_model(model: torch.nn.Module, edit: EditFile, *, forward: bool, force: bool) -> None:
+    """Compare the model's tensors with the whole-model fingerprint the file records (edited weights: their
+    values before the edit when applying, after it when reverting)."""
+    before = edit.fingerprint.get("tensors")
+    if before is None:
+        logger.warning(
+            "the edit file has no whole-model fingerprint (written by an older version): only the configuration "
+            "and the edited neurons are checked"
+        )
+        return
+    expected = dict(before)
+    if not forward:
+        expected.update(edit.fingerprint.get("edited_tensors", {}))
+    problems = _differences(expected, model_digests(model))
+    if not problems:
+        return
+    message = f"the edit file was made for another model: {'; '.join(problems)}"
+    if force:
+        logger.warning("%s (--force: going on)", message)
+        return
+    raise EditFileError(message + " (--force applies it anyway)")
+
+
 def _check_fingerprint(model: torch.nn.Module, edit: EditFile) -> None:
     expected = edit.fingerprint
     actual = model_fingerprint(model, [n for n in edit.weights if n in dict(model.named_parameters())])
@@ -241,8 +293,11 @@ def build_edit_file(
 ) -> EditFile:
     """An :class:`EditFile` holding the difference between ``original_weights`` and the model now."""
     weights = diff_weights(model, original_weights)
+    fingerprint = model_fingerprint(model, weights)
+    fingerprint["tensors"] = model_digests(model, replace=original_weights)
+    fingerprint["edited_tensors"] = {name: tensor_digest(model.get_parameter(name)) for name in weights}
     return EditFile(
-        fingerprint=model_fingerprint(model, weights),
+        fingerprint=fingerprint,
         weights=weights,
         state=dict(state or {}),
         hparams=hparams,
@@ -327,8 +382,9 @@ def load_edit_file(path: PathLike) -> EditFile:
 
 
 # ----------------------------------------------------------------------------- apply / revert
-def _write_slices(model: torch.nn.Module, edit: EditFile, *, forward: bool) -> list[str]:
-    """Check every weight holds the expected slices, then write the other side; returns names written."""
+def _write_slices(model: torch.nn.Module, edit: EditFile, *, forward: bool, force: bool = False) -> list[str]:
+    """Check the model (configuration, expected slices, whole-model fingerprint unless ``force``), then write
+    the other side; returns names written."""
     _check_fingerprint(model, edit)
     params = dict(model.named_parameters())
     expect_label, expect_side = ("original", "original") if forward else ("edited", "edited")
@@ -347,6 +403,7 @@ def _write_slices(model: torch.nn.Module, edit: EditFile, *, forward: bool) -> l
                 f"{name}: the model does not hold the {expect_label} values of {n_bad} of the "
                 f"{w.n_changed} edited neuron(s); refusing to {what} this model"
             )
+    _check_whole_model(model, edit, forward=forward, force=force)
     written = []
     with torch.no_grad():
         for name, w in edit.weights.items():
@@ -359,16 +416,18 @@ def _write_slices(model: torch.nn.Module, edit: EditFile, *, forward: bool) -> l
     return written
 
 
-def apply_edit_file(model: torch.nn.Module, edit: Union[EditFile, PathLike]) -> list[str]:
-    """Put the edit on ``model`` in place (bit-exact); refuse when the model is not the original."""
+def apply_edit_file(model: torch.nn.Module, edit: Union[EditFile, PathLike], force: bool = False) -> list[str]:
+    """Put the edit on ``model`` in place (bit-exact); refuse when the model is not the original (``force``:
+    only warn when tensors outside the edited neurons differ from the file's fingerprint)."""
     edit = edit if isinstance(edit, EditFile) else load_edit_file(edit)
-    return _write_slices(model, edit, forward=True)
+    return _write_slices(model, edit, forward=True, force=force)
 
 
-def revert_edit_file(model: torch.nn.Module, edit: Union[EditFile, PathLike]) -> list[str]:
-    """Take the edit off ``model`` in place (bit-exact); refuse when the model does not hold the edit."""
+def revert_edit_file(model: torch.nn.Module, edit: Union[EditFile, PathLike], force: bool = False) -> list[str]:
+    """Take the edit off ``model`` in place (bit-exact); refuse when the model does not hold the edit (``force``
+    as for :func:`apply_edit_file`)."""
     edit = edit if isinstance(edit, EditFile) else load_edit_file(edit)
-    return _write_slices(model, edit, forward=False)
+    return _write_slices(model, edit, forward=False, force=force)
 
 
 # ----------------------------------------------------------------------------- sequential state

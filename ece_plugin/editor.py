@@ -2,6 +2,8 @@
 
 One batch = one call:
 
+0. the statistics C0 of every edited layer (read or computed first, so that a bad file fails the call before any
+   work), and the requests' checks (conflicting targets, rows longer than the model's positions);
 1. context templates (cached in the session), then the keys of every edited W_out at the subject's last token
    for all requests x templates in one hooked forward (keys.py);
 2. attribution and neuron sets per edit and for the batch (attribution.py);
@@ -12,6 +14,9 @@ One batch = one call:
 6. the keys of the batch on the edited model are staged into the sequential state (state.py), which commits
    them at the next call only if EasyEdit kept the edit;
 7. the trace (trace.py) goes to ``session.last_trace``.
+
+All or nothing: on any exception (``KeyboardInterrupt`` included) every weight written so far is put back
+(update.py's journal) and the sequential state returns to its checkpoint from before the call.
 """
 
 from __future__ import annotations
@@ -26,12 +31,19 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .architecture import WOut, input_device, num_layers, w_out
+from .architecture import WOut, input_device, max_positions, num_layers, w_out
 from .attribution import LayerAttribution, attribute_layer
 from .clustering import Clusters, cluster_edits, membership_masks
-from .easyedit import wants_weights_copy
-from .keys import ContextTemplates, build_key_rows, editing_tokenizer, generate_context_templates, read_keys
-from .requests import EditRequest, normalise_requests
+from .easyedit import wants_weights_copy, warn_unused_device
+from .keys import (
+    ContextTemplates,
+    build_key_rows,
+    check_row_lengths,
+    editing_tokenizer,
+    generate_context_templates,
+    read_keys,
+)
+from .requests import EditRequest, check_conflicts, normalise_requests
 from .state import EditSession, get_session
 from .trace import ECETrace, LayerTrace, ScoreSummary
 from .update import LayerWrite, undo, write_layers
@@ -82,8 +94,9 @@ def apply_ece_to_model(
     session = kwargs.get("session")
     if session is None:
         session = get_session(model, hparams)
-    edit_requests = normalise_requests(requests)
+    edit_requests = check_conflicts(normalise_requests(requests))
     hparams.validate(num_layers(model))
+    warn_unused_device(hparams, model)
     w_outs = [w_out(model, hparams.rewrite_module_tmp, layer) for layer in hparams.layers]
     passed = {} if keep_original_weight is None else {"keep_original_weight": keep_original_weight}
     want_copy = wants_weights_copy(return_orig_weights, passed) or keep_original_weight is True
@@ -110,11 +123,16 @@ def execute_ece(
     timings: dict[str, float] = {}
     start = time.perf_counter()
     was_training = model.training
+    checkpoint = session.state.checkpoint()
     model.eval()
     try:
         with editing_tokenizer(tok):
             session.state.reconcile(model)
             return _run(model, tok, requests, hparams, session, w_outs, timings, start)
+    except BaseException:
+        # all or nothing: _run has put back every weight it wrote; the state goes back to before the call
+        session.state.rollback(checkpoint)
+        raise
     finally:
         model.train(was_training)
 
@@ -140,7 +158,15 @@ def _run(
     z_name = hparams.layer_module_tmp.format(hparams.layers[-1])
 
     t = time.perf_counter()
+    if hparams.mom2_adjustment:
+        # C0 of every layer is read (or computed) first: a bad statistics file fails the call before any work,
+        # and statistics computed from the corpus describe the unedited model.
+        for wo in w_outs:
+            session.statistics.second_moment(model, tok, wo.name, hparams)
+        t = _tick(timings, "statistics", t)
+
     templates = context_templates(model, tok, hparams, session)
+    check_row_lengths(tok, requests, templates, max_positions(model))
     t = _tick(timings, "context_templates", t)
 
     key_rows = build_key_rows(tok, requests, templates, hparams.fact_token, input_device(model))
@@ -166,13 +192,6 @@ def _run(
     )
     t = _tick(timings, "z", t)
 
-    if hparams.mom2_adjustment:
-        # C0 of every layer is read (or computed) before any layer is written, so that statistics computed
-        # from the corpus always describe the unedited model.
-        for wo in w_outs:
-            session.statistics.second_moment(model, tok, wo.name, hparams)
-        t = _tick(timings, "statistics", t)
-
     # Layer i's keys are read after layers < i are written. Writing W_out of layer i or of a later layer never
     # changes layer i's input, so these are also the keys of the fully edited model that the state carries.
     written_keys: dict[str, torch.Tensor] = {}
@@ -191,21 +210,22 @@ def _run(
     def cprev_block(name: str, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
         return session.state.cprev_masked(name, idx, device, torch.float64)
 
-    writes = write_layers(
-        w_outs,
-        [att.batch_set for att in attributions],
-        zres.z,
-        read,
-        c0_block,
-        cprev_block,
-        hparams.mom2_update_weight,
-    )
-    for w in writes:
-        for stage in ("keys", "statistics", "solve"):
-            timings[stage] = timings.get(stage, 0.0) + w.seconds[stage]
-    t = time.perf_counter()
-
+    writes: list[LayerWrite] = []  # journal: a layer enters it before it is written
     try:
+        write_layers(
+            w_outs,
+            [att.batch_set for att in attributions],
+            zres.z,
+            read,
+            c0_block,
+            cprev_block,
+            hparams.mom2_update_weight,
+            journal=writes,
+        )
+        for w in writes:
+            for stage in ("keys", "statistics", "solve"):
+                timings[stage] = timings.get(stage, 0.0) + w.seconds[stage]
+        t = time.perf_counter()
         if set(written_keys) != set(names):
             raise RuntimeError(f"keys of layers {sorted(set(names) - set(written_keys))} were never read")
         session.state.stage(
@@ -213,12 +233,12 @@ def _run(
             {w.name + ".weight": (w.idx, w.post, wo.axis, w.pre) for w, wo in zip(writes, w_outs)},
             n,
         )
+        t = _tick(timings, "state", t)
+        timings["total"] = time.perf_counter() - start
+        return _trace(requests, hparams, templates, w_outs, attributions, clusters, zres, writes, timings)
     except BaseException:
         undo(w_outs, writes)
         raise
-    t = _tick(timings, "state", t)
-    timings["total"] = time.perf_counter() - start
-    return _trace(requests, hparams, templates, w_outs, attributions, clusters, zres, writes, timings)
 
 
 def _trace(

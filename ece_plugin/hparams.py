@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
+from torch import device as torch_device
+
+from .finite import is_finite_number
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +130,12 @@ class ECEHyperParams(_HyperParamsBase):  # type: ignore[misc,valid-type]
             path = path.with_name(path.name + ".yaml")
         if not path.is_file():
             raise FileNotFoundError(f"ECE hparams file not found: {path}")
-        with open(path) as f:
-            config = json.load(f) if path.suffix == ".json" else yaml.safe_load(f)
+        try:
+            with open(path) as f:
+                config = json.load(f) if path.suffix == ".json" else yaml.safe_load(f)
+        except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            detail = " ".join(str(exc).split())
+            raise HParamsError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {detail}") from exc
         if not isinstance(config, dict):
             raise HParamsError(f"{path}: an hparams file must hold a mapping of keys to values")
         return cls.from_dict(config, source=str(path))
@@ -158,7 +165,10 @@ class ECEHyperParams(_HyperParamsBase):  # type: ignore[misc,valid-type]
             raise HParamsError(f"{source}: missing required key(s) {missing}")
         for name, value in list(config.items()):
             config[name] = _coerce(name, value, fields[name].type, source)
-        return cls(**config)
+        try:
+            return cls(**config)
+        except HParamsError as exc:
+            raise HParamsError(f"{source}: {exc}") from exc
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -178,6 +188,16 @@ class ECEHyperParams(_HyperParamsBase):  # type: ignore[misc,valid-type]
                 raise HParamsError(f"layers: {bad} out of range for a model with {n_layers} layers")
             if self.v_loss_layer >= n_layers or self.v_loss_layer < -1:
                 raise HParamsError(f"v_loss_layer: {self.v_loss_layer} out of range for {n_layers} layers")
+        for f in dataclasses.fields(self):
+            if not is_finite_number(getattr(self, f.name)):
+                raise HParamsError(f"{f.name}: must be a finite number, got {getattr(self, f.name)}")
+        if isinstance(self.device, bool) or (isinstance(self.device, int) and self.device < 0):
+            raise HParamsError(f"device: must be a GPU index >= 0 or a device name, got {self.device!r}")
+        if isinstance(self.device, str):
+            try:
+                torch_device(self.device)
+            except RuntimeError as exc:
+                raise HParamsError(f"device: unknown device {self.device!r}") from exc
         if self.attribution not in ATTRIBUTIONS:
             raise HParamsError(f"attribution: must be one of {ATTRIBUTIONS}, got {self.attribution!r}")
         if not (0.0 < self.neuron_threshold <= 1.0) or math.isnan(self.neuron_threshold):
@@ -260,7 +280,16 @@ def _coerce(name: str, value: Any, annotation: Any, source: str) -> Any:
         if ann.startswith("list[int]"):
             if not isinstance(value, list):
                 raise TypeError
-            return [int(x) for x in value]
+            return [_exact_int(x) for x in value]
     except (TypeError, ValueError) as exc:
         raise HParamsError(f"{source}: {name} has a bad value {value!r} (expected {ann})") from exc
     return value
+
+
+def _exact_int(value: Any) -> int:
+    """An integer list item: an int, or a float with no fractional part; 1.9 or True is an error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError
+    return int(value)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .architecture import get_module, hidden_state, input_device
-from .requests import EditRequest, fill, split_template
+from .requests import EditRequest, RequestError, fill, split_template
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +236,26 @@ def build_key_rows(
     subjects = [req.subject for req in requests for _ in flat]
     rows = encode_rows(tok, row_templates, subjects, fact_token, device)
     return KeyRows(rows=rows, n_edits=len(requests), type_sizes=[len(g) for g in templates])
+
+
+def check_row_lengths(
+    tok: Any, requests: Sequence[EditRequest], templates: ContextTemplates, max_len: Optional[int]
+) -> None:
+    """Refuse a request whose longest row (context template + prompt + target, as z runs it) does not fit the
+    model's ``max_len`` positions, naming the request."""
+    if max_len is None:
+        return
+    flat = [t for group in templates for t in group]
+    texts = [ctx.replace("{}", req.text) + req.target_new for req in requests for ctx in flat]
+    lengths = token_lengths(tok, texts)
+    for i, req in enumerate(requests):
+        longest = max(lengths[i * len(flat) : (i + 1) * len(flat)])
+        if longest > max_len:
+            raise RequestError(
+                f"request {req.index}{'' if req.case_id is None else f' (case_id={req.case_id!r})'} "
+                f"{req.describe()}: {longest} tokens with its context template and target, more than the "
+                f"model's {max_len} positions; shorten the prompt"
+            )
 
 
 def read_keys(

@@ -129,3 +129,22 @@ def normalise_requests(requests: Sequence[Mapping[str, Any]] | Mapping[str, Any]
     for request in result[:10]:
         logger.info("ECE request: %s", request.describe())
     return result
+
+
+def check_conflicts(requests: Sequence[EditRequest]) -> list[EditRequest]:
+    """Refuse a batch holding two edits of the same prompt and subject with different targets (one of them
+    would silently lose); exact duplicates are kept, with a warning."""
+    seen: dict[tuple[str, str], EditRequest] = {}
+    for request in requests:
+        key = (request.template, request.subject)
+        first = seen.setdefault(key, request)
+        if first is request:
+            continue
+        if first.target_new != request.target_new:
+            raise RequestError(
+                f"requests {first.index} and {request.index} edit the same prompt {request.text!r} (subject "
+                f"{request.subject!r}) to different targets {first.target_new.strip()!r} and "
+                f"{request.target_new.strip()!r}; put them in different batches or drop one"
+            )
+        logger.warning("requests %d and %d are the same edit %s", first.index, request.index, request.describe())
+    return list(requests)

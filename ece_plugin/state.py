@@ -36,6 +36,7 @@ model fingerprint). Written atomically.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ import torch
 from torch import nn
 
 from . import atomic
+from .finite import count_nonfinite, describe_nonfinite
 from .statistics import StatisticsCache, model_fingerprint, module_input_dim
 
 logger = logging.getLogger(__name__)
@@ -127,6 +129,16 @@ class _LayerMoment:
             if t is not None:
                 total += t.numel() * t.element_size()
         return total
+
+
+@dataclass(frozen=True)
+class StateCheckpoint:
+    """A :class:`SequentialState` as it was at :meth:`SequentialState.checkpoint`."""
+
+    layers: dict[str, _LayerMoment]
+    pending: Optional[_Pending]
+    n_edits: int
+    fingerprint: Optional[dict[str, Any]]
 
 
 # ---------------------------------------------------------------------------------------- the state
@@ -234,7 +246,8 @@ class SequentialState:
             layer = self._layers.setdefault(name, _LayerMoment(d_ff=int(k.shape[0])))
             if layer.dense is not None:
                 kd = k.to(layer.dense.device, torch.float64)
-                layer.dense += (kd @ kd.T).to(layer.dense.dtype)
+                # out of place: a checkpoint taken before this commit still holds the old tensor
+                layer.dense = layer.dense + (kd @ kd.T).to(layer.dense.dtype)
                 continue
             layer.keys = k if layer.keys is None else torch.cat([layer.keys, k.to(layer.keys.device)], dim=1)
             if 2 * layer.n > layer.d_ff:
@@ -271,6 +284,23 @@ class SequentialState:
             pending.n_edits,
         )
         return "discarded-changed"
+
+    def checkpoint(self) -> StateCheckpoint:
+        """What :meth:`rollback` needs to put this state back exactly as it is now (no tensor is copied: the
+        state never changes a tensor in place, it replaces it)."""
+        return StateCheckpoint(
+            layers={name: dataclasses.replace(layer) for name, layer in self._layers.items()},
+            pending=self._pending,
+            n_edits=self.n_edits,
+            fingerprint=copy.deepcopy(self.fingerprint),
+        )
+
+    def rollback(self, checkpoint: StateCheckpoint) -> None:
+        """Return to the state of :meth:`checkpoint` (a failed or interrupted edit leaves no trace)."""
+        self._layers = {name: dataclasses.replace(layer) for name, layer in checkpoint.layers.items()}
+        self._pending = checkpoint.pending
+        self.n_edits = checkpoint.n_edits
+        self.fingerprint = copy.deepcopy(checkpoint.fingerprint)
 
     def reset(self) -> None:
         self._layers.clear()
@@ -325,22 +355,19 @@ class SequentialState:
             raise StateError(f"{path}: not a readable safetensors file ({exc})") from exc
         if _META_KEY not in header:
             raise StateError(f"{path}: not an ECE sequential state (no '{_META_KEY}' metadata)")
-        meta = json.loads(header[_META_KEY])
-        if meta.get("format") != STATE_FORMAT or meta.get("version") != STATE_VERSION:
-            raise StateError(
-                f"{path}: unsupported state format {meta.get('format')!r} version {meta.get('version')!r}"
-            )
+        meta = _read_meta(path, header[_META_KEY])
         state = cls(device=device)
-        state.n_edits = int(meta.get("n_edits", 0))
+        state.n_edits = meta["n_edits"]
         state.fingerprint = meta.get("fingerprint")
-        for name, info in meta.get("layers", {}).items():
-            kind, d_ff = info["kind"], int(info["d_ff"])
+        for name, info in meta["layers"].items():
+            kind, d_ff = info["kind"], info["d_ff"]
             tensor = tensors.get(f"{name}::{kind}")
             if tensor is None:
                 raise StateError(f"{path}: tensor for layer {name!r} missing")
-            expected_rows = d_ff
-            if tensor.shape[0] != expected_rows or (kind == "dense" and tuple(tensor.shape) != (d_ff, d_ff)):
+            if tensor.dim() != 2 or tensor.shape[0] != d_ff or (kind == "dense" and tuple(tensor.shape) != (d_ff, d_ff)):
                 raise StateError(f"{path}: layer {name!r} tensor shape {tuple(tensor.shape)} != d_ff {d_ff}")
+            if count_nonfinite(tensor):
+                raise StateError(f"{path}: layer {name!r} ({kind}): {describe_nonfinite(tensor)}")
             placed = state._place(tensor)
             state._layers[name] = _LayerMoment(
                 d_ff=d_ff, keys=placed if kind == "keys" else None, dense=placed if kind == "dense" else None
@@ -368,6 +395,42 @@ class SequentialState:
                 problems.append(f"layer {name!r} has d_ff {d_ff}, the state {layer.d_ff}")
         if problems:
             raise StateMismatchError(f"{source} does not fit this model: {'; '.join(problems)}")
+
+
+def _read_meta(path: Path, text: str) -> dict[str, Any]:
+    """The state file's JSON metadata, checked key by key (errors name the file and the key)."""
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise StateError(f"{path}: corrupt '{_META_KEY}' metadata (not JSON: {exc})") from exc
+    if not isinstance(meta, dict):
+        raise StateError(f"{path}: '{_META_KEY}' metadata must be a JSON object")
+    if meta.get("format") != STATE_FORMAT or meta.get("version") != STATE_VERSION:
+        raise StateError(
+            f"{path}: unsupported state format {meta.get('format')!r} version {meta.get('version')!r}"
+        )
+    n_edits = meta.get("n_edits", 0)
+    if not isinstance(n_edits, int) or isinstance(n_edits, bool) or n_edits < 0:
+        raise StateError(f"{path}: metadata key 'n_edits' must be an integer >= 0, got {n_edits!r}")
+    layers = meta.get("layers", {})
+    if not isinstance(layers, dict):
+        raise StateError(f"{path}: metadata key 'layers' must be an object, got {type(layers).__name__}")
+    for name, info in layers.items():
+        if not isinstance(info, dict):
+            raise StateError(f"{path}: metadata of layer {name!r} must be an object")
+        for key in ("kind", "d_ff"):
+            if key not in info:
+                raise StateError(f"{path}: metadata of layer {name!r} lacks key {key!r}")
+        if info["kind"] not in ("keys", "dense"):
+            raise StateError(f"{path}: layer {name!r}: key 'kind' must be 'keys' or 'dense', got {info['kind']!r}")
+        d_ff = info["d_ff"]
+        if not isinstance(d_ff, int) or isinstance(d_ff, bool) or d_ff < 1:
+            raise StateError(f"{path}: layer {name!r}: key 'd_ff' must be a positive integer, got {d_ff!r}")
+    fingerprint = meta.get("fingerprint")
+    if fingerprint is not None and not isinstance(fingerprint, dict):
+        raise StateError(f"{path}: metadata key 'fingerprint' must be an object or null")
+    meta["n_edits"], meta["layers"] = n_edits, layers
+    return meta
 
 
 def _verdict(model: nn.Module, weight_name: str, w: WrittenNeurons) -> str:

@@ -57,6 +57,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import atomic
+from .finite import count_nonfinite, describe_nonfinite
 
 logger = logging.getLogger(__name__)
 
@@ -432,6 +433,11 @@ def compute_statistics(
     for name in names:
         acc = sums[name]
         assert acc is not None
+        if count_nonfinite(acc):
+            raise StatisticsError(
+                f"{name}: the statistics computed from {label} are not finite ({describe_nonfinite(acc)}): the "
+                "model's activations overflow; use another dtype"
+            )
         meta = {
             "format": METADATA_FORMAT,
             "model": fp,
@@ -485,12 +491,22 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         raise
 
 
+def stored_sum(mom2_sum: torch.Tensor, dtype: str) -> np.ndarray:
+    """The sum of k k^T as the cache file stores it (``mom2_dtype``; float32 for half precision)."""
+    return mom2_sum.double().numpy().astype(_storage_dtype(dtype))
+
+
+def moment_from_sum(mom2_sum: torch.Tensor, count: int) -> torch.Tensor:
+    """E[k k^T] (float32) from a stored sum: the one formula for statistics just computed and read back."""
+    return (mom2_sum.double() / count).float()
+
+
 def write_stats_file(paths: StatsPaths, stats: LayerStatistics, spec: StatsSpec) -> None:
     """Write EasyEdit main's file, then the 0.0.1.dev0 name as a hard link (or copy) of it."""
     arrays = {
         "mom2.constructor": np.array(_CONSTRUCTOR),
         "mom2.count": np.array(int(stats.count)),
-        "mom2.mom2": stats.mom2_sum.double().numpy().astype(_storage_dtype(spec.dtype)),
+        "mom2.mom2": stored_sum(stats.mom2_sum, spec.dtype),
         "sample_size": np.array(int(spec.n_samples)),
         METADATA_KEY: np.array(json.dumps(stats.metadata, sort_keys=True)),
     }
@@ -512,10 +528,14 @@ def read_stats_file(path: Path) -> tuple[torch.Tensor, int, int, Optional[dict[s
             count = int(data["mom2.count"])
             sample_size = int(data["sample_size"])
             meta = json.loads(str(data[METADATA_KEY])) if METADATA_KEY in keys else None
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
-        if isinstance(exc, StatisticsError):
-            raise
-        raise StatisticsError(f"{path}: unreadable statistics file ({exc})") from exc
+    except StatisticsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - numpy/zipfile raise BadZipFile, EOFError, zlib.error, ...
+        raise StatisticsError(
+            f"{path}: unreadable statistics file ({type(exc).__name__}: {exc}); delete it to recompute"
+        ) from exc
+    if count_nonfinite(mom2):
+        raise StatisticsError(f"{path}: mom2.mom2 is not finite: {describe_nonfinite(mom2)}; delete it to recompute")
     return mom2, count, sample_size, meta
 
 
@@ -595,12 +615,15 @@ class StatisticsCache:
                 check_stats_file(path, model, layer_name, spec, d_ff, mom2, sample_size, meta)
                 if count <= 0:
                     raise StatisticsError(f"{path}: mom2.count is {count}")
-                moment = (mom2 / count).float()
+                moment = moment_from_sum(mom2, count)
                 logger.info("loaded statistics %s", path)
                 break
         if moment is None:
             stats = compute_statistics(model, tok, [layer_name], spec, write=True)[layer_name]
-            moment = stats.moment()
+            if stats.count <= 0:
+                raise StatisticsError(f"{layer_name}: no tokens were seen")
+            # rounded as the cache file stores it, so the same edit gives the same weights next time
+            moment = moment_from_sum(torch.from_numpy(stored_sum(stats.mom2_sum, spec.dtype)), stats.count)
         self._moments[key] = moment
         return moment
 

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from .architecture import WOut
+from .finite import NonFiniteUpdateError, count_nonfinite, describe_nonfinite
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +101,17 @@ def write_layers(
     c0_block: BlockFn,
     cprev_block: BlockFn,
     lam: float,
+    journal: Optional[list[LayerWrite]] = None,
 ) -> list[LayerWrite]:
     """Write the masked update into each layer in order; ``read(i)`` gives (keys ``[n, d_ff]``, current
-    z-layer outputs ``[n, d_model]``) of layer i on the model as it is then. On an exception every neuron
-    written so far is restored before re-raising."""
-    writes: list[LayerWrite] = []
+    z-layer outputs ``[n, d_model]``) of layer i on the model as it is then.
+
+    Every layer's record (with its pre-edit values) enters ``journal`` (a new list when not given) BEFORE the
+    layer is written, so a caller holding the journal can always undo. On any exception (``KeyboardInterrupt``
+    included) every neuron written so far is restored before re-raising. A layer whose written neurons are not
+    all finite raises :class:`~ece_plugin.finite.NonFiniteUpdateError` naming the layer and the non-finite
+    input, after that rollback."""
+    writes: list[LayerWrite] = [] if journal is None else journal
     n_layers = len(w_outs)
     try:
         for i, (wo, idx) in enumerate(zip(w_outs, sets)):
@@ -120,27 +127,37 @@ def write_layers(
             cprev = cprev_block(wo.name, idx, dev)
             t2 = time.perf_counter()
             delta = masked_update(keys_s, resid, c0, cprev, lam)
-            pre = wo.read_native(idx_dev).cpu()
-            wo.add_to_neurons(idx_dev, delta)
-            writes.append(
-                LayerWrite(
-                    layer=wo.layer,
-                    name=wo.name,
-                    idx=idx.cpu(),
-                    pre=pre,
-                    post=wo.read_native(idx_dev).cpu(),
-                    residual_norm=float(diff.norm(dim=1).mean()),
-                    update_norm=float(delta.norm()),
-                    seconds={"keys": t1 - t0, "statistics": t2 - t1, "solve": time.perf_counter() - t2},
-                )
+            record = LayerWrite(
+                layer=wo.layer,
+                name=wo.name,
+                idx=idx.cpu(),
+                pre=wo.read_native(idx_dev).cpu(),
+                post=torch.empty(0),
+                residual_norm=float(diff.norm(dim=1).mean()),
+                update_norm=float(delta.norm()),
             )
+            writes.append(record)  # before the write: an interrupt during it is undone too
+            wo.add_to_neurons(idx_dev, delta)
+            record.post = wo.read_native(idx_dev).cpu()
+            record.seconds = {"keys": t1 - t0, "statistics": t2 - t1, "solve": time.perf_counter() - t2}
+            if count_nonfinite(record.post):
+                inputs = {"keys": keys_s, "targets z": z, "current outputs": cur, "C0 block": c0,
+                          "Cprev block": cprev, "solved update": delta}
+                bad = [name for name, t in inputs.items() if count_nonfinite(t)]
+                why = (f"non-finite {', '.join(bad)}" if bad
+                       else f"the update overflows the weights' dtype {wo.weight.dtype}")
+                raise NonFiniteUpdateError(
+                    f"layer {wo.layer} ({wo.name}): the update would make weights non-finite "
+                    f"({describe_nonfinite(record.post)}; cause: {why}); the batch was rolled back, "
+                    "no weight changed"
+                )
             logger.info(
                 "layer %d: %d/%d neurons, residual %.3f, update norm %.3f",
                 wo.layer,
                 idx.numel(),
                 wo.d_ff,
-                writes[-1].residual_norm,
-                writes[-1].update_norm,
+                record.residual_norm,
+                record.update_norm,
             )
     except BaseException:
         undo(w_outs, writes)
@@ -150,8 +167,8 @@ def write_layers(
 
 @torch.no_grad()
 def undo(w_outs: Sequence[WOut], writes: Sequence[LayerWrite]) -> None:
-    """Put back the pre-edit values of every written neuron."""
+    """Put back the pre-edit values of every written neuron (last written first)."""
     by_name = {wo.name: wo for wo in w_outs}
-    for w in writes:
+    for w in reversed(list(writes)):
         wo = by_name[w.name]
         wo.weight.index_copy_(wo.axis, w.idx.to(wo.device), w.pre.to(device=wo.device, dtype=wo.weight.dtype))

@@ -119,9 +119,15 @@ def resolve_device(device: Optional[str]) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError as exc:
         raise StudyError(f"--device: unknown device {device!r}") from exc
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StudyError(f"device {device!r}: CUDA is not available here (torch.cuda.is_available() is False); use cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise StudyError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return resolved
 
 
 def load_model_and_tokenizer(
