@@ -459,7 +459,12 @@ def state_from_edit_file(edit: EditFile, model: Optional[torch.nn.Module] = None
 
     from .state import SequentialState
 
-    meta = json.loads(bytes(edit.state[_STATE_META].tolist()).decode())
+    try:
+        meta = json.loads(bytes(edit.state[_STATE_META].tolist()).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EditFileError(f"the edit file's sequential state has corrupt metadata ({exc})") from exc
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise EditFileError("the edit file's sequential state has corrupt metadata (not a mapping of strings)")
     tensors = {k: v.contiguous() for k, v in edit.state.items() if k != _STATE_META}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "state.safetensors"
