@@ -347,12 +347,19 @@ def load_edit_file(path: PathLike) -> EditFile:
         header = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError as exc:
         raise EditFileError(f"{path}: corrupt metadata ({exc})") from exc
+    if not isinstance(header, dict) or not all(isinstance(header.get(k, {}), dict) for k in ("weights", "fingerprint")):
+        raise EditFileError(
+            f"{path}: corrupt metadata ('{METADATA_KEY}' must hold an object whose 'weights' and 'fingerprint' are "
+            "objects)"
+        )
     if header.get("format_version") != FORMAT_VERSION:
         raise EditFileError(
             f"{path}: edit file format {header.get('format_version')} not supported (need {FORMAT_VERSION})"
         )
     weights: dict[str, WeightEdit] = {}
     for name, info in header.get("weights", {}).items():
+        if not isinstance(info, dict) or not {"shape", "neuron_axis"} <= set(info):
+            raise EditFileError(f"{path}: metadata of weight {name!r} lacks 'shape' or 'neuron_axis'")
         try:
             indices = tensors[f"{name}/indices"]
             original = tensors[f"{name}/original"]
