@@ -1,0 +1,137 @@
+"""``ece-plugin lifelong`` end to end on the bundled testbed (tiny budget), resume after an interrupt, and the
+general-ability measures it reports."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ece_plugin import cli
+from ece_plugin.evaluation import general
+from ece_plugin.study.baselines import ECEMethod
+from ece_plugin.study.common import StudyError
+from ece_plugin.study.lifelong import LifelongConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TESTBED = REPO / "testbed" / "testbed-llama"
+ZSRE = REPO / "data" / "zsre" / "zsre_mend_eval.json"
+
+pytestmark = pytest.mark.skipif(not (TESTBED / "config.json").is_file(), reason="bundled testbed missing")
+
+
+def _run(out: Path, *extra: str) -> int:
+    return cli.main([
+        "--log-level", "WARNING", "lifelong", "--model", str(TESTBED), "--device", "cpu", "--n-edits", "4",
+        "--batch-size", "2", "--checkpoint-every", "2", "--methods", "ECE-AS", "--n-retention", "4",
+        "--ppl-tokens", "256", "--n-fluency-prompts", "2", "--out", str(out), *extra,
+    ])
+
+
+def _rows(out: Path) -> list[dict[str, Any]]:
+    data = json.loads((out / "lifelong.json").read_text())
+    rows = [row for m in data["methods"] for row in m["rows"]]
+    for row in rows:
+        row.pop("seconds_per_batch")
+    return rows
+
+
+def test_lifelong_end_to_end_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    whole = tmp_path / "whole"
+    assert _run(whole, "--keep-checkpoints") == 0
+    data = json.loads((whole / "lifelong.json").read_text())
+    assert data["protocol"] == "after_all" and data["kind"] == "counterfact"
+    rows = data["methods"][0]["rows"]
+    assert [r["n_edits"] for r in rows] == [2, 4]
+    assert data["pre_edit"]["edits"]["efficacy"]["mean"] < 0.5  # the testbed knows its facts
+    assert rows[-1]["edits"]["efficacy"]["mean"] > data["pre_edit"]["edits"]["efficacy"]["mean"]
+    assert rows[-1]["retention"]["n"] == 4 and 0.0 <= rows[-1]["retention"]["retention_accuracy"] <= 1.0
+    assert all(math.isfinite(p["perplexity"]) for p in rows[-1]["perplexity"].values())
+    assert rows[-1]["state_bytes"] > 0
+    csv_lines = (whole / "lifelong.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + 1 + 2  # header, pre-edit, two checkpoints
+    assert "| ECE-AS | 4 |" in (whole / "lifelong.md").read_text()
+    assert (whole / "lifelong.png").stat().st_size > 0 and (whole / "lifelong_efficacy.png").is_file()
+
+    # The same run interrupted in its third batch (after the first checkpoint), then resumed.
+    cut = tmp_path / "cut"
+    original = ECEMethod.edit_batch
+    calls = {"n": 0}
+
+    def interrupted(self: ECEMethod, model: Any, tok: Any, requests: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, model, tok, requests)
+
+    monkeypatch.setattr(ECEMethod, "edit_batch", interrupted)
+    assert _run(cut, "--keep-checkpoints") == 130
+    progress = json.loads(next((cut / "checkpoints").glob("*.progress.json")).read_text())
+    assert progress["n_done"] == 2
+    monkeypatch.setattr(ECEMethod, "edit_batch", original)
+    assert cli.main(["--log-level", "WARNING", "lifelong", "--resume", str(cut)]) == 0
+    assert _rows(cut) == _rows(whole)
+    from safetensors.torch import load_file
+
+    a = load_file(str(next((whole / "checkpoints").glob("*/weights.safetensors"))))
+    b = load_file(str(next((cut / "checkpoints").glob("*/weights.safetensors"))))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lifelong_zsre(tmp_path: Path) -> None:
+    out = tmp_path / "zsre"
+    assert _run(out, "--data", str(ZSRE), "--kind", "zsre") == 0
+    data = json.loads((out / "lifelong.json").read_text())
+    assert data["kind"] == "zsre"
+    last = data["methods"][0]["rows"][-1]["edits"]
+    assert set(last) >= {"efficacy", "generalization", "specificity"}
+    assert "zsRE: 4 sequential edits" in (out / "lifelong.md").read_text()
+
+
+def test_lifelong_refuses_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _run(tmp_path / "a", "--checkpoint-every", "3") == 1
+    assert "must be a multiple of --batch-size" in capsys.readouterr().err
+    assert cli.main(["lifelong", "--resume", str(tmp_path)]) == 1
+    assert "not a lifelong run folder" in capsys.readouterr().err
+    with pytest.raises(StudyError, match="multiple"):
+        LifelongConfig(n_edits=10, batch_size=4, checkpoint_every=6).validate()
+    assert LifelongConfig(n_edits=10, batch_size=2, checkpoint_every=4).checkpoints() == [4, 8, 10]
+
+
+def test_perplexity_matches_a_direct_computation() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TESTBED)
+    model = AutoModelForCausalLM.from_pretrained(TESTBED, torch_dtype=torch.float32).eval()
+    text = (REPO / "data" / "wikitext-2-raw" / "wiki.test.raw").read_text()[:4000]
+    windows = general.text_windows(tok, text, window=32, max_tokens=200)
+    assert sum(len(w) - 1 for w in windows) == 200  # BOS + 32 tokens per window, 200 tokens in all
+    assert all(w[0] == tok.bos_token_id for w in windows)
+    got = general.perplexity(model, windows, pad=tok.pad_token_id, batch_size=3)
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            ids = torch.tensor([w])
+            logits = model(input_ids=ids).logits[0, :-1]
+            nll -= float(torch.log_softmax(logits.double(), -1).gather(-1, ids[0, 1:, None]).sum())
+            n += len(w) - 1
+    assert got["n_tokens"] == n
+    assert got["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+
+
+def test_retention_of_known_facts_before_editing() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ece_plugin.data import load_records
+
+    tok = AutoTokenizer.from_pretrained(TESTBED)
+    model = AutoModelForCausalLM.from_pretrained(TESTBED, torch_dtype=torch.float32).eval()
+    records = load_records(REPO / "data" / "counterfact" / "counterfact-edit.json", limit=20)
+    result = general.retention(model, tok, general.retention_pairs(records))
+    assert result["n"] == 20
+    assert result["retention_preference"] == 1.0  # every trained fact beats its counterfactual
+    assert result["retention_accuracy"] > 0.8
