@@ -180,7 +180,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model, tok = _load_model(args, model_dir)
     methods = build_methods(args.methods, ece_hp, _baseline_paths(args, model_dir))
     comparison = compare_methods(
-        methods, model, tok, records, batch_size=args.batch_size, protocol=args.protocol, eval_kwargs=_eval_kwargs(args)
+        methods, model, tok, records, batch_size=args.batch_size, protocol=args.protocol, eval_kwargs=_eval_kwargs(args),
+        record_limits={"ROME": args.rome_limit} if args.rome_limit else None,
     )
     files = write_comparisons([comparison], out, "demo", _config(args))
     if args.explain:
@@ -450,6 +451,95 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _manifest_wiki(model_dir: Path) -> Optional[set[str]]:
+    """Names of the WikiText files a testbed model was trained on (None: not a testbed, unknown)."""
+    manifest = model_dir / "testbed_manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        paths = json.loads(manifest.read_text(encoding="utf-8"))["config"]["wiki_paths"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return {Path(p).name for p in paths}
+
+
+def _ppl_texts(args: argparse.Namespace, model_dir: Path) -> dict[str, str]:
+    """Texts for perplexity: ``--ppl-text`` files, else the bundled WikiText-2 file the model did not train on."""
+    from .evaluation.general import read_text
+
+    trained = _manifest_wiki(model_dir)
+    if args.ppl_text:
+        paths = [Path(p) for p in args.ppl_text]
+    else:
+        wiki = REPO_ROOT / "data" / "wikitext-2-raw"
+        held_out = [p for p in (wiki / "wiki.test.raw", wiki / "wiki.valid.raw") if trained is None or p.name not in trained]
+        paths = held_out[:1] or [wiki / "wiki.test.raw"]
+    texts: dict[str, str] = {}
+    for path in paths:
+        name = path.stem
+        if trained is not None and path.name in trained:
+            logger.warning("%s was in %s's training text: its perplexity is not held-out", path, model_dir.name)
+            name += " (trained on)"
+        texts[name] = read_text(path)
+    return texts
+
+
+def cmd_lifelong(args: argparse.Namespace) -> int:
+    from .data import load_records
+    from .study.baselines import build_methods
+    from .study.common import write_json
+    from .study.lifelong import (
+        CONFIG_FILE,
+        LifelongConfig,
+        Probes,
+        discard_checkpoints,
+        final_table,
+        run_lifelong,
+    )
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = run_dir / CONFIG_FILE
+        if not saved.is_file():
+            raise CLIError(f"--resume: {run_dir} holds no {CONFIG_FILE} (not a lifelong run folder)")
+        stored = json.loads(saved.read_text(encoding="utf-8"))
+        log_level = args.log_level
+        args = argparse.Namespace(**stored)
+        args.resume, args.out, args.log_level = str(run_dir), str(run_dir), log_level
+        logger.info("resuming %s with its saved options", run_dir)
+    config = LifelongConfig(
+        n_edits=args.n_edits, batch_size=args.batch_size, checkpoint_every=args.checkpoint_every or args.n_edits,
+        seed=args.seed, n_fluency_prompts=args.n_fluency_prompts, ppl_max_tokens=args.ppl_tokens,
+    )
+    config.validate()
+    model_dir = _model_dir(args.model)
+    ece_hp = _load_ece_hparams(_hparams_file(args.hparams, Path(args.hparams_dir), "ECE", model_dir), model_dir, args=args)
+    methods = build_methods(args.methods, ece_hp, _baseline_paths(args, model_dir))
+    args.limit = args.n_edits
+    records = _records(args)
+    if len(records) < args.n_edits:
+        raise CLIError(f"--n-edits {args.n_edits}: only {len(records)} records from offset {args.offset}")
+    path = Path(args.data) if args.data else DEFAULT_DATA
+    if args.retention_data:
+        retention = load_records(args.retention_data, kind=args.kind, limit=args.n_retention)
+    else:
+        retention = load_records(path, kind=args.kind, limit=args.n_retention, offset=args.offset + args.n_edits)
+    texts = _ppl_texts(args, model_dir)
+    out = _out(args, "lifelong")
+    if not args.resume:
+        stored = {k: v for k, v in vars(args).items() if k != "func"}
+        write_json(out / CONFIG_FILE, stored)
+    model, tok = _load_model(args, model_dir)
+    probes = Probes(records=records, retention_records=retention, texts=texts)
+    result = run_lifelong(methods, model, tok, probes, config, out,
+                          meta={"model": str(model_dir), "data": str(path), "command": "lifelong"})
+    if not args.keep_checkpoints and all(p.finished(config) for p in result.methods):
+        discard_checkpoints(out)
+    _print(final_table(result))
+    _print(f"results: {out / 'lifelong.json'}  csv: {out / 'lifelong.csv'}  curves: {out / 'lifelong.png'}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 def _common(p: argparse.ArgumentParser, *, model: bool = True, data: bool = True, out: bool = True) -> None:
     if model:
@@ -497,6 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", default="after_all", choices=["after_all", "after_batch"])
     p.add_argument("--no-fluency", action="store_true", help="skip generation (fluency) in the evaluation")
     p.add_argument("--explain", action="store_true", help="also write neuron/cluster reports of the ECE runs")
+    p.add_argument("--rome-limit", type=int, default=50,
+                   help="EasyEdit's ROME edits one fact per call (about 1.5 s each on 2 CPU cores): it edits only the first "
+                   "N records, said under the table (default 50; 0: all)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("edit", help="sequential batched ECE edits; save the edited model or a compact edit file")
@@ -569,6 +662,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fluency", action="store_true")
     p.set_defaults(func=cmd_batch_study)
 
+    p = sub.add_parser(
+        "lifelong", help="N sequential edits with a checkpoint every K: the curve, forgetting, retention, perplexity"
+    )
+    _common(p)
+    _hparams_args(p)
+    p.add_argument("--n-edits", type=_positive_int, default=1000, help="number of sequential edits (records)")
+    p.add_argument("--batch-size", type=_positive_int, default=100)
+    p.add_argument("--checkpoint-every", type=_positive_int, default=None,
+                   help="measure and checkpoint every K edits (a multiple of --batch-size; default: only at the end)")
+    p.add_argument("--methods", nargs="+", default=["ECE-AS", "MEMIT", "AlphaEdit"],
+                   help="ECE variants (ECE-AS, ECE-WI, ECE-RS, MEMIT-equivalent, ...) and EasyEdit's ROME, MEMIT, AlphaEdit")
+    p.add_argument("--n-retention", type=int, default=100,
+                   help="known facts never edited, scored at every checkpoint (default: the records after the edits)")
+    p.add_argument("--retention-data", help="record file for the retention facts (default: --data after the edits)")
+    p.add_argument("--ppl-text", nargs="+", help="text files for perplexity (default: bundled WikiText-2 the model did not train on)")
+    p.add_argument("--ppl-tokens", type=_positive_int, default=16384, help="tokens of each text used for perplexity")
+    p.add_argument("--n-fluency-prompts", type=int, default=20, help="prompts whose greedy continuations give fluency")
+    p.add_argument("--seed", type=int, default=0, help="batch i runs with torch seeded by seed + i")
+    p.add_argument("--resume", help="continue the interrupted run in this folder from its last checkpoint")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep the checkpoint folders after a finished run")
+    p.set_defaults(func=cmd_lifelong)
+
     p = sub.add_parser("explain", help="neuron selection / cluster report for records, without editing")
     _common(p)
     p.add_argument("--hparams", required=True, help="ECE hparams YAML")
@@ -591,10 +706,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stats)
 
     try:
-        from .testbed.cli import add_build_testbed_parser, run_build_testbed
+        from .testbed.cli import add_build_testbed_parser, add_probe_parser, run_build_testbed
 
         p = add_build_testbed_parser(sub)
         p.set_defaults(func=run_build_testbed)
+        add_probe_parser(sub)
     except ImportError as exc:  # pragma: no cover - the testbed package ships with ece_plugin
         logger.debug("build-testbed unavailable: %s", exc)
     return parser

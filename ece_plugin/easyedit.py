@@ -379,3 +379,38 @@ def baseline_apply(alg_name: str) -> Callable[..., Any]:
         if alg_name in registry:
             return registry[alg_name]  # type: ignore[no-any-return]
     raise EasyEditUnavailableError(f"this easyeditor ({easyedit_version()}) has no {alg_name!r} in ALG_DICT")
+
+
+# Module globals in which EasyEdit's baselines keep what lasts between calls of one process: the context
+# templates they sample on first use (ROME, MEMIT, AlphaEdit) and AlphaEdit's sum of earlier edits' keys.
+_BASELINE_MODULES = {
+    "ROME": "easyeditor.models.rome.rome_main",
+    "MEMIT": "easyeditor.models.memit.memit_main",
+    "AlphaEdit": "easyeditor.models.alphaedit.AlphaEdit_main",
+}
+_TEMPLATE_GLOBAL = "CONTEXT_TEMPLATES_CACHE"
+_ALPHAEDIT_CACHE = ("cache_c", "cache_c_new")
+
+
+def baseline_process_state(alg_name: str) -> tuple[Any, dict[str, torch.Tensor]]:
+    """What a baseline carries between batches outside the weights, for a checkpoint: ``(templates,
+    tensors)``: its cached context templates (JSON-safe, None before the first edit) and, for AlphaEdit, its
+    accumulated key covariance ``cache_c`` (absent before the first edit)."""
+    module = import_easyedit(_BASELINE_MODULES[alg_name])
+    templates = getattr(module, _TEMPLATE_GLOBAL, None)
+    tensors: dict[str, torch.Tensor] = {}
+    if alg_name == "AlphaEdit" and getattr(module, _ALPHAEDIT_CACHE[1], False):
+        tensors["cache_c"] = getattr(module, _ALPHAEDIT_CACHE[0]).detach().cpu().contiguous().clone()
+    return templates, tensors
+
+
+def restore_baseline_process_state(alg_name: str, templates: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """Put back what :func:`baseline_process_state` returned (None templates: sampled afresh on next use)."""
+    module = import_easyedit(_BASELINE_MODULES[alg_name])
+    setattr(module, _TEMPLATE_GLOBAL, templates)
+    if alg_name == "AlphaEdit":
+        if "cache_c" in tensors:
+            setattr(module, _ALPHAEDIT_CACHE[0], tensors["cache_c"].clone())
+            setattr(module, _ALPHAEDIT_CACHE[1], True)
+        else:
+            setattr(module, _ALPHAEDIT_CACHE[1], False)

@@ -207,7 +207,9 @@ def _run(
             return None
         return session.statistics.masked(model, tok, name, hparams, idx, device, torch.float64)
 
-    def cprev_block(name: str, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    def cprev_block(name: str, idx: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
+        if not hparams.carry_keys:  # MEMIT's sequential form: earlier edits are protected by C0 alone
+            return None
         return session.state.cprev_masked(name, idx, device, torch.float64)
 
     writes: list[LayerWrite] = []  # journal: a layer enters it before it is written
@@ -286,3 +288,23 @@ def _trace(
         z=zres.to_dict(),
         timings=dict(timings),
     )
+
+
+def export_context_templates(session: EditSession) -> Optional[dict[str, Any]]:
+    """The session's cached context templates as JSON-safe data (None when none are cached), so that a
+    sequence of edits resumed in another process uses the templates its first batch sampled."""
+    cached = getattr(session, "context_templates", None)
+    if not isinstance(cached, _TemplateCache):
+        return None
+    return {"key": [list(part) if isinstance(part, tuple) else part for part in cached.key],
+            "templates": cached.templates}
+
+
+def import_context_templates(session: EditSession, data: Optional[dict[str, Any]]) -> None:
+    """Cache templates exported by :func:`export_context_templates` in ``session`` (None: forget them)."""
+    if data is None:
+        setattr(session, "context_templates", None)  # noqa: B010 - typed Any there
+        return
+    length_params, seed = data["key"]
+    key = (tuple(tuple(int(x) for x in pair) for pair in length_params), int(seed))
+    setattr(session, "context_templates", _TemplateCache(key, [list(group) for group in data["templates"]]))  # noqa: B010

@@ -97,6 +97,8 @@ class ECEHyperParams(_HyperParamsBase):  # type: ignore[misc,valid-type]
     # --- the least-squares update ---
     mom2_adjustment: bool = True
     mom2_update_weight: float = 15000.0  # lambda
+    # the keys of earlier edits enter the update's covariance (Cprev, the paper's sequential form); false: MEMIT's
+    carry_keys: bool = True
     mom2_dataset: str = "wikipedia"  # name of the statistics set in the cache path ({name}_stats)
     mom2_corpus: Optional[str] = None  # text file or folder; None -> the bundled WikiText-2
     mom2_n_samples: int = 100000

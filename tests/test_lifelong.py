@@ -135,3 +135,39 @@ def test_retention_of_known_facts_before_editing() -> None:
     assert result["n"] == 20
     assert result["retention_preference"] == 1.0  # every trained fact beats its counterfactual
     assert result["retention_accuracy"] > 0.8
+
+
+def _easyedit_main() -> bool:
+    from ece_plugin import easyedit
+
+    try:
+        return easyedit.easyedit_version() == easyedit.EASYEDIT_MAIN
+    except Exception:  # noqa: BLE001 - any failure to import easyeditor: not main
+        return False
+
+
+@pytest.mark.easyeditor
+@pytest.mark.skipif(not _easyedit_main(), reason="needs EasyEdit main (BaseEditor on a CPU); `make test` runs it in .venv-main")
+@pytest.mark.parametrize("alg", ["MEMIT", "AlphaEdit"])
+def test_lifelong_easyedit_baseline_resumes_exactly(alg: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EasyEdit's MEMIT / AlphaEdit through BaseEditor: a run interrupted after its first checkpoint and resumed
+    gives the rows and weights of the uninterrupted run (context templates and AlphaEdit's cache_c restored)."""
+    from ece_plugin.study.baselines import EasyEditMethod
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert _run(whole, "--keep-checkpoints", "--methods", alg) == 0
+    original = EasyEditMethod.edit_batch
+    calls = {"n": 0}
+
+    def interrupted(self: EasyEditMethod, model: Any, tok: Any, requests: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, model, tok, requests)
+
+    monkeypatch.setattr(EasyEditMethod, "edit_batch", interrupted)
+    assert _run(cut, "--keep-checkpoints", "--methods", alg) == 130
+    monkeypatch.setattr(EasyEditMethod, "edit_batch", original)
+    assert cli.main(["--log-level", "WARNING", "lifelong", "--resume", str(cut)]) == 0
+    assert _rows(cut) == _rows(whole)
+    assert json.loads((cut / "lifelong.json").read_text())["methods"][0]["available"]

@@ -42,7 +42,8 @@ def text_windows(tok: Any, text: str, window: int, max_tokens: int) -> list[list
     if window < 2:
         raise EvaluationError(f"perplexity window must be >= 2 tokens, got {window}")
     joined = " ".join(line.strip() for line in text.splitlines() if line.strip())
-    ids = [int(i) for i in tok(joined, add_special_tokens=False)["input_ids"]][:max_tokens]
+    joined = joined[: 16 * max_tokens]  # far more characters than max_tokens tokens need
+    ids = [int(i) for i in tok(joined, add_special_tokens=False, verbose=False)["input_ids"]][:max_tokens]
     probe = _input_ids(tok, "a")
     bos = getattr(tok, "bos_token_id", None)
     prefix = [int(bos)] if bos is not None and probe and probe[0] == bos else []

@@ -46,7 +46,8 @@ ECE_VARIANTS: dict[str, dict[str, Any]] = {
     # zero with v_num_grad_steps batched steps (no shared phase).
     "ECE-unclustered": {"clustering": False},
     # Clustering off and p = 1: every neuron, MEMIT's z -> MEMIT's update computed by this project's code.
-    "MEMIT-equivalent": {"clustering": False, "neuron_threshold": 1.0},
+    # MEMIT carries nothing between sequential batches: no Cprev either.
+    "MEMIT-equivalent": {"clustering": False, "neuron_threshold": 1.0, "carry_keys": False},
 }
 MEMIT_EQUIVALENT_LABEL = "MEMIT-equivalent (project code)"
 
@@ -364,6 +365,13 @@ class EasyEditMethod:
         self._first_batch = True
         if self._timed is not None:
             self._timed.first_call = True
+
+    def continue_sequence(self) -> None:
+        """The next batch continues an earlier sequence (resumed from a checkpoint): AlphaEdit keeps the
+        key covariance it was given instead of starting a new one."""
+        self._first_batch = False
+        if self._timed is not None:
+            self._timed.first_call = False
 
     def edit_batch(self, model: torch.nn.Module, tok: Any, requests: Sequence[dict[str, Any]]) -> BatchOutcome:
         if self._timed is not None:  # set by prepare() when edits go through BaseEditor

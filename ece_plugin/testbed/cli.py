@@ -109,6 +109,58 @@ def run_build_testbed(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``probe-testbed`` sub-command (the subject-recall probe per layer)."""
+    parser = subparsers.add_parser(
+        "probe-testbed",
+        help="subject-recall probe: can a vector at the subject's last token of layer L move each fact?",
+        description=(
+            "For each layer, optimise one vector per record added to the block's output at the subject's last "
+            "token so that the model says the record's new target; report the share of records moved (mean "
+            "target-token probability > 0.5). CounterFact records use prompt/subject/target_new, zsRE records "
+            "src/subject/alt."
+        ),
+    )
+    parser.add_argument("--model", type=Path, required=True, help="model folder")
+    parser.add_argument("--data", type=Path, required=True, help="CounterFact or zsRE record file")
+    parser.add_argument("--limit", type=int, default=40)
+    parser.add_argument("--offset", type=int, default=0)
+    parser.add_argument("--layers", type=int, nargs="+", required=True)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.set_defaults(func=run_probe)
+    return parser
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    """Log and print the probe's share of moved facts per layer."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..data import load_records
+    from .probe import subject_recall_probe
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    records = load_records(args.data, limit=args.limit, offset=args.offset)
+    if not records:
+        raise ValueError(f"--data: no records in {args.data} (offset {args.offset}, limit {args.limit})")
+    rows = [{"prompt": r.prompt, "subject": r.subject, "target_new": r.target_new} for r in records]
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32).eval()
+    results = []
+    for layer in args.layers:
+        result = subject_recall_probe(model, tok, rows, layer, steps=args.steps)
+        logger.info("layer %d: %.1f %% of %d moved", layer, result.moved, result.n)
+        results.append({"layer": layer, "moved_pct": result.moved, "n": result.n,
+                        "mean_target_prob": result.mean_target_prob})
+    sys.stdout.write(json.dumps({"model": str(args.model), "data": str(args.data), "offset": args.offset,
+                                 "results": results}, indent=1) + "\n")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """``python -m ece_plugin.testbed.cli build-testbed ...`` (the same as ``ece-plugin build-testbed ...``)."""
     parser = argparse.ArgumentParser(prog="ece-plugin")
