@@ -87,6 +87,25 @@ def make_tokenizer(bos: bool = True) -> Any:
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _easyedit_line_in_report(record_testsuite_property: Any) -> None:
+    """Record, in the JUnit report (`make test` writes one per environment), which EasyEdit line, transformers and
+    torch this suite ran under; .ci/test_summary.py prints them. A no-op without --junitxml."""
+    from pathlib import Path
+
+    import transformers
+
+    from ece_plugin import easyedit
+
+    line = easyedit.easyedit_version()
+    record_testsuite_property("easyedit_line", line or "none")
+    record_testsuite_property("transformers", transformers.__version__)
+    record_testsuite_property("torch", torch.__version__)
+    if line is not None:
+        package = easyedit.import_easyedit("easyeditor")
+        record_testsuite_property("easyeditor_path", str(Path(str(package.__file__)).resolve().parent.parent))
+
+
 @pytest.fixture(scope="session")
 def tok() -> Any:
     return make_tokenizer()
@@ -115,11 +134,14 @@ def make_llama(
     return LlamaForCausalLM(config).eval()
 
 
-def make_gpt2(vocab_size: int, hidden: int = 32, d_ff: int = 64, layers: int = 3, seed: int = 0) -> nn.Module:
+def make_gpt2(
+    vocab_size: int, hidden: int = 32, d_ff: int = 64, layers: int = 3, seed: int = 0, **config_kwargs: Any
+) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     config = GPT2Config(
+        **config_kwargs,
         vocab_size=vocab_size,
         n_embd=hidden,
         n_inner=d_ff,

@@ -3,7 +3,16 @@
 1. On identical keys and z: ECE's masked update loop vs a direct implementation of MEMIT's equation
    ``Delta = R K^T (lambda C0 + K K^T)^{-1}`` with the residual spread over the layers.
 2. End to end against EasyEdit main's ``apply_memit_to_model`` (same C0, no generated context templates), when
-   EasyEdit main is importable (env /work/envs/easyedit-main, PYTHONPATH=/work/ref/easyedit-main).
+   EasyEdit main is importable (`make test` runs this file in .venv-main too, where it is).
+
+Test 1 runs twice: with the models in float64, where the two must agree to float64 rounding, and in float32 (as
+models are edited), where they agree to float32 rounding; test 2 in float32. How close is measured against the update
+(:func:`assert_same_update`), not with a fixed absolute tolerance: the keys and layer outputs both sides read are
+float32 sums whose order depends on the BLAS thread count, and the solve amplifies their rounding into the update.
+Measured on the GPT-2 case (update norm 468, edited weights up to |w| = 180, where float32 numbers are 1.5e-5
+apart): float32 differences up to 4.6e-5 (42 of 2,048 elements above 1e-5 with 1 thread, none with 2), a
+relative difference ||ours - theirs|| / ||update|| of 3.4e-7 = 2.8 float32 eps; in float64 the same comparison
+gives 6.7e-12. The float32 gap is rounding, not a different formula.
 """
 
 from __future__ import annotations
@@ -24,6 +33,28 @@ from ece_plugin.update import write_layers
 from ece_plugin.values import compute_z
 
 TEMPLATES = [["{}"], [" The city is famous. {}", " You know the river. {}"]]
+DTYPES = [torch.float32, torch.float64]
+# ||ours - theirs|| / ||update|| allowed per dtype: 16 float32 eps (measured: up to 2.8 eps); in float64, 1e-10
+# (measured: 7e-12), four orders of magnitude below the float32 gap, so a real difference cannot hide in it.
+RELATIVE_TOLERANCE = {torch.float32: 16 * torch.finfo(torch.float32).eps, torch.float64: 1e-10}
+
+
+def assert_same_update(ours: torch.Tensor, theirs: torch.Tensor, original: torch.Tensor, what: str) -> None:
+    """``ours`` and ``theirs`` (edited weights) hold the same update of ``original`` up to the rounding of their
+    dtype: in norm, and element by element against the largest update element."""
+    update = (theirs - original).double()
+    diff = (ours - theirs).double()
+    assert update.abs().max() > 1e-3, f"{what}: the reference must actually change the weight"
+    tol = RELATIVE_TOLERANCE[theirs.dtype]
+    relative = float(diff.norm() / update.norm())
+    assert relative <= tol, (
+        f"{what} ({theirs.dtype}): ||ours - theirs|| / ||update|| = {relative:.3g} > {tol:.3g} "
+        f"(max |diff| {float(diff.abs().max()):.3g}, ||update|| {float(update.norm()):.4g})"
+    )
+    assert float(diff.abs().max()) <= tol * float(update.abs().max()), (
+        f"{what} ({theirs.dtype}): max |diff| {float(diff.abs().max()):.3g} > {tol:.3g} x max |update| "
+        f"{float(update.abs().max()):.4g}"
+    )
 
 
 def _memit_direct(
@@ -44,14 +75,17 @@ def _memit_direct(
             view.copy_((view.double() + upd).to(view.dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_masked_update_with_all_neurons_is_memit(family: str, tok: Any) -> None:
-    model = make_llama(len(tok)) if family == "llama" else make_gpt2(len(tok))
+def test_masked_update_with_all_neurons_is_memit(family: str, dtype: torch.dtype, tok: Any) -> None:
+    # transformers 4.x builds GPT-2's SDPA mask with torch.full at float32 (overflows in float64): eager attention
+    gpt2_kwargs = {"attn_implementation": "eager"} if dtype == torch.float64 else {}
+    model = (make_llama(len(tok)) if family == "llama" else make_gpt2(len(tok), **gpt2_kwargs)).to(dtype)
     hp = make_hparams(family, neuron_threshold=1.0, clustering=False, v_num_grad_steps=4)
     requests = normalise_requests(FACTS)
     z = compute_z(model, tok, requests, TEMPLATES, hp, [0, 1, 2, 3], [0, 1, 2, 3], False).z
     w_outs = [w_out(model, hp.rewrite_module_tmp, layer) for layer in hp.layers]
-    c0 = {wo.name: second_moment(model, tok, wo.name) for wo in w_outs}
+    c0 = {wo.name: second_moment(model, tok, wo.name).to(dtype) for wo in w_outs}
     reference = copy.deepcopy(model)
     _memit_direct(reference, tok, hp, requests, z, c0)
 
@@ -76,14 +110,13 @@ def test_masked_update_with_all_neurons_is_memit(family: str, tok: Any) -> None:
     for wo in w_outs:
         ours = wo.weight.detach()
         theirs = reference.get_parameter(wo.weight_name).detach()
-        orig_change = (theirs - make_ref_weight(family, tok, wo.weight_name)).abs().max()
-        assert orig_change > 1e-3, "the oracle must actually change the weight"
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        assert ours.dtype == theirs.dtype == dtype
+        assert_same_update(ours, theirs, make_ref_weight(family, tok, wo.weight_name, dtype), wo.weight_name)
 
 
-def make_ref_weight(family: str, tok: Any, name: str) -> torch.Tensor:
+def make_ref_weight(family: str, tok: Any, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     model = make_llama(len(tok)) if family == "llama" else make_gpt2(len(tok))
-    return model.get_parameter(name).detach()
+    return model.get_parameter(name).detach().to(dtype)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -127,11 +160,14 @@ def _easyedit_main() -> Any:
 @pytest.mark.easyeditor
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_against_easyedit_main_memit(family: str, tok: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Float32 only: each side optimises its own z, and ECE keeps z in float32 (values.py) whatever the model's
+    dtype, so a float64 run would still differ by float32 rounding; test 1 above runs both dtypes on shared z."""
+    dtype = torch.float32
     memit_main = _easyedit_main()
     if memit_main is None:
-        pytest.skip("EasyEdit main (CPU-capable MEMIT) is not importable; run under /work/envs/easyedit-main")
+        pytest.skip("EasyEdit main (CPU-capable MEMIT) is not importable; `make test` runs this in .venv-main")
     hparams_mod = importlib.import_module("easyeditor.models.memit.memit_hparams")
-    model = make_llama(len(tok)) if family == "llama" else make_gpt2(len(tok))
+    model = (make_llama(len(tok)) if family == "llama" else make_gpt2(len(tok))).to(dtype)
     theirs = copy.deepcopy(model)
     hp = make_hparams(
         family,
@@ -149,7 +185,7 @@ def test_against_easyedit_main_memit(family: str, tok: Any, monkeypatch: pytest.
     c0 = {}
     for layer in hp.layers:
         name = hp.rewrite_module_tmp.format(layer)
-        c0[name] = second_moment(model, tok, name)
+        c0[name] = second_moment(model, tok, name).to(dtype)
 
     def fake_get_cov(model: Any, tok: Any, layer_name: str, *args: Any, **kwargs: Any) -> torch.Tensor:
         return c0[layer_name].clone()
@@ -170,6 +206,5 @@ def test_against_easyedit_main_memit(family: str, tok: Any, monkeypatch: pytest.
     for layer in hp.layers:
         name = hp.rewrite_module_tmp.format(layer) + ".weight"
         ours, ref = model.get_parameter(name).detach(), theirs.get_parameter(name).detach()
-        original = make_ref_weight(family, tok, name)
-        assert (ref - original).abs().max() > 1e-3
-        torch.testing.assert_close(ours - original, ref - original, rtol=1e-4, atol=1e-5)
+        assert ours.dtype == ref.dtype == dtype
+        assert_same_update(ours, ref, make_ref_weight(family, tok, name, dtype), f"{name} vs EasyEdit main's MEMIT")

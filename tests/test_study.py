@@ -150,8 +150,13 @@ def test_stats_command_writes_easyedit_layout(world: World, tmp_path: Path, caps
 
 @pytest.mark.easyeditor
 @pytest.mark.skipif(not EASYEDIT_CPU, reason=f"EasyEdit cannot run on the CPU here: {EASYEDIT_REASON}")
-def test_demo_with_easyedit_baselines(world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_with_easyedit_baselines(
+    world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     out_dir = tmp_path / "demo"
+    cwd = tmp_path / "cwd"  # an empty working directory of its own: what the demo leaves there is its own doing
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     rc, out, err = _run(capsys, "demo", *_common(world), "--limit", "4", "--batch-size", "2", "--methods", "ECE-AS",
                         "ROME", "MEMIT", "AlphaEdit", "--out", str(out_dir))
     assert rc == 0, err
@@ -165,7 +170,11 @@ def test_demo_with_easyedit_baselines(world: World, tmp_path: Path, capsys: pyte
     assert runs["ECE-AS"]["via"] == "ece_plugin"
     assert "MEMIT via BaseEditor.batch_edit(sequential_edit=True)" in out
     assert all(s > 0 for name in ("ROME", "MEMIT") for s in runs[name]["edit_seconds_per_batch"])
-    assert not list(Path.cwd().glob("null_space_project.pt"))
+    # AlphaEdit's projection went to a private file (EasyEdit itself would write ./null_space_project.pt); the only
+    # thing in the working directory is what EasyEdit main's BaseEditor always writes: logs/run.log, results.json
+    assert not list(cwd.rglob("null_space_project.pt"))
+    assert {p.name for p in cwd.iterdir()} <= {"logs"}
+    assert not (world.root / "hparams" / "P-absent.pt").exists()
 
 
 def test_method_bars_leave_out_methods_that_did_not_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

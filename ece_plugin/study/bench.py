@@ -94,18 +94,37 @@ def compare_methods(
     protocol: str = "after_all",
     eval_kwargs: Optional[dict[str, Any]] = None,
     title: Optional[str] = None,
+    record_limits: Optional[dict[str, int]] = None,
 ) -> Comparison:
-    """Run every method (sequential batches) and format the Table-1 layout."""
+    """Run every method (sequential batches) and format the Table-1 layout. A method named in
+    ``record_limits`` edits only the first that many records, and the table says so."""
     from .. import evaluation
 
     if not records:
         raise StudyError("no records to edit")
+    limits = {name: n for name, n in (record_limits or {}).items() if n < len(records)}
+    if any(n < 1 for n in limits.values()):
+        raise StudyError(f"record limits must be >= 1, got {limits}")
     runs = run_methods(
-        methods, model, tok, records, batch_size=batch_size, protocol=protocol, eval_kwargs=eval_kwargs
+        methods, model, tok, records, batch_size=batch_size, protocol=protocol, eval_kwargs=eval_kwargs,
+        record_limits=limits,
     )
     comparison = Comparison(n_edits=len(records), batch_size=batch_size, protocol=protocol, runs=runs)
-    comparison.table = evaluation.format_table(comparison.results, title=title) + _via_note(runs)
+    comparison.table = (
+        evaluation.format_table(comparison.results, title=title)
+        + _fewer_records_note(runs, limits, len(records))
+        + _via_note(runs)
+    )
     return comparison
+
+
+def _fewer_records_note(runs: Sequence[MethodRun], limits: dict[str, int], n_records: int) -> str:
+    """One line naming the methods that edited only the first records (empty when none did)."""
+    parts = [f"{r.name} on the first {limits[r.name]} of the {n_records} records" for r in runs
+             if r.available and r.name in limits]
+    if not parts:
+        return ""
+    return "\nFewer records: " + "; ".join(parts) + " (same batches and evaluation), to keep the run short."
 
 
 def _via_note(runs: Sequence[MethodRun]) -> str:

@@ -188,15 +188,19 @@ def run_methods(
     batch_size: int,
     protocol: str = "after_all",
     eval_kwargs: Optional[dict[str, Any]] = None,
+    record_limits: Optional[dict[str, int]] = None,
 ) -> list[MethodRun]:
-    """:func:`run_method` for each method on the same records and batches."""
+    """:func:`run_method` for each method on the same records and batches; a method named in ``record_limits``
+    edits only the first that many records (the same batches, cut short)."""
     from .. import evaluation
 
     runs: list[MethodRun] = []
     kind = (eval_kwargs or {}).get("kind") or evaluation.metric_kind(list(records))
     for method in methods:
+        limit = (record_limits or {}).get(method.name)
+        mine = records[:limit] if limit is not None else records
         logger.info(
-            "running %s (%d records, batches of %d, %s)", method.name, len(records), batch_size, protocol
+            "running %s (%d records, batches of %d, %s)", method.name, len(mine), batch_size, protocol
         )
         have_pre = any(r.available and r.result is not None and r.result.pre_summary for r in runs)
         runs.append(
@@ -204,7 +208,7 @@ def run_methods(
                 method,
                 model,
                 tok,
-                records,
+                mine,
                 batch_size=batch_size,
                 protocol=protocol,
                 eval_kwargs=eval_kwargs,
