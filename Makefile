@@ -68,7 +68,7 @@ easyedit-main-path: $(VENV_MAIN)/.stamp easyedit-main
 	    echo "EasyEdit main: $(EASYEDIT_MAIN) ($$(head -n1 "$(EASYEDIT_MAIN)/SNAPSHOT" 2>/dev/null || git -C "$(EASYEDIT_MAIN)" rev-parse HEAD 2>/dev/null || echo 'commit unknown')), on $(VENV_MAIN)'s import path"; \
 	else \
 	    rm -f "$$pth"; \
-	    echo "EasyEdit main: none at $(EASYEDIT_MAIN) ($(EASYEDIT_MAIN_SHARED) absent, no clone); the tests that need it skip"; \
+	    echo "EasyEdit main: none (no easyeditor/ in EASYEDIT_MAIN=$(EASYEDIT_MAIN)); the tests that need it skip"; \
 	fi
 
 demo: easyedit-main
