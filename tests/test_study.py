@@ -177,6 +177,30 @@ def test_demo_with_easyedit_baselines(
     assert not (world.root / "hparams" / "P-absent.pt").exists()
 
 
+def test_demo_record_limit_cuts_one_method_short_and_says_so(world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--rome-limit` (here on an ECE variant, which runs everywhere): that method edits only the first records, in
+    the same batches, and a line under the table says so."""
+    from ece_plugin.data import load_records
+    from ece_plugin.hparams import ECEHyperParams
+    from ece_plugin.study.baselines import build_methods
+    from ece_plugin.study.bench import compare_methods
+    from ece_plugin.study.common import StudyError, load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(str(world.model_dir), device="cpu")
+    hp = ECEHyperParams.from_hparams(next((world.root / "hparams" / "ECE").glob("*.yaml")))
+    records = load_records(str(world.data), limit=4)
+    methods = build_methods(["ECE-AS", "ECE-RS"], hp, {})
+    comparison = compare_methods(methods, model, tok, records, batch_size=2, eval_kwargs={"generation": False},
+                                 record_limits={"ECE-RS": 2, "ECE-AS": 9})
+    runs = {r.name: r for r in comparison.runs}
+    assert runs["ECE-AS"].result.summary["efficacy"]["n"] == 4 and len(runs["ECE-AS"].batch_seconds) == 2
+    assert runs["ECE-RS"].result.summary["efficacy"]["n"] == 2 and len(runs["ECE-RS"].batch_seconds) == 1
+    assert "Fewer records: ECE-RS on the first 2 of the 4 records" in comparison.table
+    assert "ECE-AS on the first" not in comparison.table  # a limit above the record count is no limit
+    with pytest.raises(StudyError, match="record limits must be >= 1"):
+        compare_methods(methods, model, tok, records, batch_size=2, record_limits={"ECE-RS": 0})
+
+
 def test_method_bars_leave_out_methods_that_did_not_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ece_plugin.study import plots
 
