@@ -87,6 +87,20 @@ def make_tokenizer(bos: bool = True) -> Any:
     )
 
 
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Any:
+    """``ece_plugin.cli.main`` points the root logger at the stderr of its test (basicConfig, force=True), a capture
+    stream closed when that test ends: give every test the root handlers it found, so that no later test logs
+    into a closed stream ("--- Logging error ---" in its stderr)."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _easyedit_line_in_report(record_testsuite_property: Any) -> None:
     """Record, in the JUnit report (`make test` writes one per environment), which EasyEdit line, transformers and
