@@ -230,11 +230,12 @@ def _run(
         t = time.perf_counter()
         if set(written_keys) != set(names):
             raise RuntimeError(f"keys of layers {sorted(set(names) - set(written_keys))} were never read")
-        session.state.stage(
-            {name: written_keys[name].t() for name in names},
-            {w.name + ".weight": (w.idx, w.post, wo.axis, w.pre) for w, wo in zip(writes, w_outs)},
-            n,
-        )
+        if hparams.carry_keys:  # otherwise nothing is carried and the state stays empty
+            session.state.stage(
+                {name: written_keys[name].t() for name in names},
+                {w.name + ".weight": (w.idx, w.post, wo.axis, w.pre) for w, wo in zip(writes, w_outs)},
+                n,
+            )
         t = _tick(timings, "state", t)
         timings["total"] = time.perf_counter() - start
         return _trace(requests, hparams, templates, w_outs, attributions, clusters, zres, writes, timings)

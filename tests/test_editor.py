@@ -152,6 +152,23 @@ def test_sequential_edits_carry_keys(tok: Any) -> None:
     assert get_session(model) is session
 
 
+def test_carry_keys_off_carries_nothing_and_edits_as_the_first_batch(tok: Any) -> None:
+    """carry_keys=false (the MEMIT-equivalent's sequential form): no state is staged, and a second batch is
+    written exactly as a first batch would be on the same weights (no Cprev in its covariance)."""
+    hp = make_hparams("llama", clustering=False, v_num_grad_steps=3, carry_keys=False)
+    model = make_llama(len(tok))
+    session = fake_session(model, hp)
+    apply_ece_to_model(model, tok, FACTS[:2], hp)
+    assert not session.state.has_pending and session.state.n_edits == 0 and session.state.nbytes() == 0
+    fresh = copy.deepcopy(model)
+    fake_session(fresh, hp)
+    apply_ece_to_model(model, tok, FACTS[2:], hp)
+    apply_ece_to_model(fresh, tok, FACTS[2:], hp)
+    name = hp.rewrite_module_tmp.format(hp.layers[0]) + ".weight"
+    assert torch.equal(model.get_parameter(name), fresh.get_parameter(name))
+    assert session.state.n_edits == 0
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_carried_keys_are_the_keys_of_the_edited_model(family: str, tok: Any) -> None:
     """The state carries keys read while writing (layer i after layers < i); they equal a fresh read."""

@@ -237,3 +237,45 @@ def test_bundled_statistics_belong_to_the_shipped_testbed() -> None:
     d_ff = model.config.intermediate_size
     statistics.check_stats_file(path, model, name, spec, d_ff, mom2, sample_size, meta)  # refuses another model's
     assert mom2.shape == (d_ff, d_ff) and count > 0
+
+
+# ----- the scale testbed (issue 14) ------------------------------------------------------------------------
+
+SCALE = REPO / "testbed" / "testbed-llama-scale"
+SCALE_LAYERS = [0, 1, 2, 3]
+scale = pytest.mark.skipif(not (SCALE / MANIFEST_NAME).is_file(), reason=f"no scale testbed at {SCALE}")
+
+
+@scale
+@pytest.mark.slow
+def test_scale_testbed_knows_its_facts() -> None:
+    model, tok = _load(SCALE)
+    manifest = json.loads((SCALE / MANIFEST_NAME).read_text())
+    assert len(manifest["counterfact_case_ids"]) >= 2000 and len(manifest["zsre_indices"]) >= 500
+    trained = set(manifest["counterfact_case_ids"])
+    records = [r for r in json.loads(COUNTERFACT.read_text()) if r["case_id"] in trained][1800:2000]
+    figures = counterfact_preedit(model, tok, records)
+    assert figures.efficacy <= 10.0 and figures.paraphrase <= 20.0 and figures.neighborhood >= 85.0, figures
+
+
+@scale
+@pytest.mark.slow
+def test_scale_testbed_recalls_counterfact_facts_at_every_edit_layer() -> None:
+    model, tok = _load(SCALE)
+    records = json.loads(COUNTERFACT.read_text())[:20]
+    for layer in SCALE_LAYERS:
+        result = subject_recall_probe(model, tok, records, layer=layer, steps=100, lr=1.0)
+        assert result.moved >= 90.0, result
+
+
+def test_scale_hparams_share_layers_and_z_budget_and_give_5_neurons_per_edit() -> None:
+    configs = {alg: yaml.safe_load((HPARAMS / alg / "testbed-llama-scale.yaml").read_text())
+               for alg in ("ECE", "MEMIT", "AlphaEdit")}
+    assert {tuple(c["layers"]) for c in configs.values()} == {tuple(SCALE_LAYERS)}
+    assert {c["v_num_grad_steps"] for c in configs.values()} == {25}
+    assert {c["mom2_update_weight"] for c in configs.values()} == {1000}
+    rome = yaml.safe_load((HPARAMS / "ROME" / "testbed-llama-scale.yaml").read_text())
+    assert len(rome["layers"]) == 1 and rome["layers"][0] in SCALE_LAYERS and rome["v_num_grad_steps"] == 25
+    if (SCALE / "config.json").is_file():
+        d_ff = json.loads((SCALE / "config.json").read_text())["intermediate_size"]
+        assert len(SCALE_LAYERS) * d_ff / 2000 >= 5.0  # edited neurons per edit at 2,000 edits

@@ -458,7 +458,7 @@ def plot_curves(result: LifelongResult, out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         draw(ax, key, label, scale)
         ax.legend(fontsize=7)
-        paths.append(savefig(fig, out_dir / f"lifelong_{key}.png"))
+        paths.append(savefig(fig, out_dir / f"lifelong_{_slug(key)}.png"))
     cols = 3
     nrows = math.ceil(len(metrics) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
