@@ -23,7 +23,7 @@ import torch
 
 from ..data import EditRecord
 from .fluency import GenerationConfig, generate_texts, n_gram_entropy
-from .scoring import EvaluationError, _input_ids, model_device, pad_token_id, score_continuations
+from .scoring import EvaluationError, _input_ids, model_device, score_continuations
 
 
 def read_text(path: Path) -> str:
@@ -121,7 +121,3 @@ def generation_fluency(
         raise EvaluationError("no prompts to measure fluency on")
     return n_gram_entropy(generate_texts(model, tok, list(prompts), config or GenerationConfig()))
 
-
-def pad_id(tok: Any) -> int:
-    """The id padded windows use (never scored)."""
-    return pad_token_id(tok)

@@ -36,6 +36,7 @@ from ..data import EditRecord
 from ..evaluation import general
 from ..evaluation.dispatch import evaluate_records, metric_kind
 from ..evaluation.report import summarize
+from ..evaluation.scoring import pad_token_id
 from .baselines import EditMethod
 from .checkpoint import forget_process_state, load_method_checkpoint, save_method_checkpoint, state_nbytes
 from .common import StudyError, restore_weights, snapshot_weights, write_csv, write_json
@@ -139,7 +140,7 @@ def measure(
         row["retention"] = general.retention(
             model, tok, general.retention_pairs(probes.retention_records), batch_size=config.eval_batch_size
         )
-    pad = general.pad_id(tok)
+    pad = pad_token_id(tok)
     row["perplexity"] = {name: general.perplexity(model, w, pad=pad, batch_size=config.eval_batch_size)
                          for name, w in probes.windows.items()}
     if probes.fluency_prompts:
@@ -201,74 +202,66 @@ def _seed(config: LifelongConfig, batch_index: int) -> None:
     torch.manual_seed(config.seed + batch_index)
 
 
-def run_lifelong_method(
-    method: EditMethod,
-    model: torch.nn.Module,
-    tok: Any,
-    probes: Probes,
-    config: LifelongConfig,
-    folder: RunFolder,
-    pre_cases: Optional[list[dict[str, Any]]],
-    progress_bar: bool = True,
-) -> MethodProgress:
-    """Run (or resume) one method's sequence; the model's edited weights are restored afterwards."""
-    progress = folder.load_progress(method.name)
-    if progress.finished(config):
-        logger.info("%s: already finished in %s", method.name, folder.path)
-        return progress
-    ok, reason = method.availability(model)
-    if not ok:
-        logger.warning("%s cannot run: %s", method.name, reason)
-        progress.available, progress.reason = False, reason
-        folder.save_progress(progress)
-        return progress
-    names = method.edited_weight_names(model)
-    pristine = snapshot_weights(model, names)
-    try:
-        method.reset(model)
-        forget_process_state(method, model)
-        method.prepare(model, tok)
-        if progress.n_done:
-            logger.info("%s: resuming after %d edits", method.name, progress.n_done)
-            load_method_checkpoint(method, model, folder.checkpoint_dir(method.name))
-        _run_batches(method, model, tok, probes, config, folder, progress, pre_cases, progress_bar)
-    finally:
-        restore_weights(model, pristine)
-        method.reset(model)
-    return progress
+@dataclass
+class LifelongRun:
+    """What every method of one run shares: the model, the measuring sticks, the options and the folder."""
 
+    model: torch.nn.Module
+    tok: Any
+    probes: Probes
+    config: LifelongConfig
+    folder: RunFolder
+    pre_cases: Optional[list[dict[str, Any]]]
+    progress_bar: bool = True
 
-def _run_batches(
-    method: EditMethod,
-    model: torch.nn.Module,
-    tok: Any,
-    probes: Probes,
-    config: LifelongConfig,
-    folder: RunFolder,
-    progress: MethodProgress,
-    pre_cases: Optional[list[dict[str, Any]]],
-    progress_bar: bool,
-) -> None:
-    checkpoints = set(config.checkpoints())
-    starts = list(range(progress.n_done, config.n_edits, config.batch_size))
-    bar = tqdm(starts, desc=f"{method.name} lifelong", unit="batch", disable=not progress_bar)
-    for start in bar:
-        batch = probes.records[start : start + config.batch_size]
-        _seed(config, start // config.batch_size)
-        outcome = method.edit_batch(model, tok, [r.to_request() for r in batch])
-        progress.batch_seconds.append(outcome.seconds)
-        n_done = start + len(batch)
-        if n_done in checkpoints:
-            row = measure(model, tok, probes, config, n_done, pre_cases)
-            row["seconds_per_batch"] = sum(progress.batch_seconds) / len(progress.batch_seconds)
-            row["state_bytes"] = state_nbytes(method, model)
-            progress.rows.append(row)
-            progress.n_done = n_done
-            save_method_checkpoint(method, model, folder.checkpoint_dir(method.name))
+    def run_method(self, method: EditMethod) -> MethodProgress:
+        """Run (or resume) one method's sequence; the model's edited weights are restored afterwards."""
+        model, folder = self.model, self.folder
+        progress = folder.load_progress(method.name)
+        if progress.finished(self.config):
+            logger.info("%s: already finished in %s", method.name, folder.path)
+            return progress
+        ok, reason = method.availability(model)
+        if not ok:
+            logger.warning("%s cannot run: %s", method.name, reason)
+            progress.available, progress.reason = False, reason
             folder.save_progress(progress)
-            edits = row["edits"]
-            bar.set_postfix(ES=f"{100 * edits['efficacy']['mean']:.1f}", n=n_done)
-            logger.info("%s: %d edits: %s", method.name, n_done, _brief(row))
+            return progress
+        pristine = snapshot_weights(model, method.edited_weight_names(model))
+        try:
+            method.reset(model)
+            forget_process_state(method, model)
+            method.prepare(model, self.tok)
+            if progress.n_done:
+                logger.info("%s: resuming after %d edits", method.name, progress.n_done)
+                load_method_checkpoint(method, model, folder.checkpoint_dir(method.name))
+            self._run_batches(method, progress)
+        finally:
+            restore_weights(model, pristine)
+            method.reset(model)
+        return progress
+
+    def _run_batches(self, method: EditMethod, progress: MethodProgress) -> None:
+        config, model, tok = self.config, self.model, self.tok
+        checkpoints = set(config.checkpoints())
+        starts = list(range(progress.n_done, config.n_edits, config.batch_size))
+        bar = tqdm(starts, desc=f"{method.name} lifelong", unit="batch", disable=not self.progress_bar)
+        for start in bar:
+            batch = self.probes.records[start : start + config.batch_size]
+            _seed(config, start // config.batch_size)
+            outcome = method.edit_batch(model, tok, [r.to_request() for r in batch])
+            progress.batch_seconds.append(outcome.seconds)
+            n_done = start + len(batch)
+            if n_done in checkpoints:
+                row = measure(model, tok, self.probes, config, n_done, self.pre_cases)
+                row["seconds_per_batch"] = sum(progress.batch_seconds) / len(progress.batch_seconds)
+                row["state_bytes"] = state_nbytes(method, model)
+                progress.rows.append(row)
+                progress.n_done = n_done
+                save_method_checkpoint(method, model, self.folder.checkpoint_dir(method.name))
+                self.folder.save_progress(progress)
+                bar.set_postfix(ES=f"{100 * row['edits']['efficacy']['mean']:.1f}", n=n_done)
+                logger.info("%s: %d edits: %s", method.name, n_done, _brief(row))
 
 
 def _brief(row: dict[str, Any]) -> str:
@@ -322,10 +315,9 @@ def run_lifelong(
         pre = measure(model, tok, probes, config, 0, None)
         write_json(pre_path, pre)
     result = LifelongResult(config=config, kind=probes.kind, pre=pre, methods=[], meta=dict(meta or {}))
+    run = LifelongRun(model, tok, probes, config, folder, pre.get("cases"), progress_bar)
     for method in methods:
-        result.methods.append(
-            run_lifelong_method(method, model, tok, probes, config, folder, pre.get("cases"), progress_bar)
-        )
+        result.methods.append(run.run_method(method))
         write_outputs(result, out_dir)
     return result
 
