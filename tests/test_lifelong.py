@@ -108,6 +108,19 @@ def test_lifelong_refuses_bad_options(tmp_path: Path, capsys: pytest.CaptureFixt
     assert LifelongConfig(n_edits=10, batch_size=2, checkpoint_every=4).checkpoints() == [4, 8, 10]
 
 
+def test_retention_overlap_is_checked_within_one_data_set() -> None:
+    from ece_plugin.data import load_records
+    from ece_plugin.study.lifelong import Probes
+
+    config = LifelongConfig(n_edits=4, batch_size=2, checkpoint_every=2)
+    counterfact = load_records(REPO / "data" / "counterfact" / "counterfact-edit.json", limit=6)
+    zsre = load_records(ZSRE, limit=6)
+    assert {r.case_id for r in zsre} & {r.case_id for r in counterfact[:4]}  # the same numbers, other facts
+    Probes(records=counterfact, retention_records=zsre, texts={}).prepare(None, config)
+    with pytest.raises(StudyError, match=r"must never be edited; case_ids \[.*\] are in the edits"):
+        Probes(records=counterfact, retention_records=counterfact[3:], texts={}).prepare(None, config)
+
+
 def test_perplexity_matches_a_direct_computation() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -100,8 +100,8 @@ class Probes:
         if len(self.records) < config.n_edits:
             raise StudyError(f"{config.n_edits} edits asked for, {len(self.records)} records given")
         self.records = self.records[: config.n_edits]
-        ids = {r.case_id for r in self.records}
-        overlap = [r.case_id for r in self.retention_records if r.case_id in ids]
+        ids = {(r.kind, r.case_id) for r in self.records}  # case_ids number the facts of one data set
+        overlap = [r.case_id for r in self.retention_records if (r.kind, r.case_id) in ids]
         if overlap:
             raise StudyError(f"retention records must never be edited; case_ids {overlap[:5]} are in the edits")
         self.kind = metric_kind(self.records)
