@@ -71,6 +71,14 @@ def test_lifelong_end_to_end_and_resume(tmp_path: Path, monkeypatch: pytest.Monk
     assert len(csv_lines) == 1 + 1 + 2  # header, pre-edit, two checkpoints
     assert "| ECE-AS | 4 |" in (whole / "lifelong.md").read_text()
     assert (whole / "lifelong.png").stat().st_size > 0 and (whole / "lifelong_efficacy.png").is_file()
+    # per-batch diagnostics of ECE's traces: first batch writes nothing that was written before
+    diagnostics = data["methods"][0]["diagnostics"]
+    assert len(diagnostics) == 2 and all(d["n_edits"] == 2 for d in diagnostics)
+    assert diagnostics[0]["overlap"] == 0.0 and 0.0 <= diagnostics[1]["overlap"] <= 1.0
+    assert all(d["z_reached"] in (0.0, 0.5, 1.0) and 0.0 <= d["z_clamped"] <= 1.0 for d in diagnostics)
+    assert all(d["update_norm"] > 0 and d["layers"][0]["batch_set_size"] > 0 for d in diagnostics)
+    assert len((whole / "lifelong_diagnostics.csv").read_text().splitlines()) == 1 + 2
+    assert (whole / "lifelong_diagnostics.png").stat().st_size > 0
 
     # The same run interrupted in its second batch (after the first checkpoint), then resumed.
     cut = tmp_path / "cut"
@@ -81,6 +89,8 @@ def test_lifelong_end_to_end_and_resume(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(ECEMethod, "edit_batch", original)
     assert cli.main(["--log-level", "WARNING", "lifelong", "--resume", str(cut)]) == 0
     assert _rows(cut) == _rows(whole)
+    resumed = json.loads((cut / "lifelong.json").read_text())["methods"][0]["diagnostics"]
+    assert resumed == diagnostics  # the overlap of batch 2 needs batch 1's neurons, kept in the progress file
     from safetensors.torch import load_file
 
     a = load_file(str(next((whole / "checkpoints").glob("*/weights.safetensors"))))
@@ -119,6 +129,27 @@ def test_retention_overlap_is_checked_within_one_data_set() -> None:
     Probes(records=counterfact, retention_records=zsre, texts={}).prepare(None, config)
     with pytest.raises(StudyError, match=r"must never be edited; case_ids \[.*\] are in the edits"):
         Probes(records=counterfact, retention_records=counterfact[3:], texts={}).prepare(None, config)
+
+
+def test_batch_diagnostics_from_a_trace() -> None:
+    from ece_plugin.study.diagnostics import batch_diagnostics, flat_diagnostics
+
+    def trace(batch_set: list[int], reached: list[bool], delta: list[float]) -> dict[str, Any]:
+        layer = {"layer": 2, "module": "m.2", "batch_set": batch_set, "edit_set_sizes": [2, 4],
+                 "residual_norm": 3.0, "update_norm": 1.5}
+        z = {"reached_target": reached, "delta_norm": delta, "h_norm": [2.0, 2.0], "final_loss": [0.1, 0.3]}
+        return {"n_edits": 2, "z": z, "layers": [layer]}
+
+    written: dict[str, set[int]] = {}
+    first = batch_diagnostics(trace([1, 2, 3, 4], [True, False], [8.0, 1.0]), written, 4.0)
+    assert first["z_reached"] == 0.5 and first["z_clamped"] == 0.5  # 8 / 2 = the clamp 4
+    assert first["z_delta_ratio"] == pytest.approx(2.25) and first["z_final_loss"] == pytest.approx(0.2)
+    assert first["overlap"] == 0.0 and first["layers"][0]["edit_set_size"] == 3.0
+    second = batch_diagnostics(trace([3, 4, 5, 6, 7], [True, True], [1.0, 1.0]), written, 4.0)
+    assert second["overlap"] == pytest.approx(2 / 5) and written == {"m.2": {1, 2, 3, 4, 5, 6, 7}}
+    rows = flat_diagnostics("ECE-AS", [first, second])
+    assert [r["edits_done"] for r in rows] == [2, 4] and rows[1]["layer2_overlap"] == pytest.approx(0.4)
+    assert batch_diagnostics(trace([1], [True, True], [1.0, 1.0]), {}, None)["z_clamped"] is None
 
 
 def test_perplexity_matches_a_direct_computation() -> None:
@@ -180,4 +211,5 @@ def test_lifelong_easyedit_baseline_resumes_exactly(alg: str, tmp_path: Path, mo
     monkeypatch.setattr(EasyEditMethod, "edit_batch", original)
     assert cli.main(["--log-level", "WARNING", "lifelong", "--resume", str(cut)]) == 0
     assert _rows(cut) == _rows(whole)
+    assert json.loads((whole / "lifelong.json").read_text())["methods"][0]["diagnostics"] == []  # no trace
     assert json.loads((cut / "lifelong.json").read_text())["methods"][0]["available"]

@@ -8,7 +8,10 @@ At every checkpoint (and before the first edit) the model is measured on
   (:func:`ece_plugin.evaluation.general.retention`);
 * general ability: perplexity on held-out text and fluency of greedy generations;
 
-together with the seconds per batch so far and the size of what the method carries between batches. Each
+together with the seconds per batch so far and the size of what the method carries between batches. For ECE
+methods every batch also leaves diagnostics read from its trace (:mod:`ece_plugin.study.diagnostics`: how many z
+reached their target or sit at the clamp, how much of the batch's neuron set earlier batches wrote, residual and
+update norms), written to ``lifelong_diagnostics.csv`` / ``.png``. Each
 checkpoint also saves the edited weights and the method's carried state
 (:mod:`ece_plugin.study.checkpoint`) with a progress file written last, so an interrupted run resumes from
 its last checkpoint (``--resume``) with the same results as a run that was never interrupted: before batch i
@@ -40,6 +43,7 @@ from ..evaluation.scoring import pad_token_id
 from .baselines import EditMethod
 from .checkpoint import forget_process_state, load_method_checkpoint, save_method_checkpoint, state_nbytes
 from .common import StudyError, restore_weights, snapshot_weights, write_csv, write_json
+from .diagnostics import batch_diagnostics, flat_diagnostics, plot_diagnostics
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +171,8 @@ class MethodProgress:
     rows: list[dict[str, Any]] = field(default_factory=list)
     available: bool = True
     reason: str = ""
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)  # per batch, ECE methods only
+    written_neurons: dict[str, list[int]] = field(default_factory=dict)  # module -> neurons written so far
 
     def finished(self, config: LifelongConfig) -> bool:
         return not self.available or self.n_done >= config.n_edits
@@ -251,6 +257,8 @@ class LifelongRun:
             _seed(config, start // config.batch_size)
             outcome = method.edit_batch(model, tok, [r.to_request() for r in batch])
             progress.batch_seconds.append(outcome.seconds)
+            if outcome.trace is not None:
+                self._diagnose(method, progress, outcome.trace)
             n_done = start + len(batch)
             if n_done in checkpoints:
                 row = measure(model, tok, self.probes, config, n_done, self.pre_cases)
@@ -262,6 +270,25 @@ class LifelongRun:
                 self.folder.save_progress(progress)
                 bar.set_postfix(ES=f"{100 * row['edits']['efficacy']['mean']:.1f}", n=n_done)
                 logger.info("%s: %d edits: %s", method.name, n_done, _brief(row))
+
+
+    @staticmethod
+    def _diagnose(method: EditMethod, progress: MethodProgress, trace: dict[str, Any]) -> None:
+        """Append the batch's :func:`~ece_plugin.study.diagnostics.batch_diagnostics` to ``progress``."""
+        written = {name: set(idx) for name, idx in progress.written_neurons.items()}
+        clamp = getattr(getattr(method, "hparams", None), "clamp_norm_factor", None)
+        found = batch_diagnostics(trace, written, clamp)
+        progress.diagnostics.append(found)
+        progress.written_neurons = {name: sorted(idx) for name, idx in written.items()}
+        logger.info(
+            "%s batch %d: z reached %s, at the clamp %s, neurons written before %s",
+            method.name, len(progress.diagnostics), _pct(found["z_reached"]), _pct(found["z_clamped"]),
+            _pct(found["overlap"]),
+        )
+
+
+def _pct(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f} %"
 
 
 def _brief(row: dict[str, Any]) -> str:
@@ -289,7 +316,9 @@ class LifelongResult:
             "config": dataclasses.asdict(self.config),
             "meta": self.meta,
             "pre_edit": {k: v for k, v in self.pre.items() if k != "cases"},
-            "methods": [dataclasses.asdict(m) for m in self.methods],
+            "methods": [
+                {k: v for k, v in dataclasses.asdict(m).items() if k != "written_neurons"} for m in self.methods
+            ],
         }
 
 
@@ -476,4 +505,12 @@ def write_outputs(result: LifelongResult, out_dir: Path) -> dict[str, Path]:
     }
     if any(p.rows for p in result.methods):
         paths["png"] = plot_curves(result, out_dir)[-1]
+    diagnosed = {p.method: p.diagnostics for p in result.methods if p.diagnostics}
+    if diagnosed:
+        rows = [row for method, d in diagnosed.items() for row in flat_diagnostics(method, d)]
+        paths["diagnostics_csv"] = write_csv(out_dir / "lifelong_diagnostics.csv", rows)
+        title = f"{result.kind}: where each batch's edit stands ({result.config.batch_size} edits per batch)"
+        png = plot_diagnostics(diagnosed, out_dir / "lifelong_diagnostics.png", title)
+        if png is not None:
+            paths["diagnostics_png"] = png
     return paths

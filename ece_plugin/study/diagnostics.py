@@ -1,0 +1,122 @@
+"""Where sequential editing breaks, batch by batch: what ECE's trace of each batch says about z and the write.
+
+For every batch of a lifelong run of an ECE method, :func:`batch_diagnostics` reads the batch's trace
+(:class:`~ece_plugin.trace.ECETrace` as a dict) and keeps
+
+* ``z_reached``: the share of edits whose z makes the model predict every target token (greedy);
+* ``z_clamped``: the share of edits whose ``||z - h||`` sits at the clamp ``clamp_norm_factor * ||h||``;
+* ``z_delta_ratio``: the mean ``||z - h|| / ||h||``, and ``z_final_loss``, the mean final z loss;
+* per edited layer: the batch neuron set's size, the mean per-edit set size, the share of the batch set that
+  earlier batches already wrote (``overlap``), the mean residual ``||z - cur||`` before the layer's write and the
+  update's Frobenius norm.
+
+:func:`plot_diagnostics` draws them against the number of edits. The EasyEdit baselines leave no trace, so they
+have no diagnostics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+CLAMP_TOLERANCE = 1e-3  # ||z - h|| within 0.1 % of the clamp counts as clamped
+
+PLOTTED: list[tuple[str, str, float]] = [
+    ("z_reached", "z reaches its target (% of the batch)", 100.0),
+    ("z_clamped", "z at the clamp (% of the batch)", 100.0),
+    ("z_delta_ratio", "mean ||z - h|| / ||h||", 1.0),
+    ("overlap", "batch neurons written before (%, mean of layers)", 100.0),
+    ("residual_norm", "residual ||z - cur|| before the write (mean of layers)", 1.0),
+    ("update_norm", "update norm ||Delta|| (mean of layers)", 1.0),
+]
+
+
+def _mean(values: Sequence[float]) -> Optional[float]:
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return sum(finite) / len(finite) if finite else None
+
+
+def batch_diagnostics(
+    trace: dict[str, Any], written_before: dict[str, set[int]], clamp_norm_factor: Optional[float]
+) -> dict[str, Any]:
+    """One batch's diagnostics; ``written_before`` (module -> neurons written by earlier batches) is updated
+    with this batch's neurons."""
+    z = trace.get("z") or {}
+    reached = z.get("reached_target") or []
+    delta, h = z.get("delta_norm") or [], z.get("h_norm") or []
+    ratios = [d / n for d, n in zip(delta, h) if n]
+    clamped = None
+    if clamp_norm_factor is not None and ratios:
+        clamped = sum(r >= clamp_norm_factor * (1 - CLAMP_TOLERANCE) for r in ratios) / len(ratios)
+    layers = []
+    for layer in trace.get("layers") or []:
+        batch_set = set(layer["batch_set"])
+        before = written_before.setdefault(layer["module"], set())
+        layers.append({
+            "layer": layer["layer"],
+            "batch_set_size": len(batch_set),
+            "edit_set_size": _mean(layer.get("edit_set_sizes") or []),
+            "overlap": len(batch_set & before) / len(batch_set) if batch_set else None,
+            "residual_norm": layer.get("residual_norm"),
+            "update_norm": layer.get("update_norm"),
+        })
+        before |= batch_set
+    return {
+        "n_edits": int(trace.get("n_edits") or len(reached)),
+        "z_reached": sum(bool(r) for r in reached) / len(reached) if reached else None,
+        "z_clamped": clamped,
+        "z_delta_ratio": _mean(ratios),
+        "z_final_loss": _mean(z.get("final_loss") or []),
+        "overlap": _mean([lay["overlap"] for lay in layers]),
+        "residual_norm": _mean([lay["residual_norm"] for lay in layers]),
+        "update_norm": _mean([lay["update_norm"] for lay in layers]),
+        "layers": layers,
+    }
+
+
+def flat_diagnostics(method: str, diagnostics: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """CSV rows: one per batch (edits done, the batch means and every layer's figures)."""
+    rows, done = [], 0
+    for i, d in enumerate(diagnostics):
+        done += d["n_edits"]
+        row: dict[str, Any] = {"method": method, "batch": i + 1, "edits_done": done}
+        row.update({k: v for k, v in d.items() if k not in ("layers", "n_edits")})
+        for lay in d["layers"]:
+            for key, value in lay.items():
+                if key != "layer":
+                    row[f"layer{lay['layer']}_{key}"] = value
+        rows.append(row)
+    return rows
+
+
+def plot_diagnostics(per_method: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Optional[Path]:
+    """A grid of :data:`PLOTTED` against the number of edits, one line per method; None when nothing to draw."""
+    per_method = {m: d for m, d in per_method.items() if d}
+    if not per_method:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .common import savefig
+
+    cols = 3
+    nrows = math.ceil(len(PLOTTED) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
+    for ax, (key, label, scale) in zip(axes.flat, PLOTTED):
+        for method, diagnostics in per_method.items():
+            points = [(r["edits_done"], r[key] * scale) for r in flat_diagnostics(method, diagnostics)
+                      if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=method)
+        ax.set_xlabel("number of edits")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
+    return savefig(fig, path)
