@@ -459,7 +459,7 @@ def plot_curves(result: LifelongResult, out_dir: Path) -> list[Path]:
     rows = flat_rows(result)
     pre = rows[0]
     metrics = list(PLOT_METRICS)
-    metrics[6:6] = [(k, f"Perplexity, {k[len('perplexity_'):]}", 1.0) for k in pre if k.startswith("perplexity_")]
+    metrics[6:6] = [(k, f"Perplexity, {k[len('perplexity_'):]} (log scale)", 1.0) for k in pre if k.startswith("perplexity_")]
     metrics = [m for m in metrics if any(r.get(m[0]) is not None for r in rows)]
     methods = [p.method for p in result.methods if p.rows]
 
@@ -470,6 +470,8 @@ def plot_curves(result: LifelongResult, out_dir: Path) -> list[Path]:
                 ax.plot(*zip(*points), marker="o", markersize=3, label=name)
         if pre.get(key) is not None:
             ax.axhline(pre[key] * scale, linestyle="--", color="grey", label="pre-edit")
+        if key.startswith("perplexity_"):
+            ax.set_yscale("log")  # a collapsing method's perplexity grows by orders of magnitude
         ax.set_xlabel("number of edits")
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
