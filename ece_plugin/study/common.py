@@ -113,6 +113,39 @@ def savefig(fig: Any, path: PathLike) -> Path:
     return Path(path)
 
 
+Panel = tuple[str, str, float]  # (key, title, scale)
+
+
+def save_curve_grid(
+    panels: Sequence[Panel], draw: Any, title: str, path: PathLike, cols: int = 3
+) -> Path:
+    """One figure of ``panels`` (``draw(ax, key, scale)`` plots each one's lines against the number of edits),
+    with a shared legend and ``title``, saved to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
+    for ax, (key, label, scale) in zip(axes.flat, panels):
+        draw(ax, key, scale)
+        style_curve_axis(ax, label)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    return savefig(fig, path)
+
+
+def style_curve_axis(ax: Any, label: str) -> None:
+    ax.set_xlabel("number of edits")
+    ax.set_title(label, fontsize=9)
+    ax.grid(alpha=0.3)
+
+
 # ----------------------------------------------------------------------------- model
 def resolve_device(device: Optional[str]) -> torch.device:
     """'auto' / None -> cuda when available, else cpu; otherwise the named device."""

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from .common import save_curve_grid
+
 CLAMP_TOLERANCE = 1e-3  # ||z - h|| within 0.1 % of the clamp counts as clamped
 
 PLOTTED: list[tuple[str, str, float]] = [
@@ -96,27 +98,11 @@ def plot_diagnostics(per_method: dict[str, list[dict[str, Any]]], path: Path, ti
     per_method = {m: d for m, d in per_method.items() if d}
     if not per_method:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .common import savefig
-
-    cols = 3
-    nrows = math.ceil(len(PLOTTED) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
-    for ax, (key, label, scale) in zip(axes.flat, PLOTTED):
+    def draw(ax: Any, key: str, scale: float) -> None:
         for method, diagnostics in per_method.items():
             points = [(r["edits_done"], r[key] * scale) for r in flat_diagnostics(method, diagnostics)
                       if r.get(key) is not None]
             if points:
                 ax.plot(*zip(*points), marker="o", markersize=3, label=method)
-        ax.set_xlabel("number of edits")
-        ax.set_title(label, fontsize=9)
-        ax.grid(alpha=0.3)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
-    return savefig(fig, path)
+
+    return save_curve_grid(PLOTTED, draw, title, path)

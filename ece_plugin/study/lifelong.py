@@ -42,7 +42,16 @@ from ..evaluation.report import summarize
 from ..evaluation.scoring import pad_token_id
 from .baselines import EditMethod
 from .checkpoint import forget_process_state, load_method_checkpoint, save_method_checkpoint, state_nbytes
-from .common import StudyError, restore_weights, snapshot_weights, write_csv, write_json
+from .common import (
+    StudyError,
+    restore_weights,
+    save_curve_grid,
+    savefig,
+    snapshot_weights,
+    style_curve_axis,
+    write_csv,
+    write_json,
+)
 from .diagnostics import batch_diagnostics, flat_diagnostics, plot_diagnostics
 
 logger = logging.getLogger(__name__)
@@ -271,7 +280,6 @@ class LifelongRun:
                 bar.set_postfix(ES=f"{100 * row['edits']['efficacy']['mean']:.1f}", n=n_done)
                 logger.info("%s: %d edits: %s", method.name, n_done, _brief(row))
 
-
     @staticmethod
     def _diagnose(method: EditMethod, progress: MethodProgress, trace: dict[str, Any]) -> None:
         """Append the batch's :func:`~ece_plugin.study.diagnostics.batch_diagnostics` to ``progress``."""
@@ -454,16 +462,15 @@ def plot_curves(result: LifelongResult, out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .common import savefig
-
     rows = flat_rows(result)
     pre = rows[0]
     metrics = list(PLOT_METRICS)
-    metrics[6:6] = [(k, f"Perplexity, {k[len('perplexity_'):]} (log scale)", 1.0) for k in pre if k.startswith("perplexity_")]
+    metrics[6:6] = [(k, f"Perplexity, {k[len('perplexity_'):]} (log scale)", 1.0) for k in pre
+                    if k.startswith("perplexity_")]
     metrics = [m for m in metrics if any(r.get(m[0]) is not None for r in rows)]
     methods = [p.method for p in result.methods if p.rows]
 
-    def draw(ax: Any, key: str, label: str, scale: float) -> None:
+    def draw(ax: Any, key: str, scale: float) -> None:
         for name in methods:
             points = [(r["n_edits"], r[key] * scale) for r in rows if r["method"] == name and r.get(key) is not None]
             if points:
@@ -472,29 +479,17 @@ def plot_curves(result: LifelongResult, out_dir: Path) -> list[Path]:
             ax.axhline(pre[key] * scale, linestyle="--", color="grey", label="pre-edit")
         if key.startswith("perplexity_"):
             ax.set_yscale("log")  # a collapsing method's perplexity grows by orders of magnitude
-        ax.set_xlabel("number of edits")
-        ax.set_title(label, fontsize=9)
-        ax.grid(alpha=0.3)
 
     paths: list[Path] = []
     for key, label, scale in metrics:
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        draw(ax, key, label, scale)
+        draw(ax, key, scale)
+        style_curve_axis(ax, label)
         ax.legend(fontsize=7)
         paths.append(savefig(fig, out_dir / f"lifelong_{_slug(key)}.png"))
-    cols = 3
-    nrows = math.ceil(len(metrics) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
-    for ax, (key, label, scale) in zip(axes.flat, metrics):
-        draw(ax, key, label, scale)
-    for ax in list(axes.flat)[len(metrics):]:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     cfg = result.config
-    fig.suptitle(f"{result.kind}: sequential edits in batches of {cfg.batch_size} ({PROTOCOL})", fontsize=10)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
-    paths.append(savefig(fig, out_dir / "lifelong.png"))
+    title = f"{result.kind}: sequential edits in batches of {cfg.batch_size} ({PROTOCOL})"
+    paths.append(save_curve_grid(metrics, draw, title, out_dir / "lifelong.png"))
     return paths
 
 
