@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 
 import ece_plugin.editor as editor  # noqa: E402
 from ece_plugin.cli import main  # noqa: E402
+from ece_plugin.hparams import ECEHyperParams  # noqa: E402
 
 HPARAMS = REPO / "hparams" / "ECE" / "testbed-llama-scale.yaml"
 MODEL = REPO / "testbed" / "testbed-llama-scale"
@@ -99,10 +100,11 @@ def run(argv: list[str]) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     hparams = yaml.safe_load(HPARAMS.read_text())
+    known = {f.name for f in dataclasses.fields(ECEHyperParams)}
     for item in args.set:
         key, _, value = item.partition("=")
-        if key not in hparams and key not in ("carry_keys", "clustering"):
-            p.error(f"--set {item}: {key!r} is not a key of {HPARAMS.name}")
+        if key not in known:
+            p.error(f"--set {item}: {key!r} is not an ECE hyperparameter")
         hparams[key] = yaml.safe_load(value)
     if args.rewind_z:
         rewind_z()
