@@ -20,7 +20,13 @@ from ece_plugin.testbed import (
     counterfact_preedit,
     subject_recall_probe,
 )
-from ece_plugin.testbed.facts import SequenceSampler, TestbedDataError, cluster_relations, load_json_records
+from ece_plugin.testbed.facts import (
+    SequenceSampler,
+    TestbedDataError,
+    cluster_relations,
+    cluster_zsre_relations,
+    load_json_records,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
@@ -167,6 +173,51 @@ def test_fact_world_and_sampler_are_deterministic() -> None:
     texts_b = list(SequenceSampler(world, SamplerConfig(), seed=1).texts(20, 200))
     assert texts_a == texts_b
     assert any("French." in t for t in SequenceSampler(world, SamplerConfig(), seed=1).texts(200, 200))
+
+
+ZSRE = DATA / "zsre" / "zsre_mend_eval.json"
+
+
+def test_zsre_questions_cluster_into_relations() -> None:
+    records = json.loads(ZSRE.read_text())
+    template_relation, relations = cluster_zsre_relations(records)
+    # a record's question and its rephrase are one relation; the same template in two records joins them
+    assert template_relation["What war did {} fight in?"] == template_relation["In which war did {} fight?"]
+    assert template_relation["What war did {} fight in?"] != template_relation["What voice type is {}?"]
+    assert all(name.startswith("zsre-") for name in relations)
+    assert sorted(t for ts in relations.values() for t in ts) == sorted(template_relation)
+    assert 100 <= len(relations) < len(template_relation)
+
+
+def test_zsre_relations_and_target_mentions_in_the_fact_world() -> None:
+    rome = DATA / "counterfact" / "counterfact-rome-format.json"
+    plain = build_fact_world(COUNTERFACT, 20, None, 0, rome, ZSRE, 30, [WIKI_VALID])
+    grouped = build_fact_world(COUNTERFACT, 20, None, 0, rome, ZSRE, 30, [WIKI_VALID], zsre_relations=True)
+    zsre_plain = [f for f in plain.facts if f.source == "zsre"]
+    zsre_grouped = [f for f in grouped.facts if f.source == "zsre"]
+    assert [f.relation for f in zsre_plain] == [None] * 30
+    assert all(f.relation in grouped.relations for f in zsre_grouped)
+    assert [(f.subject, f.answer, f.prompts) for f in zsre_plain] == [
+        (f.subject, f.answer, f.prompts) for f in zsre_grouped]
+    records = json.loads(ZSRE.read_text())[:30]
+    alts = {r["alt"].strip() for r in records}  # some zsRE alts start with a space
+    assert alts <= set(grouped.mentions) and "English" in grouped.mentions  # a CounterFact target_new
+    assert len(grouped.mentions) == len(set(grouped.mentions))
+    # mention_prob 0 (the default) draws nothing extra: the text stream is what it was before the option
+    base = list(SequenceSampler(plain, SamplerConfig(), seed=3).texts(30, 200))
+    world_no_mentions = build_fact_world(COUNTERFACT, 20, None, 0, rome, ZSRE, 30, [WIKI_VALID])
+    world_no_mentions.mentions = []
+    assert base == list(SequenceSampler(world_no_mentions, SamplerConfig(), seed=3).texts(30, 200))
+    mixed = " ".join(SequenceSampler(plain, SamplerConfig(mention_prob=0.5), seed=3).texts(100, 200))
+    assert sum(f" {alt}." in mixed for alt in alts) >= 10
+
+
+def test_mention_prob_outside_unit_interval_is_refused(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path / "tb-llama")
+    config.sampler = SamplerConfig(mention_prob=1.0)
+    with pytest.raises(TestbedConfigError, match="mention_prob"):
+        build_testbed(config)
+    assert not (tmp_path / "tb-llama").exists()
 
 
 def test_preedit_and_probe_run_on_tiny_model(tiny_llama: Path) -> None:

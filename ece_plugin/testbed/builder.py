@@ -60,6 +60,7 @@ class TestbedConfig:
     rome_format_path: Optional[Path] = DATA_DIR / "counterfact" / "counterfact-rome-format.json"
     zsre_path: Optional[Path] = DATA_DIR / "zsre" / "zsre_mend_eval.json"
     n_zsre: int = 300
+    zsre_relations: bool = False
     wiki_paths: tuple[Path, ...] = (
         DATA_DIR / "wikitext-2-raw" / "wiki.valid.raw",
         DATA_DIR / "wikitext-2-raw" / "wiki.test.raw",
@@ -101,6 +102,8 @@ class TestbedConfig:
             raise TestbedConfigError(f"hidden_size {self.hidden_size} is not divisible by n_heads {self.n_heads}")
         if not self.lr > 0:
             raise TestbedConfigError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.sampler.mention_prob < 1.0:
+            raise TestbedConfigError(f"mention_prob must be in [0, 1), got {self.sampler.mention_prob}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise TestbedConfigError(f"max_minutes must be positive, got {self.max_minutes}")
 
@@ -173,6 +176,8 @@ def _tokenizer_corpus(world: FactWorld, sampler: SequenceSampler, n_texts: int) 
     texts = list(world.wiki_lines)
     for fact in world.facts:
         texts.extend(f"{prompt} {fact.answer}." for prompt in fact.prompts)
+    if sampler.config.mention_prob > 0:
+        texts.extend(f"{mention}." for mention in world.mentions)
     texts.extend(sampler.texts(n_texts, 200))
     return texts
 
@@ -282,6 +287,7 @@ def build_testbed(config: TestbedConfig) -> Path:
             zsre_path=Path(config.zsre_path) if config.zsre_path else None,
             n_zsre=config.n_zsre,
             wiki_paths=[Path(p) for p in config.wiki_paths],
+            zsre_relations=config.zsre_relations,
         )
         corpus_sampler = SequenceSampler(world, config.sampler, seed=config.seed + 1)
         tokenizer = train_bpe_tokenizer(_tokenizer_corpus(world, corpus_sampler, 4000), config.vocab_size)
@@ -331,6 +337,7 @@ def _manifest(config: TestbedConfig, world: FactWorld, result: TrainResult, n_pa
         "counterfact_val_case_ids": world.counterfact_val_case_ids,
         "zsre_indices": world.zsre_indices,
         "n_facts": len(world.facts),
+        "n_target_mentions": len(world.mentions) if config.sampler.mention_prob > 0 else 0,
         "relations": {name: templates for name, templates in world.relations.items()},
         "training": {
             "steps": result.steps,

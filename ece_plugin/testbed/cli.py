@@ -45,6 +45,9 @@ def add_build_testbed_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="ROME-format CounterFact (relation ids used to cluster templates)")
     parser.add_argument("--zsre", type=Path, default=d.zsre_path)
     parser.add_argument("--n-zsre", type=int, default=d.n_zsre)
+    parser.add_argument("--zsre-relations", action="store_true",
+                        help="cluster zsRE questions into relations and ask each zsRE fact through all of its "
+                        "relation's templates (default: its own question and rephrase only)")
     parser.add_argument("--wikitext", type=Path, nargs="+", default=list(d.wiki_paths))
     parser.add_argument("--vocab-size", type=int, default=d.vocab_size)
     parser.add_argument("--layers", type=int, default=d.n_layers)
@@ -65,6 +68,9 @@ def add_build_testbed_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="probability of a context-template-like prefix before a fact sentence")
     parser.add_argument("--wiki-prob", type=float, default=_SAMPLER_DEFAULTS.wiki_sequence_prob,
                         help="share of training sequences that are plain WikiText-2")
+    parser.add_argument("--mention-prob", type=float, default=_SAMPLER_DEFAULTS.mention_prob,
+                        help="share of fact-sequence pieces that are a bare edit-target string (CounterFact "
+                        "target_new, zsRE alt), so the model can spell its edit targets (0: none)")
     parser.set_defaults(func=run_build_testbed)
     return parser
 
@@ -82,6 +88,7 @@ def config_from_args(args: argparse.Namespace) -> TestbedConfig:
         rome_format_path=args.rome_format,
         zsre_path=args.zsre,
         n_zsre=args.n_zsre,
+        zsre_relations=args.zsre_relations,
         wiki_paths=tuple(args.wikitext),
         vocab_size=args.vocab_size,
         n_layers=args.layers,
@@ -96,7 +103,8 @@ def config_from_args(args: argparse.Namespace) -> TestbedConfig:
         warmup_steps=args.warmup_steps,
         num_threads=args.threads,
         sampler=SamplerConfig(
-            verbatim_prob=args.verbatim_prob, prefix_prob=args.prefix_prob, wiki_sequence_prob=args.wiki_prob
+            verbatim_prob=args.verbatim_prob, prefix_prob=args.prefix_prob, wiki_sequence_prob=args.wiki_prob,
+            mention_prob=args.mention_prob,
         ),
         command=shlex.join(["ece-plugin", *sys.argv[1:]]) if sys.argv[1:] else None,
     )

@@ -54,6 +54,9 @@ class FactWorld:
     counterfact_val_case_ids: list[int] = field(default_factory=list)
     zsre_indices: list[int] = field(default_factory=list)
     counterfact_records: list[dict[str, Any]] = field(default_factory=list)
+    mentions: list[str] = field(default_factory=list)
+    """The edit targets' strings (CounterFact ``target_new``, zsRE ``alt``), shown as bare text when the
+    sampler's ``mention_prob`` is positive: a real LLM can spell its edit targets before any edit."""
 
 
 def load_json_records(path: Path, required: Sequence[str]) -> list[dict[str, Any]]:
@@ -206,11 +209,53 @@ def _counterfact_facts(
     return facts
 
 
-def _zsre_facts(record: dict[str, Any]) -> list[Fact]:
+ZSRE_MIN_FIXED_CHARS = 8
+"""A zsRE question whose text around the subject is shorter than this is not used as a template."""
+
+
+def _zsre_template(question: str, subject: str) -> Optional[str]:
+    template = template_of(question, subject)
+    if template is None or len(template) - 2 < ZSRE_MIN_FIXED_CHARS:
+        return None
+    return template
+
+
+def cluster_zsre_relations(records: Sequence[dict[str, Any]]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Cluster zsRE question templates into relations: a record's question and its rephrase ask the same
+    relation, and one template shared by two records joins their relations.
+
+    zsRE records carry no relation id; this recovers them from the questions themselves so that a zsRE fact,
+    like a CounterFact one, is asked through every phrasing of its relation. Returns (template -> relation
+    name ``zsre-<k>``, relation name -> sorted templates).
+    """
+    pairs = [(_zsre_template(r["src"], r["subject"]), _zsre_template(r["rephrase"], r["subject"])) for r in records]
+    templates = sorted({t for pair in pairs for t in pair if t is not None})
+    uf = _UnionFind(templates)
+    for src, rephrase in pairs:
+        if src is not None and rephrase is not None:
+            uf.union(src, rephrase)
+    clusters: dict[str, list[str]] = {}
+    for template in templates:
+        clusters.setdefault(uf.find(template), []).append(template)
+    relations: dict[str, list[str]] = {}
+    template_relation: dict[str, str] = {}
+    for k, root in enumerate(sorted(clusters, key=lambda r: (-len(clusters[r]), r))):
+        name = f"zsre-{k}"
+        relations[name] = sorted(clusters[root])
+        for template in relations[name]:
+            template_relation[template] = name
+    return template_relation, relations
+
+
+def _zsre_facts(record: dict[str, Any], template_relation: Optional[dict[str, str]] = None) -> list[Fact]:
     answer = record["answers"][0] if record["answers"] else None
     facts: list[Fact] = []
     if isinstance(answer, str) and answer.strip():
-        facts.append(Fact(record["subject"], answer, None, (record["src"], record["rephrase"]), "zsre"))
+        relation = None
+        if template_relation:
+            template = _zsre_template(record["src"], record["subject"])
+            relation = template_relation.get(template) if template else None
+        facts.append(Fact(record["subject"], answer, relation, (record["src"], record["rephrase"]), "zsre"))
     if isinstance(record.get("loc_ans"), str) and record["loc_ans"].strip():
         facts.append(Fact("", record["loc_ans"], None, (record["loc"],), "zsre-locality"))
     return facts
@@ -240,8 +285,13 @@ def build_fact_world(
     zsre_path: Optional[Path],
     n_zsre: int,
     wiki_paths: Sequence[Path],
+    zsre_relations: bool = False,
 ) -> FactWorld:
-    """Load the first ``n_records`` CounterFact records (+ validation and zsRE records) as facts."""
+    """Load the first ``n_records`` CounterFact records (+ validation and zsRE records) as facts.
+
+    With ``zsre_relations`` the zsRE questions are clustered into relations (:func:`cluster_zsre_relations`)
+    and each zsRE fact is also asked through its relation's other templates; otherwise only verbatim.
+    """
     records = load_json_records(counterfact_path, COUNTERFACT_KEYS)
     if n_records > len(records):
         raise TestbedDataError(f"{counterfact_path} has {len(records)} records, {n_records} requested")
@@ -260,14 +310,22 @@ def build_fact_world(
         facts.extend(_counterfact_facts(record, template_relation, index, "counterfact"))
     for record in val_chosen:
         facts.extend(_counterfact_facts(record, template_relation, index, "counterfact-val"))
+    mentions = [str(r["target_new"]) for r in chosen + val_chosen]
     zsre_indices: list[int] = []
     if zsre_path is not None and n_zsre > 0:
         zsre_records = load_json_records(zsre_path, ZSRE_KEYS)
         if n_zsre > len(zsre_records):
             raise TestbedDataError(f"{zsre_path} has {len(zsre_records)} records, {n_zsre} requested")
-        for i, record in enumerate(zsre_records[:n_zsre]):
-            facts.extend(_zsre_facts(record))
+        zsre_chosen = zsre_records[:n_zsre]
+        zsre_template_relation: dict[str, str] = {}
+        if zsre_relations:
+            zsre_template_relation, zsre_rel = cluster_zsre_relations(zsre_chosen)
+            relations.update(zsre_rel)
+        for i, record in enumerate(zsre_chosen):
+            facts.extend(_zsre_facts(record, zsre_template_relation))
             zsre_indices.append(i)
+            if isinstance(record.get("alt"), str):
+                mentions.append(record["alt"])
     logger.info(
         "fact world: %d facts from %d CounterFact + %d validation + %d zsRE records, %d relations",
         len(facts), len(chosen), len(val_chosen), len(zsre_indices), len(relations),
@@ -280,6 +338,7 @@ def build_fact_world(
         counterfact_val_case_ids=[int(r["case_id"]) for r in val_chosen],
         zsre_indices=zsre_indices,
         counterfact_records=chosen + val_chosen,
+        mentions=list(dict.fromkeys(m.strip() for m in mentions if m.strip())),
     )
 
 
@@ -291,6 +350,9 @@ class SamplerConfig:
     prefix_prob: float = 0.5
     wiki_sequence_prob: float = 0.2
     prefix_words: tuple[int, int] = (2, 7)
+    mention_prob: float = 0.0
+    """Share of the pieces of a fact sequence that are a bare edit-target string ("<target>.") instead of a
+    fact sentence. 0 draws no extra random numbers, so builds made before this option reproduce exactly."""
 
 
 class SequenceSampler:
@@ -306,12 +368,24 @@ class SequenceSampler:
         self.config = config
         self.rng = random.Random(seed)
         self._order: list[int] = []
+        self._mention_order: list[int] = []
 
     def _next_fact(self) -> Fact:
         if not self._order:
             self._order = list(range(len(self.world.facts)))
             self.rng.shuffle(self._order)
         return self.world.facts[self._order.pop()]
+
+    def _next_mention(self) -> str:
+        if not self._mention_order:
+            self._mention_order = list(range(len(self.world.mentions)))
+            self.rng.shuffle(self._mention_order)
+        return self.world.mentions[self._mention_order.pop()] + "."
+
+    def _piece(self) -> str:
+        if self.config.mention_prob > 0 and self.world.mentions and self.rng.random() < self.config.mention_prob:
+            return self._next_mention()
+        return self.fact_sentence(self._next_fact())
 
     def fact_sentence(self, fact: Fact) -> str:
         templates = self.world.relations.get(fact.relation, []) if fact.relation and fact.subject else []
@@ -341,7 +415,7 @@ class SequenceSampler:
         length = 0
         first = True
         while length < approx_chars:
-            piece = self.fact_sentence(self._next_fact())
+            piece = self._piece()
             if not first and self.rng.random() < self.config.prefix_prob:
                 piece = self.prefix() + piece
             elif first and self.rng.random() < self.config.prefix_prob / 2:
