@@ -212,6 +212,27 @@ def test_zsre_relations_and_target_mentions_in_the_fact_world() -> None:
     assert sum(f" {alt}." in mixed for alt in alts) >= 10
 
 
+def test_target_answers_are_facts_about_synthetic_subjects() -> None:
+    rome = DATA / "counterfact" / "counterfact-rome-format.json"
+    args = (COUNTERFACT, 20, None, 0, rome, ZSRE, 30, [WIKI_VALID])
+    plain = build_fact_world(*args, zsre_relations=True)
+    world = build_fact_world(*args, zsre_relations=True, target_answers=True)
+    assert world.facts[: len(plain.facts)] == plain.facts  # the real facts are unchanged
+    extra = world.facts[len(plain.facts):]
+    assert extra and all(f.source == "target-answer" for f in extra)
+    real_subjects = {f.subject for f in plain.facts}
+    assert not {f.subject for f in extra} & real_subjects
+    assert len({f.subject for f in extra}) == len(extra)
+    for fact in extra:
+        assert fact.relation in world.relations and fact.subject in fact.prompts[0]
+    answers = {f.answer for f in extra}
+    assert "English" in answers  # record 0's CounterFact target_new
+    records = json.loads(ZSRE.read_text())[:30]
+    assert sum(r["alt"].strip() in answers for r in records) >= 20
+    again = build_fact_world(*args, zsre_relations=True, target_answers=True)
+    assert again.facts == world.facts  # deterministic
+
+
 def test_mention_prob_outside_unit_interval_is_refused(tmp_path: Path) -> None:
     config = tiny_config(tmp_path / "tb-llama")
     config.sampler = SamplerConfig(mention_prob=1.0)

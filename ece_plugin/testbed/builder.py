@@ -61,6 +61,7 @@ class TestbedConfig:
     zsre_path: Optional[Path] = DATA_DIR / "zsre" / "zsre_mend_eval.json"
     n_zsre: int = 300
     zsre_relations: bool = False
+    target_answers: bool = False
     wiki_paths: tuple[Path, ...] = (
         DATA_DIR / "wikitext-2-raw" / "wiki.valid.raw",
         DATA_DIR / "wikitext-2-raw" / "wiki.test.raw",
@@ -288,6 +289,7 @@ def build_testbed(config: TestbedConfig) -> Path:
             n_zsre=config.n_zsre,
             wiki_paths=[Path(p) for p in config.wiki_paths],
             zsre_relations=config.zsre_relations,
+            target_answers=config.target_answers,
         )
         corpus_sampler = SequenceSampler(world, config.sampler, seed=config.seed + 1)
         tokenizer = train_bpe_tokenizer(_tokenizer_corpus(world, corpus_sampler, 4000), config.vocab_size)

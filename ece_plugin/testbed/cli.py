@@ -48,6 +48,9 @@ def add_build_testbed_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--zsre-relations", action="store_true",
                         help="cluster zsRE questions into relations and ask each zsRE fact through all of its "
                         "relation's templates (default: its own question and rephrase only)")
+    parser.add_argument("--target-answers", action="store_true",
+                        help="also train each edit target (CounterFact target_new, zsRE alt) as the answer of a fact "
+                        "of its relation about a synthetic subject that no evaluation asks about")
     parser.add_argument("--wikitext", type=Path, nargs="+", default=list(d.wiki_paths))
     parser.add_argument("--vocab-size", type=int, default=d.vocab_size)
     parser.add_argument("--layers", type=int, default=d.n_layers)
@@ -89,6 +92,7 @@ def config_from_args(args: argparse.Namespace) -> TestbedConfig:
         zsre_path=args.zsre,
         n_zsre=args.n_zsre,
         zsre_relations=args.zsre_relations,
+        target_answers=args.target_answers,
         wiki_paths=tuple(args.wikitext),
         vocab_size=args.vocab_size,
         n_layers=args.layers,

@@ -261,6 +261,34 @@ def _zsre_facts(record: dict[str, Any], template_relation: Optional[dict[str, st
     return facts
 
 
+_SYLLABLES = ("ka", "lo", "ver", "mi", "tan", "dor", "sel", "ru", "ben", "qua", "fen", "ith", "zar", "po", "lek", "um")
+
+
+def synthetic_subject(index: int, taken: set[str]) -> str:
+    """A made-up two-word name, deterministic in ``index`` and absent from ``taken``."""
+    rng = random.Random(f"synthetic-subject-{index}")
+    while True:
+        words = ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize() for _ in range(2)]
+        name = " ".join(words)
+        if name not in taken:
+            return name
+
+
+def _target_answer_facts(
+    pairs: Sequence[tuple[Optional[str], Optional[str], str]], taken: set[str]
+) -> list[Fact]:
+    """For each (relation, template, target): a fact of that relation about a synthetic subject answered by the
+    target, so that the target is a string the model has given as an answer, not only read."""
+    facts: list[Fact] = []
+    for relation, template, target in pairs:
+        if relation is None or template is None or not target.strip():
+            continue
+        subject = synthetic_subject(len(facts), taken)
+        taken.add(subject)
+        facts.append(Fact(subject, target.strip(), relation, (template.format(subject),), "target-answer"))
+    return facts
+
+
 def read_wiki_lines(paths: Sequence[Path], min_chars: int = 40) -> list[str]:
     """WikiText-2 paragraphs (headings and short lines dropped)."""
     lines: list[str] = []
@@ -286,11 +314,14 @@ def build_fact_world(
     n_zsre: int,
     wiki_paths: Sequence[Path],
     zsre_relations: bool = False,
+    target_answers: bool = False,
 ) -> FactWorld:
     """Load the first ``n_records`` CounterFact records (+ validation and zsRE records) as facts.
 
     With ``zsre_relations`` the zsRE questions are clustered into relations (:func:`cluster_zsre_relations`)
-    and each zsRE fact is also asked through its relation's other templates; otherwise only verbatim.
+    and each zsRE fact is also asked through its relation's other templates; otherwise only verbatim. With
+    ``target_answers`` every edit target (CounterFact ``target_new``, zsRE ``alt`` where its relation is known)
+    is also the answer of one fact of the same relation about a synthetic subject that no evaluation asks about.
     """
     records = load_json_records(counterfact_path, COUNTERFACT_KEYS)
     if n_records > len(records):
@@ -311,6 +342,10 @@ def build_fact_world(
     for record in val_chosen:
         facts.extend(_counterfact_facts(record, template_relation, index, "counterfact-val"))
     mentions = [str(r["target_new"]) for r in chosen + val_chosen]
+    answer_pairs: list[tuple[Optional[str], Optional[str], str]] = []
+    for record in chosen + val_chosen:
+        own = template_of(record["prompt"], record["subject"])
+        answer_pairs.append((template_relation.get(own) if own else None, own, str(record["target_new"])))
     zsre_indices: list[int] = []
     if zsre_path is not None and n_zsre > 0:
         zsre_records = load_json_records(zsre_path, ZSRE_KEYS)
@@ -326,6 +361,10 @@ def build_fact_world(
             zsre_indices.append(i)
             if isinstance(record.get("alt"), str):
                 mentions.append(record["alt"])
+                template = _zsre_template(record["src"], record["subject"])
+                answer_pairs.append((zsre_template_relation.get(template) if template else None, template, record["alt"]))
+    if target_answers:
+        facts.extend(_target_answer_facts(answer_pairs, {f.subject for f in facts}))
     logger.info(
         "fact world: %d facts from %d CounterFact + %d validation + %d zsRE records, %d relations",
         len(facts), len(chosen), len(val_chosen), len(zsre_indices), len(relations),
