@@ -341,7 +341,7 @@ def build_fact_world(
         facts.extend(_counterfact_facts(record, template_relation, index, "counterfact"))
     for record in val_chosen:
         facts.extend(_counterfact_facts(record, template_relation, index, "counterfact-val"))
-    mentions = [str(r["target_new"]) for r in chosen + val_chosen]
+    # every edit target with its relation and template: the mentions and the target-answer facts come from these
     answer_pairs: list[tuple[Optional[str], Optional[str], str]] = []
     for record in chosen + val_chosen:
         own = template_of(record["prompt"], record["subject"])
@@ -360,7 +360,6 @@ def build_fact_world(
             facts.extend(_zsre_facts(record, zsre_template_relation))
             zsre_indices.append(i)
             if isinstance(record.get("alt"), str):
-                mentions.append(record["alt"])
                 template = _zsre_template(record["src"], record["subject"])
                 answer_pairs.append((zsre_template_relation.get(template) if template else None, template, record["alt"]))
     if target_answers:
@@ -377,7 +376,7 @@ def build_fact_world(
         counterfact_val_case_ids=[int(r["case_id"]) for r in val_chosen],
         zsre_indices=zsre_indices,
         counterfact_records=chosen + val_chosen,
-        mentions=list(dict.fromkeys(m.strip() for m in mentions if m.strip())),
+        mentions=list(dict.fromkeys(t.strip() for _, _, t in answer_pairs if t.strip())),
     )
 
 
