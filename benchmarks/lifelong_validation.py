@@ -75,16 +75,18 @@ def write_passes(passes: int) -> None:
     """Write each batch ``passes`` times (NSE's iterative editing, without its per-edit gate)."""
     write_layers = editor.write_layers
 
-    def patched(w_outs: Any, sets: Any, z: Any, read: Any, c0: Any, cprev: Any, lam: float, journal: Any = None) -> Any:
+    def patched(
+        w_outs: Any, sets: Any, z: Any, read: Any, c0: Any, cprev: Any, lam: float, journal: Any = None, ridge: float = 0.0
+    ) -> Any:
         journal = [] if journal is None else journal
-        write_layers(w_outs, sets, z, read, c0, cprev, lam, journal=journal)
+        write_layers(w_outs, sets, z, read, c0, cprev, lam, journal=journal, ridge=ridge)
         n = len(w_outs)
 
         def reread(i: int) -> Any:  # layer 0's keys are unchanged by any W_out write; its z-layer output is not
             return (read(0)[0], read(1)[1]) if i == 0 and n > 1 else read(i)
 
         for _ in range(passes - 1):
-            write_layers(w_outs, sets, z, reread, c0, cprev, lam, journal=journal)
+            write_layers(w_outs, sets, z, reread, c0, cprev, lam, journal=journal, ridge=ridge)
         journal[:] = [dataclasses.replace(a, post=b.post) for a, b in zip(journal[:n], journal[-n:])]
         return journal
 

@@ -223,6 +223,7 @@ def _run(
             cprev_block,
             hparams.mom2_update_weight,
             journal=writes,
+            ridge=hparams.update_ridge,
         )
         for w in writes:
             for stage in ("keys", "statistics", "solve"):

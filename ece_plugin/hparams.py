@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 ATTRIBUTIONS = ("AS", "WI", "RS")
 FACT_TOKENS = ("subject_last", "last", "subject_first", "subject_first_after_last")
 MOM2_DTYPES = ("float32", "float64", "float16", "bfloat16")
+Z_EARLY_STOPS = ("loss", "most_probable")
 
 
 class HParamsError(ValueError):
@@ -82,6 +83,9 @@ class ECEHyperParams(_HyperParamsBase):  # type: ignore[misc,valid-type]
     cluster_ratio: float = 0.1
     # --- target values z (MEMIT's optimisation, in two phases) ---
     v_num_grad_steps: int = 25  # steps of every edit when clustering is off (MEMIT's z)
+    # when an edit's z stops early: "loss" (MEMIT's: loss < 5e-2) or "most_probable" (also once every
+    # rewriting prompt predicts every target token greedily: ENCORE's most-probable early stopping)
+    z_early_stop: str = "loss"
     shared_grad_steps: int = 20  # phase 1: steps on each cluster's anchor
     per_edit_grad_steps: int = 5  # phase 2: per-edit steps from the shared delta
     v_lr: float = 0.5
@@ -99,6 +103,8 @@ class ECEHyperParams(_HyperParamsBase):  # type: ignore[misc,valid-type]
     mom2_update_weight: float = 15000.0  # lambda
     # the keys of earlier edits enter the update's covariance (Cprev, the paper's sequential form); false: MEMIT's
     carry_keys: bool = True
+    # ridge on the update (ENCORE's norm constraint): lambda C0 + Cprev + K K^T + update_ridge * I; 0: the paper's
+    update_ridge: float = 0.0
     mom2_dataset: str = "wikipedia"  # name of the statistics set in the cache path ({name}_stats)
     mom2_corpus: Optional[str] = None  # text file or folder; None -> the bundled WikiText-2
     mom2_n_samples: int = 100000
@@ -218,7 +224,9 @@ class ECEHyperParams(_HyperParamsBase):  # type: ignore[misc,valid-type]
         for name in ("v_lr", "clamp_norm_factor"):
             if getattr(self, name) <= 0:
                 raise HParamsError(f"{name}: must be > 0, got {getattr(self, name)}")
-        for name in ("v_weight_decay", "kl_factor", "mom2_update_weight"):
+        if self.z_early_stop not in Z_EARLY_STOPS:
+            raise HParamsError(f"z_early_stop: must be one of {Z_EARLY_STOPS}, got {self.z_early_stop!r}")
+        for name in ("v_weight_decay", "kl_factor", "mom2_update_weight", "update_ridge"):
             if getattr(self, name) < 0:
                 raise HParamsError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not self.z_cache_mb > 0:

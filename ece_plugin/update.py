@@ -4,7 +4,11 @@ For each edited layer l (in order) with batch neuron set S, keys K (``[d_ff, n]`
 layers changed), targets z and current z-layer outputs, MEMIT's residual spread ``R = (z - cur) / (L - i)``
 (``[d_model, n]``) is written into the neurons S only:
 
-    Delta_S = R K_S^T (lambda C0_SS + Cprev_SS + K_S K_S^T)^{-1}
+    Delta_S = R K_S^T (lambda C0_SS + Cprev_SS + K_S K_S^T + ridge I)^{-1}
+
+(``ridge`` is ``update_ridge``, 0 in the paper's form: ENCORE's norm constraint ``ridge ||Delta||_F^2`` added to
+the least-squares objective, which keeps each write, and so the weights' norm, from growing in directions the
+covariance does not cover.)
 
 solved in float64 (Cholesky; LU if that fails; minimum-norm least squares if the matrix is singular, which can
 only happen with ``mom2_adjustment: false`` and no carried keys), never with an explicit inverse. The neurons
@@ -33,14 +37,17 @@ def masked_gram(
     c0_ss: Optional[torch.Tensor],
     cprev_ss: Optional[torch.Tensor],
     lam: float,
+    ridge: float = 0.0,
 ) -> torch.Tensor:
-    """``lambda C0_SS + Cprev_SS + K_S K_S^T`` (float64) for ``keys_s`` ``[|S|, n]``."""
+    """``lambda C0_SS + Cprev_SS + K_S K_S^T + ridge I`` (float64) for ``keys_s`` ``[|S|, n]``."""
     k = keys_s.double()
     a = k @ k.t()
     if c0_ss is not None:
         a = a + lam * c0_ss.to(device=a.device, dtype=torch.float64)
     if cprev_ss is not None:
         a = a + cprev_ss.to(device=a.device, dtype=torch.float64)
+    if ridge:
+        a = a + ridge * torch.eye(a.shape[0], device=a.device, dtype=a.dtype)
     return a
 
 
@@ -64,12 +71,13 @@ def masked_update(
     c0_ss: Optional[torch.Tensor],
     cprev_ss: Optional[torch.Tensor],
     lam: float,
+    ridge: float = 0.0,
 ) -> torch.Tensor:
     """``Delta_S = R K_S^T A^{-1}`` (``[d_model, |S|]``, float64) for ``keys_s`` ``[|S|, n]`` and ``resid``
     ``[d_model, n]``: computed as ``R (A^{-1} K_S)^T`` like MEMIT (n right-hand sides)."""
     if keys_s.shape[1] != resid.shape[1]:
         raise ValueError(f"keys {tuple(keys_s.shape)} and residuals {tuple(resid.shape)} disagree on n")
-    a = masked_gram(keys_s, c0_ss, cprev_ss, lam)
+    a = masked_gram(keys_s, c0_ss, cprev_ss, lam, ridge)
     adj = spd_solve(a, keys_s.double().to(a.device))
     return resid.double().to(a.device) @ adj.t()
 
@@ -102,6 +110,7 @@ def write_layers(
     cprev_block: BlockFn,
     lam: float,
     journal: Optional[list[LayerWrite]] = None,
+    ridge: float = 0.0,
 ) -> list[LayerWrite]:
     """Write the masked update into each layer in order; ``read(i)`` gives (keys ``[n, d_ff]``, current
     z-layer outputs ``[n, d_model]``) of layer i on the model as it is then.
@@ -126,7 +135,7 @@ def write_layers(
             c0 = c0_block(wo.name, idx, dev)
             cprev = cprev_block(wo.name, idx, dev)
             t2 = time.perf_counter()
-            delta = masked_update(keys_s, resid, c0, cprev, lam)
+            delta = masked_update(keys_s, resid, c0, cprev, lam, ridge)
             record = LayerWrite(
                 layer=wo.layer,
                 name=wo.name,

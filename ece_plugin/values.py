@@ -8,7 +8,9 @@ model predict ``target_new``: ``z_i = h_i + delta_i`` where h_i is the unedited 
   + v_weight_decay * ||delta_i|| / ||h_i||^2            (MEMIT's code: the norm, not its square)
 
 with Adam (``v_lr``), ``||delta_i|| <= clamp_norm_factor * ||h_i||`` after every step, and an early stop once
-the edit's loss is below 5e-2. As in MEMIT the loss is read through ``ln_f`` and the LM head from the output
+the edit's loss is below 5e-2 (with ``z_early_stop: most_probable`` also once every rewriting prompt predicts
+every target token greedily: the most-probable early stopping of ENCORE, Gupta et al. 2025, which keeps z from
+being optimised past the point where the edit holds). As in MEMIT the loss is read through ``ln_f`` and the LM head from the output
 of ``max(v_loss_layer, z_layer)``.
 
 ECE's two phases: (1) one shared delta U_c per cluster, optimised on the cluster's anchor request for
@@ -298,6 +300,7 @@ class _Eval:
     nll: torch.Tensor
     target_prob: torch.Tensor  # mean over rewriting rows of exp(-nll_row)
     reached: torch.Tensor  # bool: the plain row predicts every target token greedily
+    reached_all: torch.Tensor  # bool: every rewriting row predicts every target token greedily
 
 
 def _evaluate(
@@ -333,6 +336,7 @@ def _evaluate(
     misses = torch.zeros(m, device=zdev).index_add(
         0, plan.owner[plan.plain], (~greedy_ok[plan.plain]).float()
     )
+    misses_all = torch.zeros(m, device=zdev).index_add(0, plan.owner, (~greedy_ok).float())
     loss = nll + hparams.v_weight_decay * total_disp.norm(dim=1) / h_norm**2
     if len(plan.kl_r):
         # KL row: sum p_cur (log p_cur - log p_init), one row per edit (MEMIT's batchmean over one row)
@@ -340,7 +344,7 @@ def _evaluate(
         kl_lp = torch.log_softmax(kl_logits, -1)
         kl = (kl_lp.exp() * (kl_lp - kl_init.to(kl_lp.device))).sum(-1).to(zdev)
         loss = loss + hparams.kl_factor * kl
-    return _Eval(loss=loss, nll=nll.detach(), target_prob=prob, reached=misses == 0)
+    return _Eval(loss=loss, nll=nll.detach(), target_prob=prob, reached=misses == 0, reached_all=misses_all == 0)
 
 
 MIN_CHUNK_SHARE = 2  # a chunk closes at a change of token width once it holds half its maximum rows
@@ -430,6 +434,7 @@ def _optimise(
     max_norm = hparams.clamp_norm_factor * h_norm
     position = {e: j for j, e in enumerate(edits)}
     with_kl = hparams.kl_factor > 0
+    most_probable = hparams.z_early_stop == "most_probable"
     rows_of = {e: problem.optimised_rows(e, with_kl) for e in edits}
     rows_per_edit = len(rows_of[edits[0]])
     width = {e: int(source.step_tokens(rows_of[e]).max()) for e in edits}
@@ -465,7 +470,7 @@ def _optimise(
                 stats.loss[k] = float(ev.loss[j].detach())
                 stats.target_prob[k] = float(ev.target_prob[j])
                 stats.reached[k] = bool(ev.reached[j])
-                if stats.loss[k] < EARLY_STOP_LOSS:
+                if stats.loss[k] < EARLY_STOP_LOSS or (most_probable and bool(ev.reached_all[j])):
                     active[k] = False
         if eval_only:
             break

@@ -72,6 +72,8 @@ def test_yaml_float_for_int_field_and_json(tmp_path: Path) -> None:
         ("v_weight_decay", -0.1),
         ("kl_factor", -1.0),
         ("mom2_update_weight", -5.0),
+        ("update_ridge", -1.0),
+        ("z_early_stop", "never"),
         ("fact_token", "first"),
         ("mom2_dtype", "int8"),
         ("mom2_n_samples", 0),

@@ -100,6 +100,21 @@ def test_early_stop_freezes_an_edit(tok: Any) -> None:
     assert r.steps_per_edit[0] < 60 and r.final_loss[0] < 5e-2
 
 
+def test_most_probable_early_stop_stops_once_every_prompt_predicts_the_target(tok: Any) -> None:
+    model = make_gpt2(len(tok))
+    settings = dict(clustering=False, v_num_grad_steps=60, v_lr=1.0, kl_factor=0.0, v_weight_decay=0.0,
+                    clamp_norm_factor=20.0)
+    reqs = normalise_requests(FACTS[2:3])
+    templates = [["{}"], ["The. {}", "A. {}"]]
+    by_loss = compute_z(model, tok, reqs, templates, make_hparams("gpt2", **settings), [0], [0], False)
+    hp = make_hparams("gpt2", z_early_stop="most_probable", **settings)
+    by_rank = compute_z(model, tok, reqs, templates, hp, [0], [0], False)
+    assert by_rank.steps_per_edit[0] < by_loss.steps_per_edit[0] and by_rank.reached == [True]
+    assert by_rank.final_loss[0] > 5e-2  # stopped on ranks, before the loss threshold
+    assert by_loss.final_loss[0] < 5e-2
+    assert (by_rank.z - by_rank.h).norm() < (by_loss.z - by_loss.h).norm()  # a smaller move
+
+
 def test_problem_layout_follows_memit(tok: Any) -> None:
     reqs = normalise_requests(FACTS[:1])
     p = build_z_problem(tok, reqs, [["{}"], ["I know. {}"]], "subject_last", torch.device("cpu"))
