@@ -4,9 +4,11 @@ The keys ``k`` are the input of the MLP down/out projection ``hparams.rewrite_mo
 (Llama ``mlp.down_proj``, an ``nn.Linear``; GPT-2 ``mlp.c_proj``, a ``Conv1D``): the ``d_ff``-dimensional
 hidden activations. The second moment is averaged over every (non-padding) token of the corpus.
 
-Corpus. The bundled WikiText-2 (``data/wikitext-2-raw/wiki.valid.raw`` then ``wiki.test.raw``) by default,
-or ``hparams.mom2_corpus``: a text file, or a folder whose ``*.txt`` / ``*.raw`` files are read in sorted
-order. A text unit is one line with at least :data:`MIN_LINE_CHARS` characters that is not a WikiText
+Corpus. ``hparams.mom2_corpus`` when set: a text file, or a folder whose ``*.txt`` / ``*.raw`` files are read in
+sorted order. Else the model's own corpus ``<model folder>/<mom2_dataset>.txt`` when the model folder holds one
+(a testbed's statistics corpus, ``ece-plugin stats-corpus``; EasyEdit's ROME / MEMIT / AlphaEdit name their cache
+folder after ``mom2_dataset`` too, so they read the same statistics). Else the bundled WikiText-2
+(``data/wikitext-2-raw/wiki.valid.raw`` then ``wiki.test.raw``), standing in for EasyEdit's Wikipedia. A text unit is one line with at least :data:`MIN_LINE_CHARS` characters that is not a WikiText
 heading (``= Title =``). Each unit is tokenised (with the tokenizer's special tokens) and cut into chunks
 of at most ``min(model context length, MAX_CHUNK_TOKENS)`` tokens.
 
@@ -261,6 +263,32 @@ def corpus_files(corpus: Optional[str]) -> tuple[str, list[Path]]:
     raise StatisticsError(f"mom2_corpus: {corpus} is neither a file nor a folder")
 
 
+def model_corpus_file(model: Optional[nn.Module], ds_name: str) -> Optional[Path]:
+    """``<model folder>/<ds_name>.txt`` when the model was loaded from a folder holding it (never for 'wikipedia')."""
+    name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    if not name or ds_name == "wikipedia" or "/" in ds_name:
+        return None
+    path = Path(name) / f"{ds_name}.txt"
+    return path if path.is_file() else None
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def resolve_corpus(spec: StatsSpec, model: Optional[nn.Module] = None) -> tuple[str, list[Path]]:
+    """The label (stored in the cache metadata) and files of the corpus ``spec`` asks for on ``model``."""
+    if spec.corpus is None:
+        own = model_corpus_file(model, spec.ds_name)
+        if own is not None:
+            return f"model:{own.parent.name}/{own.name}@sha256:{_file_digest(own)}", [own]
+    return corpus_files(spec.corpus)
+
+
 def iter_corpus_lines(files: Sequence[Path], min_chars: int = MIN_LINE_CHARS) -> Iterator[str]:
     """Text units: lines with at least ``min_chars`` characters that are not WikiText headings."""
     for path in files:
@@ -302,8 +330,10 @@ def iter_chunks(tok: Any, lines: Iterator[str], max_len: int, block: int = 256) 
         yield from flush()
 
 
-def collect_chunks(tok: Any, spec: StatsSpec, max_len: int) -> tuple[str, list[list[int]]]:
-    label, files = corpus_files(spec.corpus)
+def collect_chunks(
+    tok: Any, spec: StatsSpec, max_len: int, model: Optional[nn.Module] = None
+) -> tuple[str, list[list[int]]]:
+    label, files = resolve_corpus(spec, model)
     chunks: list[list[int]] = []
     for chunk in iter_chunks(tok, iter_corpus_lines(files), max_len):
         chunks.append(chunk)
@@ -372,7 +402,7 @@ def compute_statistics(
     modules = {name: _get_module(model, name) for name in names}
     dims = {name: module_input_dim(m) for name, m in modules.items()}
     max_len = model_max_length(model, spec.max_chunk_tokens)
-    label, chunks = collect_chunks(tok, spec, max_len)
+    label, chunks = collect_chunks(tok, spec, max_len, model)
 
     # per-batch products in float32 (fast everywhere; float64 when mom2_dtype asks for it), running sums
     # over batches in float64, so that millions of tokens add up without float32 drift
@@ -565,7 +595,7 @@ def check_stats_file(
             problems.append(f"layer {meta.get('layer_name')!r} != {layer_name!r}")
         if meta.get("d_ff") != d_ff:
             problems.append(f"d_ff {meta.get('d_ff')} != {d_ff}")
-        label = BUNDLED_CORPUS_LABEL if spec.corpus is None else str(Path(spec.corpus).expanduser().resolve())
+        label = resolve_corpus(spec, model)[0]
         if meta.get("corpus") != label:
             problems.append(f"corpus {meta.get('corpus')!r} != {label!r}")
         ours = embedding_fingerprint(model)

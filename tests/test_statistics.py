@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -319,3 +320,31 @@ def test_spec_from_hparams_and_bundled_corpus() -> None:
     with pytest.raises(StatisticsError, match="mom2_n_samples"):
         StatsSpec(n_samples=0)
 
+
+
+def test_model_folder_corpus_is_used_for_its_dataset_name(tmp_path: Path, corpus: Path, tok) -> None:
+    folder = tmp_path / "tiny-llama"
+    folder.mkdir()
+    model = make_llama(len(tok), name=str(folder))
+    spec = StatsSpec(n_samples=1000, ds_name="factworld", stats_dir=str(tmp_path / "stats"))
+    # no <model>/factworld.txt: the bundled WikiText-2, as before
+    assert st.resolve_corpus(spec, model)[0] == st.BUNDLED_CORPUS_LABEL
+    lines = _corpus_lines()[:40]
+    (folder / "factworld.txt").write_text("\n".join(lines) + "\n")
+    label, files = st.resolve_corpus(spec, model)
+    assert files == [folder / "factworld.txt"] and label.startswith("model:tiny-llama/factworld.txt@sha256:")
+    layer = "model.layers.0.mlp.down_proj"
+    own = compute_statistics(model, tok, [layer], spec, write=True, progress=False)[layer]
+    given = compute_statistics(
+        model, tok, [layer], dataclasses.replace(spec, corpus=str(folder / "factworld.txt")), write=False, progress=False
+    )[layer]
+    torch.testing.assert_close(own.mom2_sum, given.mom2_sum)  # the same text as naming the file
+    assert own.metadata["corpus"] == label
+    # 'wikipedia' never reads a model-folder file; an explicit mom2_corpus wins over it
+    (folder / "wikipedia.txt").write_text("x" * 200 + "\n")
+    assert st.resolve_corpus(dataclasses.replace(spec, ds_name="wikipedia"), model)[0] == st.BUNDLED_CORPUS_LABEL
+    assert st.resolve_corpus(dataclasses.replace(spec, corpus=str(corpus)), model)[1] == [corpus]
+    # the cache is bound to the corpus text: other text in the file is refused, not silently reused
+    (folder / "factworld.txt").write_text("\n".join(lines[::-1]) + "\n")
+    with pytest.raises(StatisticsMismatchError, match="corpus"):
+        StatisticsCache().second_moment(model, tok, layer, spec)

@@ -351,3 +351,37 @@ def test_scale_hparams_share_layers_and_z_budget_and_give_5_neurons_per_edit() -
     if (SCALE / "config.json").is_file():
         d_ff = json.loads((SCALE / "config.json").read_text())["intermediate_size"]
         assert len(SCALE_LAYERS) * d_ff / 2000 >= 5.0  # edited neurons per edit at 2,000 edits
+
+
+def test_statistics_corpus_samples_held_out_facts_only(tmp_path: Path) -> None:
+    from ece_plugin.testbed.corpus import CorpusConfig, statistics_corpus, write_statistics_corpus
+
+    model = tmp_path / "testbed-llama"
+    model.mkdir()
+    (model / MANIFEST_NAME).write_text((SHIPPED / MANIFEST_NAME).read_text())
+    trained = json.loads((SHIPPED / MANIFEST_NAME).read_text())["config"]
+    records = json.loads(COUNTERFACT.read_text())
+    config = CorpusConfig(n_texts=300, seed=3, counterfact_offset=7000)
+    texts = statistics_corpus(model, config)
+    assert len(texts) == 300 and all(t and "\n" not in t for t in texts)
+    assert texts == statistics_corpus(model, config) != statistics_corpus(model, CorpusConfig(n_texts=300, seed=4))
+    joined = "\n".join(texts)
+    held_out = [r["subject"] for r in records[7000 : 7000 + trained["n_records"]]]
+    assert sum(s in joined for s in held_out[:200]) >= 20  # the held-out world's facts are what it samples
+    # the world behind it: CounterFact records 7000-8999 and the zsRE records the testbed did not train on
+    world = build_fact_world(COUNTERFACT, 5, None, 0, None, ZSRE, 3, [WIKI_VALID], counterfact_offset=7000,
+                             zsre_offset=trained["n_zsre"])
+    assert world.counterfact_case_ids == [int(r["case_id"]) for r in records[7000:7005]]
+    assert world.zsre_indices == [100, 101, 102]
+    with pytest.raises(TestbedDataError, match="trained on"):
+        statistics_corpus(model, CorpusConfig(counterfact_offset=trained["n_records"] - 1))
+    path = write_statistics_corpus(model, "factworld", config)
+    assert path == model / "factworld.txt" and path.read_text().splitlines() == texts
+    assert write_statistics_corpus(model, "factworld", config) == path  # the same text: left as it is
+    with pytest.raises(TestbedDataError, match="--force"):
+        write_statistics_corpus(model, "factworld", CorpusConfig(n_texts=300, seed=4))
+    assert path.read_text().splitlines() == texts  # nothing the user had is destroyed
+    write_statistics_corpus(model, "factworld", CorpusConfig(n_texts=300, seed=4), force=True)
+    assert path.read_text().splitlines() != texts
+    with pytest.raises(TestbedDataError, match="wikipedia"):
+        write_statistics_corpus(model, "wikipedia", config)

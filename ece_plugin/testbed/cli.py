@@ -173,6 +173,40 @@ def run_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_stats_corpus_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``stats-corpus`` sub-command (a testbed's statistics corpus, ``corpus.py``)."""
+    from .corpus import DEFAULT_NAME, CorpusConfig
+
+    d = CorpusConfig()
+    parser = subparsers.add_parser(
+        "stats-corpus",
+        help="write a testbed's statistics corpus: its own kind of text about facts no evaluation scores",
+        description=(
+            "Sample the testbed's training-text distribution (read from its manifest) over a held-out fact world "
+            "(CounterFact records from --counterfact-offset on, the zsRE records it did not train on) into "
+            "<model>/<name>.txt; hparams with 'mom2_dataset: <name>' then compute C0 from it, for ECE and for "
+            "EasyEdit's ROME / MEMIT / AlphaEdit alike."
+        ),
+    )
+    parser.add_argument("--model", type=Path, required=True, help="testbed model folder")
+    parser.add_argument("--name", default=DEFAULT_NAME, help="corpus name = the hparams' mom2_dataset")
+    parser.add_argument("--n-texts", type=int, default=d.n_texts)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--counterfact-offset", type=int, default=d.counterfact_offset)
+    parser.add_argument("--force", action="store_true", help="replace an existing corpus with other text")
+    parser.set_defaults(func=run_stats_corpus)
+    return parser
+
+
+def run_stats_corpus(args: argparse.Namespace) -> int:
+    from .corpus import CorpusConfig, write_statistics_corpus
+
+    config = CorpusConfig(n_texts=args.n_texts, seed=args.seed, counterfact_offset=args.counterfact_offset)
+    path = write_statistics_corpus(args.model, args.name, config, force=args.force)
+    sys.stdout.write(f"statistics corpus: {path}\n")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """``python -m ece_plugin.testbed.cli build-testbed ...`` (the same as ``ece-plugin build-testbed ...``)."""
     parser = argparse.ArgumentParser(prog="ece-plugin")

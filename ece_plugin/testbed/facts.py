@@ -315,8 +315,12 @@ def build_fact_world(
     wiki_paths: Sequence[Path],
     zsre_relations: bool = False,
     target_answers: bool = False,
+    counterfact_offset: int = 0,
+    zsre_offset: int = 0,
 ) -> FactWorld:
-    """Load the first ``n_records`` CounterFact records (+ validation and zsRE records) as facts.
+    """Load ``n_records`` CounterFact records from ``counterfact_offset`` (+ validation and ``n_zsre`` zsRE records
+    from ``zsre_offset``) as facts; the offsets are 0 for a testbed's own world (its first records) and point
+    past them for a held-out world (:mod:`.corpus`).
 
     With ``zsre_relations`` the zsRE questions are clustered into relations (:func:`cluster_zsre_relations`)
     and each zsRE fact is also asked through its relation's other templates; otherwise only verbatim. With
@@ -324,9 +328,11 @@ def build_fact_world(
     is also the answer of one fact of the same relation about a synthetic subject that no evaluation asks about.
     """
     records = load_json_records(counterfact_path, COUNTERFACT_KEYS)
-    if n_records > len(records):
-        raise TestbedDataError(f"{counterfact_path} has {len(records)} records, {n_records} requested")
-    chosen = records[:n_records]
+    if counterfact_offset < 0 or counterfact_offset + n_records > len(records):
+        raise TestbedDataError(
+            f"{counterfact_path} has {len(records)} records, {n_records} requested from record {counterfact_offset}"
+        )
+    chosen = records[counterfact_offset : counterfact_offset + n_records]
     val_chosen: list[dict[str, Any]] = []
     if counterfact_val_path is not None and n_val_records > 0:
         val_records = load_json_records(counterfact_val_path, COUNTERFACT_KEYS)
@@ -349,16 +355,18 @@ def build_fact_world(
     zsre_indices: list[int] = []
     if zsre_path is not None and n_zsre > 0:
         zsre_records = load_json_records(zsre_path, ZSRE_KEYS)
-        if n_zsre > len(zsre_records):
-            raise TestbedDataError(f"{zsre_path} has {len(zsre_records)} records, {n_zsre} requested")
-        zsre_chosen = zsre_records[:n_zsre]
+        if zsre_offset < 0 or zsre_offset + n_zsre > len(zsre_records):
+            raise TestbedDataError(
+                f"{zsre_path} has {len(zsre_records)} records, {n_zsre} requested from record {zsre_offset}"
+            )
+        zsre_chosen = zsre_records[zsre_offset : zsre_offset + n_zsre]
         zsre_template_relation: dict[str, str] = {}
         if zsre_relations:
             zsre_template_relation, zsre_rel = cluster_zsre_relations(zsre_chosen)
             relations.update(zsre_rel)
         for i, record in enumerate(zsre_chosen):
             facts.extend(_zsre_facts(record, zsre_template_relation))
-            zsre_indices.append(i)
+            zsre_indices.append(zsre_offset + i)
             if isinstance(record.get("alt"), str):
                 template = _zsre_template(record["src"], record["subject"])
                 answer_pairs.append((zsre_template_relation.get(template) if template else None, template, record["alt"]))
