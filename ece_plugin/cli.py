@@ -706,7 +706,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stats)
 
     try:
-        from .testbed.cli import add_build_testbed_parser, add_probe_parser, add_stats_corpus_parser, run_build_testbed
+        from .testbed.cli import (
+            add_build_testbed_parser,
+            add_probe_parser,
+            add_stats_corpus_parser,
+            run_build_testbed,
+        )
 
         p = add_build_testbed_parser(sub)
         p.set_defaults(func=run_build_testbed)

@@ -14,7 +14,7 @@ from test_cli_world import World, make_world
 from ece_plugin.cli import build_parser, main
 
 COMMANDS = ["demo", "edit", "apply", "revert", "bench", "layer-sweep", "batch-study", "explain", "evaluate",
-            "stats", "build-testbed"]
+            "stats", "build-testbed", "stats-corpus"]
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +126,8 @@ def test_bad_input_gives_one_line_error(world: World, tmp_path: Path, capsys: py
     assert rc == 1 and "bad.json" in err
     rc, _, err = _run(capsys, "edit", "--model", str(world.model_dir), "--hparams", str(world.hparams), "--data", str(world.data))
     assert rc == 1 and "--save-model" in err
+    rc, _, err = _run(capsys, "stats-corpus", "--model", str(world.model_dir))
+    assert rc == 1 and "testbed_manifest.json" in err and not (world.model_dir / "factworld.txt").exists()
 
 
 def test_evaluate_prints_pre_edit_rows(world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
