@@ -353,6 +353,17 @@ def test_scale_hparams_share_layers_and_z_budget_and_give_5_neurons_per_edit() -
         assert len(SCALE_LAYERS) * d_ff / 2000 >= 5.0  # edited neurons per edit at 2,000 edits
 
 
+@scale
+def test_scale_hparams_read_the_shipped_statistics_corpus() -> None:
+    from ece_plugin.testbed.corpus import CorpusConfig, corpus_path, statistics_corpus
+
+    names = {yaml.safe_load((HPARAMS / alg / "testbed-llama-scale.yaml").read_text())["mom2_dataset"]
+             for alg in ("ECE", "MEMIT", "AlphaEdit", "ROME")}
+    assert names == {"factworld"}  # one C0 for every method
+    shipped = corpus_path(SCALE, "factworld").read_text().splitlines()
+    assert shipped == statistics_corpus(SCALE, CorpusConfig())  # remade exactly by `ece-plugin stats-corpus`
+
+
 def test_statistics_corpus_samples_held_out_facts_only(tmp_path: Path) -> None:
     from ece_plugin.testbed.corpus import CorpusConfig, statistics_corpus, write_statistics_corpus
 
