@@ -8,8 +8,8 @@ Corpus. ``hparams.mom2_corpus`` when set: a text file, or a folder whose ``*.txt
 sorted order. Else the model's own corpus ``<model folder>/<mom2_dataset>.txt`` when the model folder holds one
 (a testbed's statistics corpus, ``ece-plugin stats-corpus``; EasyEdit's ROME / MEMIT / AlphaEdit name their cache
 folder after ``mom2_dataset`` too, so they read the same statistics). Else the bundled WikiText-2
-(``data/wikitext-2-raw/wiki.valid.raw`` then ``wiki.test.raw``), standing in for EasyEdit's Wikipedia. A text unit is one line with at least :data:`MIN_LINE_CHARS` characters that is not a WikiText
-heading (``= Title =``). Each unit is tokenised (with the tokenizer's special tokens) and cut into chunks
+(``data/wikitext-2-raw/wiki.valid.raw`` then ``wiki.test.raw``), standing in for EasyEdit's Wikipedia. A text
+unit is one line with at least :data:`MIN_LINE_CHARS` characters that is not a WikiText heading (``= Title =``). Each unit is tokenised (with the tokenizer's special tokens) and cut into chunks
 of at most ``min(model context length, MAX_CHUNK_TOKENS)`` tokens.
 
 Samples. ``mom2_n_samples`` counts SAMPLES, as in EasyEdit's ``layer_stats``: there a sample is one
