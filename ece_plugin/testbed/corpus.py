@@ -17,6 +17,7 @@ same statistics.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -24,12 +25,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import atomic
-from .builder import MANIFEST_NAME
+from .builder import MANIFEST_NAME, REPO_ROOT
 from .facts import SamplerConfig, SequenceSampler, TestbedDataError, build_fact_world
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_NAME = "factworld"
 DEFAULT_COUNTERFACT_OFFSET = 7000  # past the trained records and the never-trained checks at 5000-5199
 TEXT_CHARS = 200  # the length the builder's tokenizer corpus samples (about one training sequence)
@@ -91,14 +91,10 @@ def statistics_corpus(model_dir: Path, config: CorpusConfig = CorpusConfig()) ->
         counterfact_offset=config.counterfact_offset,
         zsre_offset=zsre_trained,
     )
-    s = c["sampler"]
-    sampler_config = SamplerConfig(
-        verbatim_prob=s["verbatim_prob"],
-        prefix_prob=s["prefix_prob"],
-        wiki_sequence_prob=s["wiki_sequence_prob"],
-        prefix_words=tuple(s["prefix_words"]),
-        mention_prob=s.get("mention_prob", 0.0),
-    )
+    # the manifest stores the sampler's fields (older manifests lack the newer ones, which keep their defaults)
+    stored = {f.name: c["sampler"][f.name] for f in dataclasses.fields(SamplerConfig) if f.name in c["sampler"]}
+    stored["prefix_words"] = tuple(stored.get("prefix_words", SamplerConfig.prefix_words))
+    sampler_config = SamplerConfig(**stored)
     sampler = SequenceSampler(world, sampler_config, seed=config.seed)
     return [" ".join(text.split()) for text in sampler.texts(config.n_texts, TEXT_CHARS)]
 
