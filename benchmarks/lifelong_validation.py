@@ -8,6 +8,12 @@ retention is scored on zsRE records 0-99 (known facts of another data set, never
     python benchmarks/lifelong_validation.py --set neuron_threshold=1.0 --out runs/val-p10
     python benchmarks/lifelong_validation.py --rewind-z --out runs/val-rewind
 
+``--load N`` lengthens the sequence towards the reported 2,000 edits without touching a reported record: N
+"load" edits of CounterFact facts the testbed never trained (counterfact-edit.json records 2200 on; disjoint from
+the pre-edit checks' 5000-5199 and the statistics corpus' 7000-9199) are interleaved with the 400 validation
+edits (the validation batches evenly spaced among the load batches), and every measurement reads the 400
+validation edits only. ``--load 600`` is a 1,000-edit sequence.
+
 ``--set key=value`` overrides a key of hparams/ECE/testbed-llama-scale.yaml (YAML value syntax). Two
 prototypes of the NSE authors' sequential mechanisms (Jiang et al. 2024), not part of ece_plugin, patch the
 editor for this process only:
@@ -35,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import ece_plugin.editor as editor  # noqa: E402
+import ece_plugin.study.lifelong as lifelong  # noqa: E402
 from ece_plugin.cli import main  # noqa: E402
 from ece_plugin.hparams import ECEHyperParams  # noqa: E402
 
@@ -42,10 +49,54 @@ HPARAMS = REPO / "hparams" / "ECE" / "testbed-llama-scale.yaml"
 MODEL = REPO / "testbed" / "testbed-llama-scale"
 
 
+LOAD_START = 2200  # counterfact-edit.json records from here on were never trained
+BATCH = 100
+
+
 def validation_records() -> list[dict[str, Any]]:
     val = json.loads((REPO / "data" / "counterfact" / "counterfact-val.json").read_text())[:200]
     edit = json.loads((REPO / "data" / "counterfact" / "counterfact-edit.json").read_text())[2000:2200]
     return val + edit
+
+
+def interleaved(val: list[dict[str, Any]], n_load: int) -> tuple[list[dict[str, Any]], set[int]]:
+    """The validation batches spread evenly among ``n_load`` load edits; returns the sequence and the positions
+    in it of the validation records."""
+    if n_load % BATCH:
+        raise SystemExit(f"--load must be a multiple of {BATCH}, got {n_load}")
+    load = json.loads((REPO / "data" / "counterfact" / "counterfact-edit.json").read_text())
+    load = load[LOAD_START : LOAD_START + n_load]
+    if len(load) < n_load:
+        raise SystemExit(f"--load {n_load}: only {len(load)} never-trained records")
+    n_val, n_batches = len(val) // BATCH, (len(val) + n_load) // BATCH
+    val_at = {round(i * (n_batches - 1) / max(n_val - 1, 1)) for i in range(n_val)}
+    seq: list[dict[str, Any]] = []
+    positions: set[int] = set()
+    v = w = 0
+    for b in range(n_batches):
+        if b in val_at:
+            positions.update(range(len(seq), len(seq) + BATCH))
+            seq += val[v : v + BATCH]
+            v += BATCH
+        else:
+            seq += load[w : w + BATCH]
+            w += BATCH
+    return seq, positions
+
+
+def measure_only(positions: set[int]) -> None:
+    """Make every lifelong measurement read the records at ``positions`` of the sequence only."""
+    measure = lifelong.measure
+
+    def patched(model: Any, tok: Any, probes: Any, config: Any, n_done: int, pre_cases: Any) -> Any:
+        edited = probes.records[: n_done or len(probes.records)]
+        kept = [r for i, r in enumerate(edited) if i in positions]
+        row = measure(model, tok, dataclasses.replace(probes, records=kept), config, len(kept) if n_done else 0,
+                      pre_cases)
+        row["n_edits"] = n_done
+        return row
+
+    lifelong.measure = patched  # type: ignore[assignment]
 
 
 def rewind_z() -> None:
@@ -99,6 +150,7 @@ def run(argv: list[str]) -> int:
     p.add_argument("--method", default="ECE-AS")
     p.add_argument("--rewind-z", action="store_true")
     p.add_argument("--write-passes", type=int, default=1)
+    p.add_argument("--load", type=int, default=0, metavar="N", help="never-trained load edits interleaved")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     hparams = yaml.safe_load(HPARAMS.read_text())
@@ -112,13 +164,17 @@ def run(argv: list[str]) -> int:
         rewind_z()
     if args.write_passes > 1:
         write_passes(args.write_passes)
+    records = validation_records()
+    if args.load:
+        records, positions = interleaved(records, args.load)
+        measure_only(positions)
     with tempfile.TemporaryDirectory() as tmp:
         data, hp = Path(tmp) / "validation.json", Path(tmp) / "hparams.yaml"
-        data.write_text(json.dumps(validation_records()))
+        data.write_text(json.dumps(records))
         hp.write_text(yaml.safe_dump(hparams))
         return main([
             "lifelong", "--model", str(MODEL), "--device", "cpu", "--threads", "1", "--data", str(data),
-            "--n-edits", "400", "--batch-size", "100", "--retention-data",
+            "--n-edits", str(len(records)), "--batch-size", str(BATCH), "--retention-data",
             str(REPO / "data" / "zsre" / "zsre_mend_eval.json"), "--n-retention", "100", "--hparams", str(hp),
             "--methods", args.method, "--out", args.out,
         ])

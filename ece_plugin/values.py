@@ -27,7 +27,9 @@ later step) and leaves the batch.
 
 Exact savings over MEMIT's recomputation (the same losses to float rounding): each row's tokens before its fact
 token run once per batch into a key/value cache and a step runs only the rest (prefix_cache.py; blocks of edits
-keep the cache within ``z_cache_mb``); the KL row is not run when ``kl_factor`` is 0.
+keep the cache within ``z_cache_mb``), and with ``z_layer_replay`` the layers up to the z layer, which never see
+the delta, hand back outputs computed once per batch, so a step runs only the layers after it; the KL row is
+not run when ``kl_factor`` is 0.
 """
 
 from __future__ import annotations
@@ -51,7 +53,14 @@ from .architecture import (
     replace_hidden_state,
 )
 from .keys import ContextTemplates, EncodedRows, encode_rows
-from .prefix_cache import FullRows, PrefixCache, RowBatch, edit_blocks, key_value_bytes_per_token
+from .prefix_cache import (
+    FullRows,
+    LayerReplay,
+    PrefixCache,
+    RowBatch,
+    edit_blocks,
+    key_value_bytes_per_token,
+)
 from .requests import EditRequest, RequestError
 
 logger = logging.getLogger(__name__)
@@ -215,16 +224,17 @@ def _forward(
         store["loss"] = hidden_state(output)
         raise _StopForward
 
-    handles = [get_module(model, mods.z_name).register_forward_hook(z_hook)]
-    if mods.loss_name != mods.z_name:
-        handles.append(get_module(model, mods.loss_name).register_forward_hook(loss_hook))
-    try:
-        model(**batch.forward_kwargs())
-    except _StopForward:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    with batch.replayed(model):  # the layers up to z hand back their cached outputs, if the batch has them
+        handles = [get_module(model, mods.z_name).register_forward_hook(z_hook)]
+        if mods.loss_name != mods.z_name:
+            handles.append(get_module(model, mods.loss_name).register_forward_hook(loss_hook))
+        try:
+            model(**batch.forward_kwargs())
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
     if "loss" not in store:
         raise RuntimeError(f"layer {mods.loss_name!r} did not run in the forward pass")
     return store["h"], store["loss"]
@@ -491,9 +501,16 @@ def _optimise(
 def _row_source(
     model: nn.Module, problem: ZProblem, rows: torch.Tensor, hparams: Any, chunk_rows: int
 ) -> RowSource:
-    """The prefix cache of ``rows`` (``z_prefix_cache``), or whole prompts where the model's cache is unusable."""
+    """The prefix cache of ``rows`` (``z_prefix_cache``; with the z layer's outputs when ``z_layer_replay``), or
+    whole prompts where the model's cache is unusable."""
     if not hparams.z_prefix_cache:
         return FullRows(problem.rows)
+    if hparams.z_layer_replay:
+        replay = LayerReplay([hparams.layer_module_tmp.format(i) for i in range(hparams.layers[-1] + 1)])
+        try:
+            return PrefixCache(model, problem.rows, rows, chunk_rows, replay)
+        except ArchitectureError as exc:
+            logger.warning("z: layer replay unavailable (%s); every step runs every layer", exc)
     try:
         return PrefixCache(model, problem.rows, rows, chunk_rows)
     except ArchitectureError as exc:

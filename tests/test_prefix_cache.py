@@ -1,4 +1,5 @@
-"""Prefix cache: running only the tokens from the fact token on, over cached prefix keys/values, is exact."""
+"""Prefix cache and layer replay: running only the tokens from the fact token on, over cached prefix keys/values,
+and only the layers after the z layer, over its cached outputs, is exact."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ from conftest import FACTS, make_gpt2, make_hparams, make_llama, make_tokenizer
 
 from ece_plugin import values
 from ece_plugin.architecture import ArchitectureError
-from ece_plugin.prefix_cache import PrefixCache, RowBatch, edit_blocks, key_value_bytes_per_token
+from ece_plugin.prefix_cache import (
+    LayerReplay,
+    PrefixCache,
+    RowBatch,
+    edit_blocks,
+    key_value_bytes_per_token,
+    replayed_layers,
+)
 from ece_plugin.requests import normalise_requests
 from ece_plugin.values import _forward, build_z_problem, compute_z, z_modules
 
@@ -51,9 +59,14 @@ def _hparams(family: str) -> Any:
     return make_hparams(family)
 
 
+def _replay(hp: Any) -> LayerReplay:
+    return LayerReplay([hp.layer_module_tmp.format(i) for i in range(hp.layers[-1] + 1)])
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gptj"])
 @pytest.mark.parametrize("bos", [True, False])
-def test_suffix_forward_equals_full_forward(family: str, bos: bool) -> None:
+@pytest.mark.parametrize("replay", [False, True])
+def test_suffix_forward_equals_full_forward(family: str, bos: bool, replay: bool) -> None:
     tok = make_tokenizer(bos=bos)
     model = _model(family, len(tok))
     hp = _hparams(family)
@@ -63,13 +76,16 @@ def test_suffix_forward_equals_full_forward(family: str, bos: bool) -> None:
     assert bos or int(problem.rows.lookup.min()) == 0  # a row with an empty prefix is covered
     mods = z_modules(model, hp)
     all_rows = torch.arange(problem.rows.n_rows)
-    cache = PrefixCache(model, problem.rows, all_rows, chunk_rows=5)  # built in several chunks
+    # built in several chunks
+    cache = PrefixCache(model, problem.rows, all_rows, chunk_rows=5, replay=_replay(hp) if replay else None)
     assert cache.nbytes > 0
+    assert (cache.hidden is not None) == replay
     gen = torch.Generator().manual_seed(0)
     for rows in (all_rows, torch.tensor([7, 0, 12, 3])):  # everything, and a reordered subset
         disp = torch.randn(len(rows), 32, generator=gen)
         h_full, hid_full = _forward(model, mods, RowBatch.full(problem.rows.select(rows)), disp)
         batch = cache.batch(rows)
+        assert (batch.replay_hidden is not None) == replay
         h_cached, hid_cached = _forward(model, mods, batch, disp)
         torch.testing.assert_close(h_cached, h_full, rtol=1e-5, atol=1e-5)
         for j, row in enumerate(rows.tolist()):
@@ -81,14 +97,15 @@ def test_suffix_forward_equals_full_forward(family: str, bos: bool) -> None:
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_z_with_the_prefix_cache_equals_z_without(family: str) -> None:
+@pytest.mark.parametrize("replay", [False, True])
+def test_z_with_the_prefix_cache_equals_z_without(family: str, replay: bool) -> None:
     tok = make_tokenizer(bos=family == "llama")
     # Adam's first steps are nearly lr * sign(grad): float32 rounding in a near-zero gradient coordinate can flip
     # one, so Llama runs in float64 (strict check); transformers 4.46's GPT-2 cannot, it gets a relative check
     model = _model(family, len(tok))
     model = model.double() if family == "llama" else model
     reqs = normalise_requests(FACTS + EXTRA)
-    hp = make_hparams(family, shared_grad_steps=3, per_edit_grad_steps=6, kl_factor=0.5)
+    hp = make_hparams(family, shared_grad_steps=3, per_edit_grad_steps=6, kl_factor=0.5, z_layer_replay=replay)
     cluster_of, anchors = [0, 1, 0, 1, 0, 1], [0, 3]
     cached = compute_z(model, tok, reqs, TEMPLATES, hp, cluster_of, anchors, True)
     full = compute_z(
@@ -154,3 +171,65 @@ def test_an_unusable_cache_falls_back_to_whole_prompts(
         got = compute_z(model, tok, reqs, TEMPLATES, hp, [0, 1, 2, 3], [0, 1, 2, 3], False)
     assert "prefix cache unavailable (unsupported key/value layout)" in caplog.text
     torch.testing.assert_close(got.z, expected.z, rtol=1e-4, atol=1e-4)
+
+
+def _count_calls(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+
+    def hook(*args: Any) -> None:
+        calls[0] += 1
+
+    module.register_forward_pre_hook(hook)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_replayed_layers_do_not_run_during_the_steps(family: str) -> None:
+    tok = make_tokenizer(bos=family == "llama")
+    model = _model(family, len(tok))
+    reqs = normalise_requests(FACTS + EXTRA)
+    layers = model.model.layers if family == "llama" else model.transformer.h
+    runs = {"z layer": _count_calls(layers[1]), "after it": _count_calls(layers[2])}
+    hp = make_hparams(family, clustering=False, v_num_grad_steps=8, z_layer_replay=True)
+    compute_z(model, tok, reqs, TEMPLATES, hp, list(range(6)), list(range(6)), False)
+    with_replay = {k: v[0] for k, v in runs.items()}
+    for v in runs.values():
+        v[0] = 0
+    compute_z(model, tok, reqs, TEMPLATES, dataclasses.replace(hp, z_layer_replay=False), list(range(6)),
+              list(range(6)), False)
+    without = {k: v[0] for k, v in runs.items()}
+    assert with_replay["after it"] == without["after it"] > 8  # the same steps ran
+    # the z layer ran only in the passes before the steps: the reference, the prefixes and the replay's filling
+    assert with_replay["z layer"] == 3
+    assert without["z layer"] == without["after it"]
+    assert type(layers[1]).__name__ != "_Replay"  # the real layers are back
+
+
+def test_replayed_layers_are_restored_after_an_error(tok: Any) -> None:
+    model = make_llama(len(tok))
+    hp = make_hparams("llama")
+    before = list(model.model.layers)
+    with pytest.raises(RuntimeError, match="boom"):
+        with replayed_layers(model, _replay(hp), torch.zeros(1, 1, 32)):
+            assert type(model.model.layers[0]).__name__ == "_Replay"
+            raise RuntimeError("boom")
+    assert list(model.model.layers) == before
+
+
+def test_an_unusable_replay_falls_back_to_running_every_layer(
+    tok: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = make_llama(len(tok))
+    reqs = normalise_requests(FACTS)
+    hp = make_hparams("llama", clustering=False, v_num_grad_steps=3, z_layer_replay=False)
+    expected = compute_z(model, tok, reqs, TEMPLATES, hp, [0, 1, 2, 3], [0, 1, 2, 3], False)
+
+    def unusable(*args: Any, **kwargs: Any) -> None:
+        raise ArchitectureError("layer 'model.layers.1' did not run in the forward pass")
+
+    monkeypatch.setattr(PrefixCache, "_run_suffixes", unusable)
+    with caplog.at_level(logging.WARNING, logger="ece_plugin.values"):
+        got = compute_z(model, tok, reqs, TEMPLATES, dataclasses.replace(hp, z_layer_replay=True),
+                        [0, 1, 2, 3], [0, 1, 2, 3], False)
+    assert "layer replay unavailable (layer 'model.layers.1' did not run" in caplog.text
+    torch.testing.assert_close(got.z, expected.z, rtol=1e-5, atol=1e-5)

@@ -49,6 +49,10 @@ def test_bench_timing(world: World, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert ece["quality"]["efficacy"] is not None and ece["peak_memory"]["process_max_rss_mib"] > 0
     assert {"z", "attribution", "clustering", "keys", "solve"} <= set(data["ece_stage_seconds"])
     assert data["z_steps_per_edit"] == 4
+    full_depth = methods["ECE-AS (layer replay off)"]  # exact: the same edit, every layer run in every z step
+    assert full_depth["available"] and full_depth["ratio_to_ece"] > 0
+    for key in ("efficacy", "generalization", "specificity"):
+        assert full_depth["quality"][key] == pytest.approx(ece["quality"][key])
     if EASYEDIT_CPU:
         assert methods["MEMIT"]["available"] and methods["AlphaEdit"]["available"]
         assert methods["MEMIT"]["ratio_to_ece"] > 0
