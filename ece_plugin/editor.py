@@ -37,12 +37,13 @@ from .clustering import Clusters, cluster_edits, membership_masks
 from .easyedit import wants_weights_copy, warn_unused_device
 from .keys import (
     ContextTemplates,
+    KeyReads,
     build_key_rows,
     check_row_lengths,
     editing_tokenizer,
     generate_context_templates,
-    read_keys,
 )
+from .replay import decoder_layers
 from .requests import EditRequest, check_conflicts, normalise_requests
 from .state import EditSession, get_session
 from .trace import ECETrace, LayerTrace, ScoreSummary
@@ -170,7 +171,9 @@ def _run(
     t = _tick(timings, "context_templates", t)
 
     key_rows = build_key_rows(tok, requests, templates, hparams.fact_token, input_device(model))
-    keys0, zout0 = read_keys(model, key_rows, names, z_name, stop_at=z_name)
+    below = [decoder_layers(hparams.layer_module_tmp, wo.layer - 1) for wo in w_outs]
+    reads = KeyReads(model, key_rows, names, z_name, below if hparams.layer_replay else None)
+    keys0, zout0 = reads.read(0)
     t = _tick(timings, "keys", t)
 
     attributions = [
@@ -197,7 +200,7 @@ def _run(
     written_keys: dict[str, torch.Tensor] = {}
 
     def read(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, cur = (keys0, zout0) if i == 0 else read_keys(model, key_rows, [names[i]], z_name, stop_at=z_name)
+        keys, cur = (keys0, zout0) if i == 0 else reads.read(i)
         assert cur is not None
         written_keys[names[i]] = keys[names[i]]
         return keys[names[i]], cur

@@ -96,8 +96,9 @@ class ECEHyperParams(_HyperParamsBase):  # type: ignore[misc,valid-type]
     fact_token: str = "subject_last"
     # run each prompt's tokens before the fact token once per batch (exact, faster)
     z_prefix_cache: bool = True
-    # with the prefix cache, the layers up to the z layer (which never see the delta) run once per batch (exact)
-    z_layer_replay: bool = True
+    # layers no change can reach are not re-run (exact, replay.py): in the z steps (with the prefix cache) the
+    # layers up to the z layer, in the key re-reads the layers below the last written one
+    layer_replay: bool = True
     z_cache_mb: float = 2048.0  # memory for those cached keys/values; more edits run in blocks, one by one
     context_template_length_params: list[list[int]] = field(default_factory=lambda: [[10, 5]])
     # --- the least-squares update ---

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import unicodedata
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .architecture import get_module, hidden_state, input_device
+from .replay import LayerReplay, replayed_layers
 from .requests import EditRequest, RequestError, fill, split_template
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,14 @@ def encode_rows(
 
 
 # ------------------------------------------------------------------------------------------- capture
+@dataclass
+class KeptOutputs:
+    """The output of the last of ``replay.names`` over every chunk of one capture's rows (same chunking)."""
+
+    replay: LayerReplay
+    chunks: list[torch.Tensor]  # [chunk rows, chunk width, d]
+
+
 def capture(
     model: nn.Module,
     rows: EncodedRows,
@@ -147,12 +156,33 @@ def capture(
 
     ``stop_at``: a module whose output ends the forward (the deepest one needed), saving the rest.
     """
+    return _capture(model, rows, inputs_of, outputs_of, stop_at, chunk_rows)[0]
+
+
+def _capture(
+    model: nn.Module,
+    rows: EncodedRows,
+    inputs_of: Sequence[str],
+    outputs_of: Sequence[str],
+    stop_at: Optional[str],
+    chunk_rows: int,
+    replay: Optional[KeptOutputs] = None,
+    keep: Sequence[str] = (),
+) -> tuple[dict[str, torch.Tensor], Optional[KeptOutputs]]:
+    """:func:`capture`; with ``replay`` the layers it names hand back its outputs instead of running, and with
+    ``keep`` (decoder layers 0..l) the output of layer l over every chunk is kept for a later replay."""
     got: dict[str, list[torch.Tensor]] = {name: [] for name in (*inputs_of, *outputs_of)}
     current: dict[str, torch.Tensor] = {}
+    kept: list[torch.Tensor] = []
+    template: list[Any] = []
 
     def gather(t: torch.Tensor) -> torch.Tensor:
         lookup = current["lookup"].to(t.device)
         return t[torch.arange(t.shape[0], device=t.device), lookup].detach().float()
+
+    def keep_hook(module: nn.Module, args: tuple, output: Any) -> None:
+        kept.append(hidden_state(output).detach())
+        template[:] = template or [output]
 
     handles = []
     try:
@@ -171,18 +201,22 @@ def capture(
                     raise _StopForward
 
             handles.append(get_module(model, name).register_forward_hook(hook))
+        if keep:
+            handles.append(get_module(model, keep[-1]).register_forward_hook(keep_hook))
         with torch.no_grad():
-            for start in range(0, rows.n_rows, chunk_rows):
+            for c, start in enumerate(range(0, rows.n_rows, chunk_rows)):
                 part = rows.select(torch.arange(start, min(start + chunk_rows, rows.n_rows)))
                 current["lookup"] = part.lookup
                 # causal: the tokens after the chunk's last fact token change nothing that is read
                 width = int(part.lookup.max()) + 1
+                replayed = replayed_layers(model, replay.replay, replay.chunks[c]) if replay else nullcontext()
                 try:
-                    model(
-                        input_ids=part.input_ids[:, :width],
-                        attention_mask=part.attention_mask[:, :width],
-                        use_cache=False,
-                    )
+                    with replayed:
+                        model(
+                            input_ids=part.input_ids[:, :width],
+                            attention_mask=part.attention_mask[:, :width],
+                            use_cache=False,
+                        )
                 except _StopForward:
                     pass
     finally:
@@ -191,7 +225,8 @@ def capture(
     missing = [name for name, parts in got.items() if not parts]
     if missing:
         raise RuntimeError(f"modules {missing} did not run in the forward pass (check the module templates)")
-    return {name: torch.cat(parts, 0) for name, parts in got.items()}
+    out = KeptOutputs(LayerReplay(list(keep), template[0]), kept) if keep and template else None
+    return {name: torch.cat(parts, 0) for name, parts in got.items()}, out
 
 
 # --------------------------------------------------------------------------------------- key rows
@@ -276,6 +311,44 @@ def read_keys(
         z_all = raw[z_module]
         z_out = z_all[key_rows.plain_rows.to(z_all.device)]
     return keys, z_out
+
+
+class KeyReads:
+    """The key reads of one batch in MEMIT's order: read 0 gives every edited layer's keys on the model before
+    the batch, and read i (i >= 1) layer i's keys right after the edited layers before i were written; every
+    read also gives the z layer's output at the plain rows (MEMIT's ``cur_zs``).
+
+    With ``below`` (per edited layer i, the decoder layers 0..l_i - 1 under it; replay.py), read i keeps the
+    output of the decoder layer just under edited layer i, which the write of layer i that follows cannot
+    change, and read i + 1 replays the layers up to it instead of running them. A read whose predecessor was
+    not read i - 1 runs every layer."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        key_rows: KeyRows,
+        w_out_names: Sequence[str],
+        z_name: str,
+        below: Optional[Sequence[Sequence[str]]] = None,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    ) -> None:
+        self.model, self.key_rows, self.z_name, self.chunk_rows = model, key_rows, z_name, chunk_rows
+        self.w_out_names = list(w_out_names)
+        self.below = [list(b) for b in below] if below is not None else None
+        self._kept: Optional[tuple[int, KeptOutputs]] = None  # (the read that kept it, its outputs)
+
+    def read(self, i: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        names = self.w_out_names if i == 0 else [self.w_out_names[i]]
+        replay = self._kept[1] if self._kept is not None and self._kept[0] == i - 1 else None
+        keep = self.below[i] if self.below is not None else []
+        raw, kept = _capture(
+            self.model, self.key_rows.rows, names, [self.z_name], self.z_name, self.chunk_rows, replay, keep
+        )
+        self._kept = (i, kept) if kept is not None else None
+        z_all = raw[self.z_name]
+        return {name: self.key_rows.average(raw[name]) for name in names}, z_all[
+            self.key_rows.plain_rows.to(z_all.device)
+        ]
 
 
 # -------------------------------------------------------------------------------- context templates

@@ -14,71 +14,30 @@ selection of it back into what the model's forward accepts (legacy tuples or a `
 4.x and 5).
 
 The same argument holds for depth: the delta enters at the *output* of layer L, so no layer up to L sees it,
-for any token. With :class:`LayerReplay` the suffix's layer-L outputs are computed once too, and during the z
-steps the decoder layers 0..L are swapped for modules that hand back those outputs (:func:`replayed_layers`):
-a step runs only the layers after L. On the scale testbed (z at layer 3 of 6) that is a third of the forward.
+for any token. With a :class:`~ece_plugin.replay.LayerReplay` the suffix's layer-L outputs are computed once
+too, and during the z steps the decoder layers 0..L hand back those outputs (replay.py): a step runs only the
+layers after L. On the scale testbed (z at layer 3 of 6) that is two thirds of the forward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from .architecture import ArchitectureError, get_module, hidden_state, replace_hidden_state
+from .architecture import ArchitectureError, get_module, hidden_state
 from .keys import EncodedRows
+from .replay import LayerReplay, replayed_layers
 
 KeyValues = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class _StopForward(Exception):
     pass
-
-
-@dataclass
-class LayerReplay:
-    """The decoder layers ``names`` (0..L in order; the last is the z layer) whose outputs over a row's suffix
-    no delta changes, and, once captured, one real output of layer L (its container type, for the stand-ins)."""
-
-    names: list[str]
-    template: Any = None
-
-    @property
-    def z_name(self) -> str:
-        return self.names[-1]
-
-
-class _Replay(nn.Module):
-    """Stands in for a decoder layer: returns fixed hidden states in the real layer's output container."""
-
-    def __init__(self, hidden: torch.Tensor, template: Any) -> None:
-        super().__init__()
-        self.hidden = hidden
-        self.template = template
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return replace_hidden_state(self.template, self.hidden)
-
-
-@contextmanager
-def replayed_layers(model: nn.Module, replay: LayerReplay, hidden: torch.Tensor) -> Iterator[None]:
-    """Within the block, the layers of ``replay`` do not run: each hands back ``hidden`` (the z layer's output;
-    what the layers before it return is never read). One stand-in per layer, so hooks on the z layer fire once."""
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    try:
-        for name in replay.names:
-            parent_name, _, child = name.rpartition(".")
-            parent = get_module(model, parent_name) if parent_name else model
-            swapped.append((parent, child, parent._modules[child]))  # type: ignore[arg-type]
-            parent._modules[child] = _Replay(hidden, replay.template)
-        yield
-    finally:
-        for parent, child, module in reversed(swapped):
-            parent._modules[child] = module
 
 
 @dataclass
@@ -269,7 +228,7 @@ class PrefixCache:
         n, width = len(self.split), int(self.suffix_len.max()) if len(self.split) else 0
         hidden: Optional[torch.Tensor] = None
         template: Any = None
-        handle = get_module(model, replay.z_name).register_forward_hook(hook)
+        handle = get_module(model, replay.last).register_forward_hook(hook)
         try:
             with torch.no_grad():
                 for start in range(0, n, chunk_rows):
@@ -280,7 +239,7 @@ class PrefixCache:
                     except _StopForward:
                         pass
                     if "out" not in found:
-                        raise ArchitectureError(f"layer {replay.z_name!r} did not run in the forward pass")
+                        raise ArchitectureError(f"layer {replay.last!r} did not run in the forward pass")
                     out = found.pop("out")
                     template = out if template is None else template
                     hs = hidden_state(out)

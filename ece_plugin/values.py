@@ -27,7 +27,7 @@ later step) and leaves the batch.
 
 Exact savings over MEMIT's recomputation (the same losses to float rounding): each row's tokens before its fact
 token run once per batch into a key/value cache and a step runs only the rest (prefix_cache.py; blocks of edits
-keep the cache within ``z_cache_mb``), and with ``z_layer_replay`` the layers up to the z layer, which never see
+keep the cache within ``z_cache_mb``), and with ``layer_replay`` the layers up to the z layer, which never see
 the delta, hand back outputs computed once per batch, so a step runs only the layers after it; the KL row is
 not run when ``kl_factor`` is 0.
 """
@@ -53,14 +53,8 @@ from .architecture import (
     replace_hidden_state,
 )
 from .keys import ContextTemplates, EncodedRows, encode_rows
-from .prefix_cache import (
-    FullRows,
-    LayerReplay,
-    PrefixCache,
-    RowBatch,
-    edit_blocks,
-    key_value_bytes_per_token,
-)
+from .prefix_cache import FullRows, PrefixCache, RowBatch, edit_blocks, key_value_bytes_per_token
+from .replay import LayerReplay, decoder_layers
 from .requests import EditRequest, RequestError
 
 logger = logging.getLogger(__name__)
@@ -501,12 +495,12 @@ def _optimise(
 def _row_source(
     model: nn.Module, problem: ZProblem, rows: torch.Tensor, hparams: Any, chunk_rows: int
 ) -> RowSource:
-    """The prefix cache of ``rows`` (``z_prefix_cache``; with the z layer's outputs when ``z_layer_replay``), or
+    """The prefix cache of ``rows`` (``z_prefix_cache``; with the z layer's outputs when ``layer_replay``), or
     whole prompts where the model's cache is unusable."""
     if not hparams.z_prefix_cache:
         return FullRows(problem.rows)
-    if hparams.z_layer_replay:
-        replay = LayerReplay([hparams.layer_module_tmp.format(i) for i in range(hparams.layers[-1] + 1)])
+    if hparams.layer_replay:
+        replay = LayerReplay(decoder_layers(hparams.layer_module_tmp, hparams.layers[-1]))
         try:
             return PrefixCache(model, problem.rows, rows, chunk_rows, replay)
         except ArchitectureError as exc:

@@ -80,7 +80,7 @@ def test_yaml_float_for_int_field_and_json(tmp_path: Path) -> None:
         ("batch_size", 0),
         ("z_cache_mb", 0.0),
         ("z_prefix_cache", "yes"),
-        ("z_layer_replay", 1),
+        ("layer_replay", 1),
         ("state_device", "gpu"),
         ("rewrite_module_tmp", "model.layers.mlp.down_proj"),
         ("layer_module_tmp", "model.layers"),

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Any
 
 import pytest
 import torch
-from conftest import FACTS, make_gpt2, make_llama
+from conftest import FACTS, fake_session, make_gpt2, make_hparams, make_llama
 
 from ece_plugin.architecture import input_device
+from ece_plugin.editor import apply_ece_to_model
 from ece_plugin.keys import (
+    KeyReads,
     build_key_rows,
     capture,
     editing_tokenizer,
@@ -17,6 +21,7 @@ from ece_plugin.keys import (
     lookup_indices,
     read_keys,
 )
+from ece_plugin.replay import decoder_layers
 from ece_plugin.requests import normalise_requests
 
 
@@ -127,3 +132,61 @@ def test_context_templates_are_seeded(tok: Any) -> None:
         )  # MEMIT: max_out_len counts the prompt (specials dropped)
     assert generate_context_templates(model, tok, [], seed=0) == [["{}"]]
     assert len(generate_context_templates(model, tok, [[4, 7]], seed=0)[1]) == 7
+
+
+def _layers(model: Any, family: str) -> Any:
+    return model.model.layers if family == "llama" else model.transformer.h
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_key_reads_replay_the_layers_below_the_last_write(family: str, tok: Any) -> None:
+    """Read i + 1 after writing W_out of edited layer l_i replays the decoder layers under l_i from read i: the
+    same keys and z-layer outputs as reading with every layer run, and layer 0 runs in read 0 only."""
+    model = make_llama(len(tok)) if family == "llama" else make_gpt2(len(tok))
+    hp = make_hparams(family, layers=[1, 2])
+    rows = build_key_rows(tok, normalise_requests(FACTS), [["{}"], ["The river. {}", "I know. {}"]], "subject_last",
+                          input_device(model))
+    names = [hp.rewrite_module_tmp.format(layer) for layer in hp.layers]
+    z_name = hp.layer_module_tmp.format(2)
+    below = [decoder_layers(hp.layer_module_tmp, layer - 1) for layer in hp.layers]
+    reads = KeyReads(model, rows, names, z_name, below, chunk_rows=3)  # several chunks
+    runs = [0]
+    _layers(model, family)[0].register_forward_pre_hook(lambda *a: runs.__setitem__(0, runs[0] + 1))
+    reads.read(0)
+    after_read_0 = runs[0]
+    assert after_read_0 == -(-rows.rows.n_rows // 3) > 1  # one forward per chunk
+    with torch.no_grad():  # the write that follows read 0: W_out of layer 1
+        model.get_submodule(names[0]).weight.add_(0.3 * torch.randn_like(model.get_submodule(names[0]).weight))
+    keys, cur = reads.read(1)
+    assert runs[0] == after_read_0  # replayed
+    expected_keys, expected_cur = read_keys(model, rows, [names[1]], z_name, stop_at=z_name)
+    assert expected_cur is not None
+    torch.testing.assert_close(keys[names[1]], expected_keys[names[1]], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cur, expected_cur, rtol=1e-5, atol=1e-5)
+    # out of order (read 1 again: its predecessor is not read 0): every layer runs
+    before = runs[0]
+    reads.read(1)
+    assert runs[0] == before + after_read_0
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_an_edit_with_layer_replay_equals_one_without(family: str, tok: Any) -> None:
+    torch.manual_seed(0)
+    model = make_llama(len(tok)) if family == "llama" else make_gpt2(len(tok))
+    model = model.double() if family == "llama" else model
+    hp = make_hparams(family, layers=[1, 2], shared_grad_steps=3, per_edit_grad_steps=4, layer_replay=True)
+    edited = {}
+    for replay in (True, False):
+        twin = copy.deepcopy(model)
+        fake_session(twin, hp)
+        torch.manual_seed(0)
+        apply_ece_to_model(twin, tok, FACTS, dataclasses.replace(hp, layer_replay=replay))
+        edited[replay] = [_w_out(twin, hp, layer) for layer in hp.layers]
+    for layer, with_replay, without in zip(hp.layers, edited[True], edited[False]):
+        update = float((without - _w_out(model, hp, layer)).abs().max())
+        assert update > 1e-4  # the edit did write
+        assert float((with_replay - without).abs().max()) <= 1e-4 * update
+
+
+def _w_out(model: Any, hp: Any, layer: int) -> torch.Tensor:
+    return model.get_submodule(hp.rewrite_module_tmp.format(layer)).weight.detach().clone()

@@ -13,14 +13,8 @@ from conftest import FACTS, make_gpt2, make_hparams, make_llama, make_tokenizer
 
 from ece_plugin import values
 from ece_plugin.architecture import ArchitectureError
-from ece_plugin.prefix_cache import (
-    LayerReplay,
-    PrefixCache,
-    RowBatch,
-    edit_blocks,
-    key_value_bytes_per_token,
-    replayed_layers,
-)
+from ece_plugin.prefix_cache import PrefixCache, RowBatch, edit_blocks, key_value_bytes_per_token
+from ece_plugin.replay import LayerReplay, decoder_layers, replayed_layers
 from ece_plugin.requests import normalise_requests
 from ece_plugin.values import _forward, build_z_problem, compute_z, z_modules
 
@@ -60,7 +54,7 @@ def _hparams(family: str) -> Any:
 
 
 def _replay(hp: Any) -> LayerReplay:
-    return LayerReplay([hp.layer_module_tmp.format(i) for i in range(hp.layers[-1] + 1)])
+    return LayerReplay(decoder_layers(hp.layer_module_tmp, hp.layers[-1]))
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gptj"])
@@ -105,7 +99,7 @@ def test_z_with_the_prefix_cache_equals_z_without(family: str, replay: bool) -> 
     model = _model(family, len(tok))
     model = model.double() if family == "llama" else model
     reqs = normalise_requests(FACTS + EXTRA)
-    hp = make_hparams(family, shared_grad_steps=3, per_edit_grad_steps=6, kl_factor=0.5, z_layer_replay=replay)
+    hp = make_hparams(family, shared_grad_steps=3, per_edit_grad_steps=6, kl_factor=0.5, layer_replay=replay)
     cluster_of, anchors = [0, 1, 0, 1, 0, 1], [0, 3]
     cached = compute_z(model, tok, reqs, TEMPLATES, hp, cluster_of, anchors, True)
     full = compute_z(
@@ -190,12 +184,12 @@ def test_replayed_layers_do_not_run_during_the_steps(family: str) -> None:
     reqs = normalise_requests(FACTS + EXTRA)
     layers = model.model.layers if family == "llama" else model.transformer.h
     runs = {"z layer": _count_calls(layers[1]), "after it": _count_calls(layers[2])}
-    hp = make_hparams(family, clustering=False, v_num_grad_steps=8, z_layer_replay=True)
+    hp = make_hparams(family, clustering=False, v_num_grad_steps=8, layer_replay=True)
     compute_z(model, tok, reqs, TEMPLATES, hp, list(range(6)), list(range(6)), False)
     with_replay = {k: v[0] for k, v in runs.items()}
     for v in runs.values():
         v[0] = 0
-    compute_z(model, tok, reqs, TEMPLATES, dataclasses.replace(hp, z_layer_replay=False), list(range(6)),
+    compute_z(model, tok, reqs, TEMPLATES, dataclasses.replace(hp, layer_replay=False), list(range(6)),
               list(range(6)), False)
     without = {k: v[0] for k, v in runs.items()}
     assert with_replay["after it"] == without["after it"] > 8  # the same steps ran
@@ -221,7 +215,7 @@ def test_an_unusable_replay_falls_back_to_running_every_layer(
 ) -> None:
     model = make_llama(len(tok))
     reqs = normalise_requests(FACTS)
-    hp = make_hparams("llama", clustering=False, v_num_grad_steps=3, z_layer_replay=False)
+    hp = make_hparams("llama", clustering=False, v_num_grad_steps=3, layer_replay=False)
     expected = compute_z(model, tok, reqs, TEMPLATES, hp, [0, 1, 2, 3], [0, 1, 2, 3], False)
 
     def unusable(*args: Any, **kwargs: Any) -> None:
@@ -229,7 +223,7 @@ def test_an_unusable_replay_falls_back_to_running_every_layer(
 
     monkeypatch.setattr(PrefixCache, "_run_suffixes", unusable)
     with caplog.at_level(logging.WARNING, logger="ece_plugin.values"):
-        got = compute_z(model, tok, reqs, TEMPLATES, dataclasses.replace(hp, z_layer_replay=True),
+        got = compute_z(model, tok, reqs, TEMPLATES, dataclasses.replace(hp, layer_replay=True),
                         [0, 1, 2, 3], [0, 1, 2, 3], False)
     assert "layer replay unavailable (layer 'model.layers.1' did not run" in caplog.text
     torch.testing.assert_close(got.z, expected.z, rtol=1e-5, atol=1e-5)

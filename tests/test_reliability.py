@@ -410,9 +410,9 @@ def _inject(stage: str, monkeypatch: pytest.MonkeyPatch, session: Any) -> None:
     elif stage == "statistics":
         monkeypatch.setattr(session.statistics, "second_moment", interrupt)
     elif stage == "keys":
-        monkeypatch.setattr(editor, "read_keys", nth_call(editor.read_keys, 1))
+        monkeypatch.setattr(editor.KeyReads, "read", nth_call(editor.KeyReads.read, 1))
     elif stage == "keys of layer 1":
-        monkeypatch.setattr(editor, "read_keys", nth_call(editor.read_keys, 2))
+        monkeypatch.setattr(editor.KeyReads, "read", nth_call(editor.KeyReads.read, 2))
     elif stage == "solve of layer 1":
         monkeypatch.setattr(update, "masked_update", nth_call(update.masked_update, 2))
     elif stage.startswith("write of layer"):

@@ -235,8 +235,8 @@ def timing_methods(
     if ece_hparams.clustering:  # the same ECE without the shared phase: attribution + masked update only
         flat = ece_variant_hparams(ece_hparams, "ECE-unclustered", v_num_grad_steps=z_steps)
         methods.append(ECEMethod(flat, name=variant_label("ECE-unclustered", flat)))
-    if ece_hparams.z_prefix_cache and ece_hparams.z_layer_replay:  # what the (exact) layer replay buys
-        full_depth = dataclasses.replace(copy.deepcopy(ece_hparams), z_layer_replay=False)
+    if ece_hparams.z_prefix_cache and ece_hparams.layer_replay:  # what the (exact) layer replay buys
+        full_depth = dataclasses.replace(copy.deepcopy(ece_hparams), layer_replay=False)
         methods.append(ECEMethod(full_depth, name=f"ECE-{ece_hparams.attribution} (layer replay off)"))
     need_stand_in = False
     for alg in ("MEMIT", "AlphaEdit"):
