@@ -48,6 +48,7 @@ import hashlib
 import json
 import logging
 import os
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -569,20 +570,44 @@ def read_stats_file(path: Path) -> tuple[torch.Tensor, int, int, Optional[dict[s
     return mom2, count, sample_size, meta
 
 
+def read_stats_header(path: Path) -> tuple[tuple[int, ...], int, Optional[dict[str, Any]]]:
+    """(shape of the stored sum, sample_size, ECE metadata or None) without reading the d_ff x d_ff matrix."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            keys = set(data.files)
+            if not {"mom2.mom2", "sample_size"} <= keys:
+                raise StatisticsError(f"{path}: not an EasyEdit mom2 file")
+            sample_size = int(data["sample_size"])
+            meta = json.loads(str(data[METADATA_KEY])) if METADATA_KEY in keys else None
+        with zipfile.ZipFile(path) as archive, archive.open("mom2.mom2.npy") as member:
+            version = np.lib.format.read_magic(member)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape = tuple(int(n) for n in read_header(member)[0])
+    except StatisticsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - numpy/zipfile raise BadZipFile, EOFError, KeyError, ...
+        raise StatisticsError(
+            f"{path}: unreadable statistics file ({type(exc).__name__}: {exc}); delete it to recompute"
+        ) from exc
+    return shape, sample_size, meta
+
+
 def check_stats_file(
     path: Path,
     model: nn.Module,
     layer_name: str,
     spec: StatsSpec,
     d_ff: int,
-    mom2: torch.Tensor,
+    shape: tuple[int, ...],
     sample_size: int,
     meta: Optional[dict[str, Any]],
 ) -> None:
     """Refuse a cache written for another model, layer, shape, sample count or corpus."""
     problems: list[str] = []
-    if tuple(mom2.shape) != (d_ff, d_ff):
-        problems.append(f"shape {tuple(mom2.shape)} != ({d_ff}, {d_ff})")
+    if tuple(shape) != (d_ff, d_ff):
+        problems.append(f"shape {tuple(shape)} != ({d_ff}, {d_ff})")
     if sample_size != spec.n_samples:
         problems.append(f"sample_size {sample_size} != mom2_n_samples {spec.n_samples}")
     if meta is not None:
@@ -642,7 +667,7 @@ class StatisticsCache:
         for path in paths.all():
             if path.is_file():
                 mom2, count, sample_size, meta = read_stats_file(path)
-                check_stats_file(path, model, layer_name, spec, d_ff, mom2, sample_size, meta)
+                check_stats_file(path, model, layer_name, spec, d_ff, tuple(mom2.shape), sample_size, meta)
                 if count <= 0:
                     raise StatisticsError(f"{path}: mom2.count is {count}")
                 moment = moment_from_sum(mom2, count)

@@ -348,3 +348,14 @@ def test_model_folder_corpus_is_used_for_its_dataset_name(tmp_path: Path, corpus
     (folder / "factworld.txt").write_text("\n".join(lines[::-1]) + "\n")
     with pytest.raises(StatisticsMismatchError, match="corpus"):
         StatisticsCache().second_moment(model, tok, layer, spec)
+    # EasyEdit's baselines read the cache with no check: ensure_statistics checks the header before they run
+    from types import SimpleNamespace
+
+    from ece_plugin.study.baselines import ensure_statistics
+
+    hp = SimpleNamespace(mom2_n_samples=1000, mom2_dataset="factworld", stats_dir=str(tmp_path / "stats"),
+                         mom2_dtype="float32", rewrite_module_tmp="model.layers.{}.mlp.down_proj", layers=[0])
+    with pytest.raises(StatisticsMismatchError, match=r"corpus 'model:tiny-llama/factworld.txt@sha256:"):
+        ensure_statistics(model, tok, hp, progress=False)
+    (folder / "factworld.txt").write_text("\n".join(lines) + "\n")  # the text the cache was made from
+    assert ensure_statistics(model, tok, hp, progress=False) == []  # accepted, nothing recomputed

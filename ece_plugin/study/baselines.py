@@ -112,16 +112,25 @@ def ece_variant_hparams(base: ECEHyperParams, variant: str, **overrides: Any) ->
 
 def ensure_statistics(model: torch.nn.Module, tok: Any, hparams: Any, progress: bool = True) -> list[str]:
     """Compute (one pass, progress bar) and cache in EasyEdit's layout the second-moment statistics of the
-    layers ``hparams`` edits that have no cache file yet; returns the layer names computed."""
+    layers ``hparams`` edits that have no cache file yet; returns the layer names computed.
+
+    A cache file that is there is checked as ECE's own loader checks it (model, layer, shape, sample count and,
+    from ECE's metadata, the corpus and its sha256), from its header only: EasyEdit's baselines read these files
+    without any check, so a file left from another model or an older corpus is refused here, naming it."""
     from .. import statistics
+    from ..architecture import get_module
 
     spec = statistics.StatsSpec.from_hparams(hparams)
     layer_names = [hparams.rewrite_module_tmp.format(layer) for layer in hparams.layers]
-    missing = [
-        name
-        for name in layer_names
-        if not any(path.is_file() for path in statistics.stats_paths_for(model, name, spec).all())
-    ]
+    missing = []
+    for name in layer_names:
+        present = [path for path in statistics.stats_paths_for(model, name, spec).all() if path.is_file()]
+        if not present:
+            missing.append(name)
+        d_ff = statistics.module_input_dim(get_module(model, name))
+        for path in present:
+            shape, sample_size, meta = statistics.read_stats_header(path)
+            statistics.check_stats_file(path, model, name, spec, d_ff, shape, sample_size, meta)
     if missing:
         logger.info("computing statistics for %s into %s", missing, spec.stats_dir)
         statistics.compute_statistics(model, tok, missing, hparams, write=True, progress=progress)
