@@ -281,12 +281,15 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+MODEL_CORPUS_PREFIX = "model:"  # label of a corpus file in the model's folder: model:<dir>/<name>.txt@sha256:...
+
+
 def resolve_corpus(spec: StatsSpec, model: Optional[nn.Module] = None) -> tuple[str, list[Path]]:
     """The label (stored in the cache metadata) and files of the corpus ``spec`` asks for on ``model``."""
     if spec.corpus is None:
         own = model_corpus_file(model, spec.ds_name)
         if own is not None:
-            return f"model:{own.parent.name}/{own.name}@sha256:{_file_digest(own)}", [own]
+            return f"{MODEL_CORPUS_PREFIX}{own.parent.name}/{own.name}@sha256:{_file_digest(own)}", [own]
     return corpus_files(spec.corpus)
 
 
@@ -603,8 +606,10 @@ def check_stats_file(
     shape: tuple[int, ...],
     sample_size: int,
     meta: Optional[dict[str, Any]],
+    corpus: Optional[str] = None,
 ) -> None:
-    """Refuse a cache written for another model, layer, shape, sample count or corpus."""
+    """Refuse a cache written for another model, layer, shape, sample count or corpus (``corpus``: the label it
+    must carry; default: the one ``spec`` resolves to on ``model``)."""
     problems: list[str] = []
     if tuple(shape) != (d_ff, d_ff):
         problems.append(f"shape {tuple(shape)} != ({d_ff}, {d_ff})")
@@ -620,7 +625,7 @@ def check_stats_file(
             problems.append(f"layer {meta.get('layer_name')!r} != {layer_name!r}")
         if meta.get("d_ff") != d_ff:
             problems.append(f"d_ff {meta.get('d_ff')} != {d_ff}")
-        label = resolve_corpus(spec, model)[0]
+        label = corpus if corpus is not None else resolve_corpus(spec, model)[0]
         if meta.get("corpus") != label:
             problems.append(f"corpus {meta.get('corpus')!r} != {label!r}")
         ours = embedding_fingerprint(model)

@@ -114,9 +114,11 @@ def ensure_statistics(model: torch.nn.Module, tok: Any, hparams: Any, progress: 
     """Compute (one pass, progress bar) and cache in EasyEdit's layout the second-moment statistics of the
     layers ``hparams`` edits that have no cache file yet; returns the layer names computed.
 
-    A cache file that is there is checked as ECE's own loader checks it (model, layer, shape, sample count and,
-    from ECE's metadata, the corpus and its sha256), from its header only: EasyEdit's baselines read these files
-    without any check, so a file left from another model or an older corpus is refused here, naming it."""
+    A cache file that is there is checked from its header as ECE's own loader checks it (model, layer, shape,
+    sample count), since EasyEdit's baselines read these files without any check. Its corpus may be one only
+    ECE's hparams name (``mom2_corpus``): every method then shares ECE's C0, as before. But a file made from a
+    model-folder corpus (``<model>/<mom2_dataset>.txt``) must match that file's text as it is now: a cache left
+    from an older version of it is refused, naming it."""
     from .. import statistics
     from ..architecture import get_module
 
@@ -130,7 +132,10 @@ def ensure_statistics(model: torch.nn.Module, tok: Any, hparams: Any, progress: 
         d_ff = statistics.module_input_dim(get_module(model, name))
         for path in present:
             shape, sample_size, meta = statistics.read_stats_header(path)
-            statistics.check_stats_file(path, model, name, spec, d_ff, shape, sample_size, meta)
+            recorded = str((meta or {}).get("corpus", ""))
+            current = statistics.resolve_corpus(spec, model)[0]
+            corpus = current if not recorded or recorded.startswith(statistics.MODEL_CORPUS_PREFIX) else recorded
+            statistics.check_stats_file(path, model, name, spec, d_ff, shape, sample_size, meta, corpus)
     if missing:
         logger.info("computing statistics for %s into %s", missing, spec.stats_dir)
         statistics.compute_statistics(model, tok, missing, hparams, write=True, progress=progress)
