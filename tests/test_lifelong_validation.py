@@ -1,0 +1,56 @@
+"""benchmarks/lifelong_validation.py: the interleaved validation sequence and measurement on its records only."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def lv() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("lifelong_validation", REPO / "benchmarks" / "lifelong_validation.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["lifelong_validation"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_validation_batches_are_spread_among_never_trained_load_edits(lv: ModuleType) -> None:
+    val = lv.validation_records()
+    seq, positions = lv.interleaved(val, 600)
+    assert len(seq) == 1000 and len(positions) == 400
+    batches = [b for b in range(10) if b * 100 in positions]
+    assert batches == [0, 3, 6, 9]  # evenly spread, first and last batch included
+    assert [seq[i] for i in sorted(positions)] == val  # every validation record once, in order
+    load = [r for i, r in enumerate(seq) if i not in positions]
+    manifest = (REPO / "testbed" / "testbed-llama-scale" / "testbed_manifest.json").read_text()
+    trained = set(json.loads(manifest)["counterfact_case_ids"])
+    assert not trained & {r["case_id"] for r in load}  # the load edits are facts the testbed never saw
+    with pytest.raises(SystemExit, match="multiple of 100"):
+        lv.interleaved(val, 150)
+
+
+def test_measurements_read_the_validation_records_only(lv: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[Any] = []
+
+    def fake_measure(model: Any, tok: Any, probes: Any, config: Any, n_done: int, pre: Any) -> dict[str, Any]:
+        seen.append((list(probes.records), n_done))
+        return {"n_edits": n_done}
+
+    monkeypatch.setattr(lv.lifelong, "measure", fake_measure)
+    lv.measure_only({1, 3})
+    probes = SimpleNamespace(records=["a", "b", "c", "d", "e"])
+    monkeypatch.setattr(lv.dataclasses, "replace", lambda obj, **kw: SimpleNamespace(**{**vars(obj), **kw}))
+    row = lv.lifelong.measure(None, None, probes, None, 4, None)
+    assert seen[-1] == (["b", "d"], 2) and row["n_edits"] == 4
+    lv.lifelong.measure(None, None, probes, None, 0, None)  # the pre-edit row: all validation records
+    assert seen[-1] == (["b", "d"], 0)
