@@ -26,6 +26,10 @@ class ArchitectureError(ValueError):
     """A module named in the hparams is missing or of a kind ECE cannot edit."""
 
 
+class StopForward(Exception):
+    """Raised by a forward hook once everything needed has been read: ends the forward early."""
+
+
 def get_module(model: nn.Module, name: str) -> nn.Module:
     """The sub-module ``name`` of ``model`` (clear error naming the template when it is absent)."""
     try:

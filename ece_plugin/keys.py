@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .architecture import get_module, hidden_state, input_device
+from .architecture import StopForward, get_module, hidden_state, input_device
 from .replay import LayerReplay, replayed_layers
 from .requests import EditRequest, RequestError, fill, split_template
 
@@ -29,9 +29,6 @@ ContextTemplates = list[list[str]]  # grouped by type: [["{}"], ["<text>. {}", .
 PREFIXES = ("The", "Therefore", "Because", "I", "You")
 DEFAULT_CHUNK_ROWS = 64
 
-
-class _StopForward(Exception):
-    """Raised by a hook once everything needed has been captured (ends the forward early)."""
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
@@ -198,7 +195,7 @@ def _capture(
                 if _name in got:
                     got[_name].append(gather(hidden_state(output)))
                 if _name == stop_at:
-                    raise _StopForward
+                    raise StopForward
 
             handles.append(get_module(model, name).register_forward_hook(hook))
         if keep:
@@ -217,7 +214,7 @@ def _capture(
                             attention_mask=part.attention_mask[:, :width],
                             use_cache=False,
                         )
-                except _StopForward:
+                except StopForward:
                     pass
     finally:
         for h in handles:
@@ -305,12 +302,18 @@ def read_keys(
     the plain-prompt rows ``[n_edits, d_model]`` (MEMIT's ``cur_zs``) from the same forward."""
     outputs_of = [z_module] if z_module else []
     raw = capture(model, key_rows.rows, w_out_names, outputs_of, stop_at, chunk_rows)
+    return _keys_and_z(key_rows, raw, w_out_names, z_module)
+
+
+def _keys_and_z(
+    key_rows: KeyRows, raw: dict[str, torch.Tensor], w_out_names: Sequence[str], z_module: Optional[str]
+) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor]]:
+    """Template-averaged keys of ``w_out_names`` and the z module's output at the plain rows, from a capture."""
     keys = {name: key_rows.average(raw[name]) for name in w_out_names}
-    z_out = None
-    if z_module:
-        z_all = raw[z_module]
-        z_out = z_all[key_rows.plain_rows.to(z_all.device)]
-    return keys, z_out
+    if not z_module:
+        return keys, None
+    z_all = raw[z_module]
+    return keys, z_all[key_rows.plain_rows.to(z_all.device)]
 
 
 class KeyReads:
@@ -345,10 +348,9 @@ class KeyReads:
             self.model, self.key_rows.rows, names, [self.z_name], self.z_name, self.chunk_rows, replay, keep
         )
         self._kept = (i, kept) if kept is not None else None
-        z_all = raw[self.z_name]
-        return {name: self.key_rows.average(raw[name]) for name in names}, z_all[
-            self.key_rows.plain_rows.to(z_all.device)
-        ]
+        keys, z_out = _keys_and_z(self.key_rows, raw, names, self.z_name)
+        assert z_out is not None  # a z module was read
+        return keys, z_out
 
 
 # -------------------------------------------------------------------------------- context templates

@@ -29,15 +29,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .architecture import ArchitectureError, get_module, hidden_state
+from .architecture import ArchitectureError, StopForward, get_module, hidden_state
 from .keys import EncodedRows
 from .replay import LayerReplay, replayed_layers
 
 KeyValues = list[tuple[torch.Tensor, torch.Tensor]]
 
-
-class _StopForward(Exception):
-    pass
 
 
 @dataclass
@@ -223,7 +220,7 @@ class PrefixCache:
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             found["out"] = output
-            raise _StopForward
+            raise StopForward
 
         n, width = len(self.split), int(self.suffix_len.max()) if len(self.split) else 0
         hidden: Optional[torch.Tensor] = None
@@ -236,7 +233,7 @@ class PrefixCache:
                     batch = self._local_batch(local)
                     try:
                         model(**batch.forward_kwargs())
-                    except _StopForward:
+                    except StopForward:
                         pass
                     if "out" not in found:
                         raise ArchitectureError(f"layer {replay.last!r} did not run in the forward pass")

@@ -60,6 +60,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import atomic
+from .architecture import StopForward
 from .finite import count_nonfinite, describe_nonfinite
 
 logger = logging.getLogger(__name__)
@@ -357,10 +358,6 @@ def collect_chunks(
 
 
 # ------------------------------------------------------------------------------------------- computing
-class _StopForward(Exception):
-    """Raised inside a hook once every traced module has seen its input."""
-
-
 def _pad_id(tok: Any) -> int:
     for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
         value = getattr(tok, attr, None)
@@ -429,7 +426,7 @@ def compute_statistics(
             counts[name] += int(feats.shape[0])
             seen.add(name)
             if len(seen) == len(names):
-                raise _StopForward
+                raise StopForward
 
         return hook
 
@@ -452,7 +449,7 @@ def compute_statistics(
                 seen.clear()
                 try:
                     model(input_ids=ids.to(device), attention_mask=mask.long().to(device))
-                except _StopForward:
+                except StopForward:
                     pass
                 if len(seen) != len(names):
                     raise StatisticsError(f"modules {sorted(set(names) - seen)} were not called by the forward")

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from .architecture import (
     ArchitectureError,
+    StopForward,
     get_module,
     hidden_state,
     input_device,
@@ -63,9 +64,6 @@ EARLY_STOP_LOSS = 5e-2  # MEMIT's threshold
 KL_TEMPLATE = "{} is a"  # MEMIT's KL prompt
 DEFAULT_Z_CHUNK_ROWS = 128
 
-
-class _StopForward(Exception):
-    pass
 
 
 @dataclass
@@ -211,12 +209,12 @@ def _forward(
             output = replace_hidden_state(output, hs)
         if mods.loss_name == mods.z_name:
             store["loss"] = hs
-            raise _StopForward
+            raise StopForward
         return output
 
     def loss_hook(module: nn.Module, args: tuple, output: Any) -> None:
         store["loss"] = hidden_state(output)
-        raise _StopForward
+        raise StopForward
 
     with batch.replayed(model):  # the layers up to z hand back their cached outputs, if the batch has them
         handles = [get_module(model, mods.z_name).register_forward_hook(z_hook)]
@@ -224,7 +222,7 @@ def _forward(
             handles.append(get_module(model, mods.loss_name).register_forward_hook(loss_hook))
         try:
             model(**batch.forward_kwargs())
-        except _StopForward:
+        except StopForward:
             pass
         finally:
             for h in handles:

@@ -124,6 +124,7 @@ def ensure_statistics(model: torch.nn.Module, tok: Any, hparams: Any, progress: 
 
     spec = statistics.StatsSpec.from_hparams(hparams)
     layer_names = [hparams.rewrite_module_tmp.format(layer) for layer in hparams.layers]
+    current = statistics.resolve_corpus(spec, model)[0]
     missing = []
     for name in layer_names:
         present = [path for path in statistics.stats_paths_for(model, name, spec).all() if path.is_file()]
@@ -133,7 +134,6 @@ def ensure_statistics(model: torch.nn.Module, tok: Any, hparams: Any, progress: 
         for path in present:
             shape, sample_size, meta = statistics.read_stats_header(path)
             recorded = str((meta or {}).get("corpus", ""))
-            current = statistics.resolve_corpus(spec, model)[0]
             corpus = current if not recorded or recorded.startswith(statistics.MODEL_CORPUS_PREFIX) else recorded
             statistics.check_stats_file(path, model, name, spec, d_ff, shape, sample_size, meta, corpus)
     if missing:

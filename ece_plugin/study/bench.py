@@ -14,8 +14,6 @@ cannot run a baseline on the device, ECE with clustering off and p = 1 stands in
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
 import platform
 import statistics
@@ -236,7 +234,7 @@ def timing_methods(
         flat = ece_variant_hparams(ece_hparams, "ECE-unclustered", v_num_grad_steps=z_steps)
         methods.append(ECEMethod(flat, name=variant_label("ECE-unclustered", flat)))
     if ece_hparams.z_prefix_cache and ece_hparams.layer_replay:  # what the (exact) layer replay buys
-        full_depth = dataclasses.replace(copy.deepcopy(ece_hparams), layer_replay=False)
+        full_depth = ece_variant_hparams(ece_hparams, "ECE", layer_replay=False)
         methods.append(ECEMethod(full_depth, name=f"ECE-{ece_hparams.attribution} (layer replay off)"))
     need_stand_in = False
     for alg in ("MEMIT", "AlphaEdit"):
