@@ -99,6 +99,8 @@ class ECEHyperParams(_HyperParamsBase):  # type: ignore[misc,valid-type]
     # layers no change can reach are not re-run (exact, replay.py): in the z steps (with the prefix cache) the
     # layers up to the z layer, in the key re-reads the layers below the last written one
     layer_replay: bool = True
+    # z steps run the loss layer's MLP only at the positions the loss reads (exact, read_positions.py)
+    z_loss_positions_only: bool = True
     z_cache_mb: float = 2048.0  # memory for those cached keys/values; more edits run in blocks, one by one
     context_template_length_params: list[list[int]] = field(default_factory=lambda: [[10, 5]])
     # --- the least-squares update ---

@@ -192,7 +192,7 @@ def _capture(
         for name in set(outputs_of) | ({stop_at} if stop_at else set()):
 
             def hook(module: nn.Module, args: tuple, output: Any, _name: str = name) -> None:
-                if _name in got:
+                if _name in outputs_of:
                     got[_name].append(gather(hidden_state(output)))
                 if _name == stop_at:
                     raise StopForward
@@ -321,10 +321,11 @@ class KeyReads:
     the batch, and read i (i >= 1) layer i's keys right after the edited layers before i were written; every
     read also gives the z layer's output at the plain rows (MEMIT's ``cur_zs``).
 
-    With ``below`` (per edited layer i, the decoder layers 0..l_i - 1 under it; replay.py), read i keeps the
-    output of the decoder layer just under edited layer i, which the write of layer i that follows cannot
-    change, and read i + 1 replays the layers up to it instead of running them. A read whose predecessor was
-    not read i - 1 runs every layer."""
+    Only the plain rows (one per edit) run up to the z layer; the context-templated rows, whose z-layer output
+    nobody reads, stop at the W_out being read (for read 0 the deepest one). With ``below`` (per edited layer
+    i, the decoder layers 0..l_i - 1 under it; replay.py), read i keeps the output of the decoder layer just
+    under edited layer i, which the write of layer i that follows cannot change, and read i + 1 replays the
+    layers up to it instead of running them. A read whose predecessor was not read i - 1 runs every layer."""
 
     def __init__(
         self,
@@ -338,18 +339,45 @@ class KeyReads:
         self.model, self.key_rows, self.z_name, self.chunk_rows = model, key_rows, z_name, chunk_rows
         self.w_out_names = list(w_out_names)
         self.below = [list(b) for b in below] if below is not None else None
-        self._kept: Optional[tuple[int, KeptOutputs]] = None  # (the read that kept it, its outputs)
+        plain = key_rows.plain_rows.to(key_rows.rows.input_ids.device)
+        is_plain = torch.zeros(key_rows.rows.n_rows, dtype=torch.bool, device=plain.device)
+        is_plain[plain] = True
+        other = torch.nonzero(~is_plain).flatten()
+        # (rows of the full set, their encoded sub-batch): the plain rows, then the others (possibly none)
+        self._parts = [(plain, key_rows.rows.select(plain))]
+        if len(other):
+            self._parts.append((other, key_rows.rows.select(other)))
+        self._kept: Optional[tuple[int, list[Optional[KeptOutputs]]]] = None  # (the read that kept it, per part)
 
     def read(self, i: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         names = self.w_out_names if i == 0 else [self.w_out_names[i]]
-        replay = self._kept[1] if self._kept is not None and self._kept[0] == i - 1 else None
+        kept_before = self._kept[1] if self._kept is not None and self._kept[0] == i - 1 else None
         keep = self.below[i] if self.below is not None else []
-        raw, kept = _capture(
-            self.model, self.key_rows.rows, names, [self.z_name], self.z_name, self.chunk_rows, replay, keep
-        )
-        self._kept = (i, kept) if kept is not None else None
-        keys, z_out = _keys_and_z(self.key_rows, raw, names, self.z_name)
-        assert z_out is not None  # a z module was read
+        raw: dict[str, torch.Tensor] = {}
+        kept: list[Optional[KeptOutputs]] = []
+        z_out: Optional[torch.Tensor] = None
+        for p, (row_ids, rows) in enumerate(self._parts):
+            is_plain = p == 0
+            got, out = _capture(
+                self.model,
+                rows,
+                names,
+                [self.z_name] if is_plain else [],
+                self.z_name if is_plain else names[-1],
+                self.chunk_rows,
+                kept_before[p] if kept_before is not None else None,
+                keep,
+            )
+            kept.append(out)
+            for name in names:
+                if name not in raw:
+                    raw[name] = got[name].new_empty((self.key_rows.rows.n_rows, got[name].shape[1]))
+                raw[name][row_ids.to(raw[name].device)] = got[name]
+            if is_plain:
+                z_out = got[self.z_name]
+        self._kept = (i, kept) if keep else None
+        keys, _ = _keys_and_z(self.key_rows, raw, names, None)
+        assert z_out is not None  # the plain rows were read
         return keys, z_out
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -55,6 +56,7 @@ from .architecture import (
 )
 from .keys import ContextTemplates, EncodedRows, encode_rows
 from .prefix_cache import FullRows, PrefixCache, RowBatch, edit_blocks, key_value_bytes_per_token
+from .read_positions import mlp_at_positions
 from .replay import LayerReplay, decoder_layers
 from .requests import EditRequest, RequestError
 
@@ -156,6 +158,7 @@ class ZModules:
     lm_weight: torch.Tensor  # [vocab, d_model]
     lm_bias: Optional[torch.Tensor]
     z_device: torch.device
+    loss_mlp: Optional[nn.Module] = None  # run at the read positions only (read_positions.py); None: everywhere
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         ln_param = next(self.ln_f.parameters(), None)
@@ -176,6 +179,12 @@ def z_modules(model: nn.Module, hparams: Any) -> ZModules:
     bias = getattr(lm, "bias", None)
     z_mod = get_module(model, z_name)
     z_device = next(z_mod.parameters()).device
+    loss_mlp = None
+    if hparams.z_loss_positions_only and loss_layer > z_layer:
+        try:
+            loss_mlp = get_module(model, hparams.mlp_module_tmp.format(loss_layer))
+        except ArchitectureError as exc:
+            logger.warning("z: the loss layer's MLP runs at every position (%s)", exc)
     return ZModules(
         z_name=z_name,
         loss_name=hparams.layer_module_tmp.format(loss_layer),
@@ -183,6 +192,7 @@ def z_modules(model: nn.Module, hparams: Any) -> ZModules:
         lm_weight=lm.weight,  # type: ignore[arg-type]
         lm_bias=bias if isinstance(bias, torch.Tensor) else None,
         z_device=z_device,
+        loss_mlp=loss_mlp,
     )
 
 
@@ -191,11 +201,13 @@ def _forward(
     mods: ZModules,
     batch: RowBatch,
     disp: Optional[torch.Tensor],
+    read: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward of ``batch`` adding ``disp[r]`` to row r's z-layer output at its fact token.
 
     Returns (z-layer output at the fact tokens before the addition ``[R, d]``, loss-layer hidden ``[R, T, d]``
-    along the batch's tokens). The forward stops at the loss layer.
+    along the batch's tokens). The forward stops at the loss layer. With ``read`` (rows, positions) and
+    ``mods.loss_mlp``, the loss layer's hidden states are valid at those positions only.
     """
     store: dict[str, torch.Tensor] = {}
 
@@ -216,7 +228,10 @@ def _forward(
         store["loss"] = hidden_state(output)
         raise StopForward
 
-    with batch.replayed(model):  # the layers up to z hand back their cached outputs, if the batch has them
+    sparse = (
+        mlp_at_positions(mods.loss_mlp, *read) if read is not None and mods.loss_mlp is not None else nullcontext()
+    )
+    with batch.replayed(model), sparse:  # layers up to z hand back cached outputs, if the batch has them
         handles = [get_module(model, mods.z_name).register_forward_hook(z_hook)]
         if mods.loss_name != mods.z_name:
             handles.append(get_module(model, mods.loss_name).register_forward_hook(loss_hook))
@@ -249,6 +264,11 @@ class _ChunkPlan:
     tgt_len: torch.Tensor  # [m]
     kl_r: torch.Tensor  # local KL rows and the position of their fact token
     kl_p: torch.Tensor
+
+    @property
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, position) of every loss-layer output the chunk's loss reads."""
+        return torch.cat([self.r_idx.cpu(), self.kl_r]), torch.cat([self.p_idx.cpu(), self.kl_p])
 
 
 def _plan_chunk(
@@ -460,7 +480,7 @@ def _optimise(
             with torch.set_grad_enabled(not eval_only):
                 total = base[plan.loc] + delta[plan.loc]
                 per_row = total.repeat_interleave(plan.rows_per_edit, dim=0)
-                _, hidden = _forward(model, mods, plan.batch, per_row)
+                _, hidden = _forward(model, mods, plan.batch, per_row, plan.read)
                 ev = _evaluate(
                     plan, problem, mods, hidden, kl_init[plan.loc], total, h_norm[plan.loc], hparams
                 )
@@ -582,29 +602,39 @@ class ZResult:
 def _reference(
     model: nn.Module, problem: ZProblem, mods: ZModules, hparams: Any, chunk_rows: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """Unedited h_i (z-layer output at the plain prompt), KL reference log-probs and initial P(target)."""
-    rows = torch.stack([problem.plain_row, problem.kl_row], 1).flatten()
+    """Unedited h_i (z-layer output at the plain prompt), KL reference log-probs (``[n, 0]`` when the KL term is
+    off: the KL rows are not run) and initial P(target)."""
+    with_kl = hparams.kl_factor > 0
+    per = 2 if with_kl else 1  # rows per edit: the plain row, then its KL row
+    rows = torch.stack([problem.plain_row, problem.kl_row], 1).flatten() if with_kl else problem.plain_row
     hs, kls, probs = [], [], []
     with torch.no_grad():
-        step = max(2, chunk_rows // 2 * 2)  # even: plain and KL rows of an edit stay together
+        step = max(per, chunk_rows // per * per)  # the rows of an edit stay together
         for start in range(0, len(rows), step):
             part = rows[start : start + step]
-            h_rows, hidden = _forward(model, mods, RowBatch.full(problem.rows.select(part)), None)
-            plain_local = torch.arange(0, len(part), 2)
-            hs.append(h_rows[plain_local.to(h_rows.device)].float().to(mods.z_device))
+            plain_local = torch.arange(0, len(part), per)
+            targets = [problem.target_positions(row) for row in part[0::per].tolist()]
             kl_local = torch.arange(1, len(part), 2)
             kl_pos = problem.rows.lookup[part[1::2]]
-            kls.append(
-                torch.log_softmax(
-                    mods.logits(hidden[kl_local.to(hidden.device), kl_pos.to(hidden.device)]), -1
-                )
+            read = (
+                torch.cat([torch.full_like(pos, j) for j, (pos, _) in zip(plain_local.tolist(), targets)] + [kl_local]),
+                torch.cat([pos for pos, _ in targets] + [kl_pos]),
             )
-            for j, row in zip(plain_local.tolist(), part[0::2].tolist()):
-                pos, tgt = problem.target_positions(row)
+            h_rows, hidden = _forward(model, mods, RowBatch.full(problem.rows.select(part)), None, read)
+            hs.append(h_rows[plain_local.to(h_rows.device)].float().to(mods.z_device))
+            if with_kl:
+                kls.append(
+                    torch.log_softmax(
+                        mods.logits(hidden[kl_local.to(hidden.device), kl_pos.to(hidden.device)]), -1
+                    )
+                )
+            for j, (pos, tgt) in zip(plain_local.tolist(), targets):
                 lp = torch.log_softmax(mods.logits(hidden[j, pos.to(hidden.device)]), -1)
                 nll = -lp.gather(1, tgt.to(lp.device).unsqueeze(1)).sum() / len(tgt)
                 probs.append(float(torch.exp(-nll)))
-    return torch.cat(hs, 0), torch.cat(kls, 0), probs
+    h = torch.cat(hs, 0)
+    kl = torch.cat(kls, 0) if with_kl else h.new_zeros((len(h), 0))
+    return h, kl, probs
 
 
 def compute_z(

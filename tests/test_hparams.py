@@ -81,6 +81,7 @@ def test_yaml_float_for_int_field_and_json(tmp_path: Path) -> None:
         ("z_cache_mb", 0.0),
         ("z_prefix_cache", "yes"),
         ("layer_replay", 1),
+        ("z_loss_positions_only", "no"),
         ("state_device", "gpu"),
         ("rewrite_module_tmp", "model.layers.mlp.down_proj"),
         ("layer_module_tmp", "model.layers"),

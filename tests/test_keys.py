@@ -150,15 +150,25 @@ def test_key_reads_replay_the_layers_below_the_last_write(family: str, tok: Any)
     z_name = hp.layer_module_tmp.format(2)
     below = [decoder_layers(hp.layer_module_tmp, layer - 1) for layer in hp.layers]
     reads = KeyReads(model, rows, names, z_name, below, chunk_rows=3)  # several chunks
-    runs = [0]
+    runs, z_outputs = [0], [0]
     _layers(model, family)[0].register_forward_pre_hook(lambda *a: runs.__setitem__(0, runs[0] + 1))
-    reads.read(0)
+    _layers(model, family)[2].register_forward_hook(lambda *a: z_outputs.__setitem__(0, z_outputs[0] + 1))
+    keys0, cur0 = reads.read(0)
     after_read_0 = runs[0]
-    assert after_read_0 == -(-rows.rows.n_rows // 3) > 1  # one forward per chunk
+    expected0, expected_cur0 = read_keys(model, rows, names, z_name, stop_at=z_name, chunk_rows=64)  # all rows
+    for name in names:
+        torch.testing.assert_close(keys0[name], expected0[name], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cur0, expected_cur0, rtol=1e-5, atol=1e-5)
+    n_plain = rows.n_edits
+    plain_chunks, other_chunks = -(-n_plain // 3), -(-(rows.rows.n_rows - n_plain) // 3)
+    assert after_read_0 == plain_chunks + other_chunks > 2  # one forward per chunk of each part
+    # the templated rows stopped at the deepest W_out, before the z output (+ 1: the reference read's one chunk)
+    assert z_outputs[0] == plain_chunks + 1
+    after_reference = runs[0]
     with torch.no_grad():  # the write that follows read 0: W_out of layer 1
         model.get_submodule(names[0]).weight.add_(0.3 * torch.randn_like(model.get_submodule(names[0]).weight))
     keys, cur = reads.read(1)
-    assert runs[0] == after_read_0  # replayed
+    assert runs[0] == after_reference  # replayed
     expected_keys, expected_cur = read_keys(model, rows, [names[1]], z_name, stop_at=z_name)
     assert expected_cur is not None
     torch.testing.assert_close(keys[names[1]], expected_keys[names[1]], rtol=1e-5, atol=1e-5)
