@@ -31,6 +31,7 @@ from torch import nn
 
 from .architecture import ArchitectureError, StopForward, get_module, hidden_state
 from .keys import EncodedRows
+from .read_positions import mlp_at_positions
 from .replay import LayerReplay, replayed_layers
 
 KeyValues = list[tuple[torch.Tensor, torch.Tensor]]
@@ -133,7 +134,9 @@ def _body(model: nn.Module) -> nn.Module:
 
 class PrefixCache:
     """Keys and values of the tokens before each row's fact token, for the rows ``row_ids`` of ``rows``; with a
-    ``replay``, also the z layer's outputs over each row's suffix."""
+    ``replay``, also the z layer's outputs over each row's suffix. ``unread_mlp``: the loss layer's MLP, whose
+    output over the prefixes no step reads (only that layer's keys and values are), so it does not run on them
+    (read_positions.py)."""
 
     def __init__(
         self,
@@ -142,6 +145,7 @@ class PrefixCache:
         row_ids: torch.Tensor,
         chunk_rows: int,
         replay: Optional[LayerReplay] = None,
+        unread_mlp: Optional[nn.Module] = None,
     ) -> None:
         dev = rows.input_ids.device
         row_ids = row_ids.to(dev)
@@ -154,7 +158,7 @@ class PrefixCache:
         self.kv: Optional[KeyValues] = None
         self._make: Optional[Callable[[KeyValues], Any]] = None
         if self.width > 0:
-            self.kv, self._make = self._run_prefixes(model, chunk_rows)
+            self.kv, self._make = self._run_prefixes(model, chunk_rows, unread_mlp)
         self.replay: Optional[LayerReplay] = None
         self.hidden: Optional[torch.Tensor] = None  # [rows, longest suffix, d] z-layer outputs
         if replay is not None:
@@ -168,7 +172,7 @@ class PrefixCache:
 
     # ------------------------------------------------------------------ building
     def _run_prefixes(
-        self, model: nn.Module, chunk_rows: int
+        self, model: nn.Module, chunk_rows: int, unread_mlp: Optional[nn.Module] = None
     ) -> tuple[KeyValues, Callable[[KeyValues], Any]]:
         """One no-grad pass over the prefixes, rows sorted by prefix length so that a chunk is padded only to
         its own longest prefix; the result is right-padded to ``self.width``."""
@@ -184,12 +188,14 @@ class PrefixCache:
                     continue
                 steps = torch.arange(width, device=idx.device)
                 mask = (steps.unsqueeze(0) < self.split[idx].unsqueeze(1)).long()
-                out = body(
-                    input_ids=self._ids[idx, :width],  # beyond a row's split: later tokens or padding, masked
-                    attention_mask=mask,
-                    position_ids=steps.expand(len(idx), -1),
-                    use_cache=True,
-                )
+                none = torch.zeros(0, dtype=torch.long)
+                with mlp_at_positions(unread_mlp, none, none) if unread_mlp is not None else nullcontext():
+                    out = body(
+                        input_ids=self._ids[idx, :width],  # beyond a row's split: later tokens or padding, masked
+                        attention_mask=mask,
+                        position_ids=steps.expand(len(idx), -1),
+                        use_cache=True,
+                    )
                 past = out.past_key_values
                 make = make or cache_factory(model, past)
                 for i, (k, v) in enumerate(_key_values(past)):

@@ -511,7 +511,7 @@ def _optimise(
 
 
 def _row_source(
-    model: nn.Module, problem: ZProblem, rows: torch.Tensor, hparams: Any, chunk_rows: int
+    model: nn.Module, problem: ZProblem, rows: torch.Tensor, hparams: Any, chunk_rows: int, mods: ZModules
 ) -> RowSource:
     """The prefix cache of ``rows`` (``z_prefix_cache``; with the z layer's outputs when ``layer_replay``), or
     whole prompts where the model's cache is unusable."""
@@ -520,11 +520,11 @@ def _row_source(
     if hparams.layer_replay:
         replay = LayerReplay(decoder_layers(hparams.layer_module_tmp, hparams.layers[-1]))
         try:
-            return PrefixCache(model, problem.rows, rows, chunk_rows, replay)
+            return PrefixCache(model, problem.rows, rows, chunk_rows, replay, mods.loss_mlp)
         except ArchitectureError as exc:
             logger.warning("z: layer replay unavailable (%s); every step runs every layer", exc)
     try:
-        return PrefixCache(model, problem.rows, rows, chunk_rows)
+        return PrefixCache(model, problem.rows, rows, chunk_rows, unread_mlp=mods.loss_mlp)
     except ArchitectureError as exc:
         logger.warning("z: prefix cache unavailable (%s); every step runs whole prompts", exc)
         return FullRows(problem.rows)
@@ -561,7 +561,7 @@ def _run_phase(
             part,
             hparams,
             chunk_rows,
-            _row_source(model, problem, rows, hparams, chunk_rows),
+            _row_source(model, problem, rows, hparams, chunk_rows, mods),
         )
         deltas[torch.tensor(block, device=deltas.device)] = d
         stats.put(block, st)
