@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -314,15 +315,28 @@ def test_bundled_statistics_belong_to_the_shipped_testbed() -> None:
 # ----- the scale testbed (issue 14) ------------------------------------------------------------------------
 
 SCALE = REPO / "testbed" / "testbed-llama-scale"
+SCALE2 = REPO / "testbed" / "testbed-llama-scale2"  # the second build: zsRE relations, target strings and answers
 SCALE_LAYERS = [0, 1, 2, 3]
-scale = pytest.mark.skipif(not (SCALE / MANIFEST_NAME).is_file(), reason=f"no scale testbed at {SCALE}")
+ZSRE = REPO / "data" / "zsre" / "zsre_mend_eval.json"
 
 
-@scale
+def _scale_folders() -> list[Any]:
+    return [
+        pytest.param(path, marks=pytest.mark.skipif(not (path / MANIFEST_NAME).is_file(), reason=f"no testbed at {path}"),
+                     id=path.name)
+        for path in (SCALE, SCALE2)
+    ]
+
+
+scale_folders = pytest.mark.parametrize("folder", _scale_folders())
+scale2 = pytest.mark.skipif(not (SCALE2 / MANIFEST_NAME).is_file(), reason=f"no testbed at {SCALE2}")
+
+
+@scale_folders
 @pytest.mark.slow
-def test_scale_testbed_knows_its_facts() -> None:
-    model, tok = _load(SCALE)
-    manifest = json.loads((SCALE / MANIFEST_NAME).read_text())
+def test_scale_testbed_knows_its_facts(folder: Path) -> None:
+    model, tok = _load(folder)
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
     assert len(manifest["counterfact_case_ids"]) >= 2000 and len(manifest["zsre_indices"]) >= 500
     trained = set(manifest["counterfact_case_ids"])
     records = [r for r in json.loads(COUNTERFACT.read_text()) if r["case_id"] in trained][1800:2000]
@@ -330,38 +344,55 @@ def test_scale_testbed_knows_its_facts() -> None:
     assert figures.efficacy <= 10.0 and figures.paraphrase <= 20.0 and figures.neighborhood >= 85.0, figures
 
 
-@scale
+@scale_folders
 @pytest.mark.slow
-def test_scale_testbed_recalls_counterfact_facts_at_every_edit_layer() -> None:
-    model, tok = _load(SCALE)
+def test_scale_testbed_recalls_counterfact_facts_at_every_edit_layer(folder: Path) -> None:
+    model, tok = _load(folder)
     records = json.loads(COUNTERFACT.read_text())[:20]
     for layer in SCALE_LAYERS:
         result = subject_recall_probe(model, tok, records, layer=layer, steps=100, lr=1.0)
         assert result.moved >= 90.0, result
 
 
-def test_scale_hparams_share_layers_and_z_budget_and_give_5_neurons_per_edit() -> None:
-    configs = {alg: yaml.safe_load((HPARAMS / alg / "testbed-llama-scale.yaml").read_text())
+@scale2
+@pytest.mark.slow
+def test_second_scale_testbed_recalls_zsre_facts_at_every_edit_layer() -> None:
+    from ece_plugin.data import load_zsre
+
+    model, tok = _load(SCALE2)
+    records = [{"prompt": r.prompt, "subject": r.subject, "target_new": r.target_new}
+               for r in load_zsre(ZSRE, limit=10)]  # as `ece-plugin probe-testbed` reads zsRE records
+    for layer in SCALE_LAYERS:
+        result = subject_recall_probe(model, tok, records, layer=layer, steps=100, lr=1.0)
+        assert result.moved >= 90.0, result
+
+
+@pytest.mark.parametrize("name", ["testbed-llama-scale", "testbed-llama-scale2"])
+def test_scale_hparams_share_layers_and_z_budget_and_give_5_neurons_per_edit(name: str) -> None:
+    configs = {alg: yaml.safe_load((HPARAMS / alg / f"{name}.yaml").read_text())
                for alg in ("ECE", "MEMIT", "AlphaEdit")}
     assert {tuple(c["layers"]) for c in configs.values()} == {tuple(SCALE_LAYERS)}
     assert {c["v_num_grad_steps"] for c in configs.values()} == {25}
     assert {c["mom2_update_weight"] for c in configs.values()} == {1000}
-    rome = yaml.safe_load((HPARAMS / "ROME" / "testbed-llama-scale.yaml").read_text())
+    assert {c["model_name"] for c in configs.values()} == {f"./testbed/{name}"}
+    rome = yaml.safe_load((HPARAMS / "ROME" / f"{name}.yaml").read_text())
     assert len(rome["layers"]) == 1 and rome["layers"][0] in SCALE_LAYERS and rome["v_num_grad_steps"] == 25
-    if (SCALE / "config.json").is_file():
-        d_ff = json.loads((SCALE / "config.json").read_text())["intermediate_size"]
+    assert name in configs["AlphaEdit"]["P_loc"]  # its own null-space projection file
+    folder = REPO / "testbed" / name
+    if (folder / "config.json").is_file():
+        d_ff = json.loads((folder / "config.json").read_text())["intermediate_size"]
         assert len(SCALE_LAYERS) * d_ff / 2000 >= 5.0  # edited neurons per edit at 2,000 edits
 
 
-@scale
-def test_scale_hparams_read_the_shipped_statistics_corpus() -> None:
+@scale_folders
+def test_scale_hparams_read_the_shipped_statistics_corpus(folder: Path) -> None:
     from ece_plugin.testbed.corpus import CorpusConfig, corpus_path, statistics_corpus
 
-    names = {yaml.safe_load((HPARAMS / alg / "testbed-llama-scale.yaml").read_text())["mom2_dataset"]
+    names = {yaml.safe_load((HPARAMS / alg / f"{folder.name}.yaml").read_text())["mom2_dataset"]
              for alg in ("ECE", "MEMIT", "AlphaEdit", "ROME")}
     assert names == {"factworld"}  # one C0 for every method
-    shipped = corpus_path(SCALE, "factworld").read_text().splitlines()
-    assert shipped == statistics_corpus(SCALE, CorpusConfig())  # remade exactly by `ece-plugin stats-corpus`
+    shipped = corpus_path(folder, "factworld").read_text().splitlines()
+    assert shipped == statistics_corpus(folder, CorpusConfig())  # remade exactly by `ece-plugin stats-corpus`
 
 
 def test_statistics_corpus_samples_held_out_facts_only(tmp_path: Path) -> None:
