@@ -427,3 +427,28 @@ def test_statistics_corpus_samples_held_out_facts_only(tmp_path: Path) -> None:
     assert path.read_text().splitlines() != texts
     with pytest.raises(TestbedDataError, match="wikipedia"):
         write_statistics_corpus(model, "wikipedia", config)
+
+
+@pytest.mark.parametrize("name", ["testbed-llama", "testbed-llama-scale", "testbed-llama-scale2"])
+def test_shipped_tokenizers_load_under_both_transformers_lines(name: str) -> None:
+    """transformers 5 saves ``TokenizersBackend``, which 4.x cannot load; the builder writes the 4.x form."""
+    folder = REPO / "testbed" / name
+    if not (folder / "tokenizer_config.json").is_file():
+        pytest.skip(f"no testbed at {folder}")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and "backend" not in config
+    assert (folder / "special_tokens_map.json").is_file()
+
+
+def test_make_portable_rewrites_a_transformers_5_config(tmp_path: Path) -> None:
+    from ece_plugin.testbed.tokenizer import make_portable
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"backend": "tokenizers", "tokenizer_class": "TokenizersBackend", "bos_token": "<s>", "eos_token": "</s>",
+         "pad_token": "<pad>", "unk_token": None}))
+    make_portable(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and "backend" not in config
+    assert config["bos_token"] == "<s>"
+    assert json.loads((tmp_path / "special_tokens_map.json").read_text()) == {
+        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}

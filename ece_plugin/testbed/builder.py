@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .facts import FactWorld, SamplerConfig, SequenceSampler, build_fact_world
-from .tokenizer import to_hf_tokenizer, train_bpe_tokenizer
+from .tokenizer import make_portable, to_hf_tokenizer, train_bpe_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -310,6 +310,7 @@ def build_testbed(config: TestbedConfig) -> Path:
         def write(tmp: Path) -> None:
             model.save_pretrained(tmp, safe_serialization=True)
             hf_tok.save_pretrained(tmp)
+            make_portable(tmp)
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
 
         _write_dir_atomically(output_dir, write)

@@ -7,11 +7,15 @@ starts with BOS, pads on the right with a dedicated pad token and decodes back t
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from ..atomic import write_text as atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -61,3 +65,21 @@ def to_hf_tokenizer(tokenizer: Tokenizer, model_max_length: int) -> Any:
         model_input_names=["input_ids", "attention_mask"],
     )
     return hf_tok
+
+
+def make_portable(folder: Path) -> None:
+    """Make a saved tokenizer folder load under transformers 4.x as well as 5.x.
+
+    transformers 5 saves ``tokenizer_class: TokenizersBackend`` (and ``backend``), which 4.x cannot resolve; 4.x
+    saves ``PreTrainedTokenizerFast``, which 5.x still reads as the same ``tokenizer.json``. The config is
+    rewritten to the 4.x form (atomically), and ``special_tokens_map.json`` is written where it is missing.
+    """
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config.pop("backend", None)
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    atomic_write_text(config_path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    specials = folder / "special_tokens_map.json"
+    if not specials.is_file():
+        tokens = {k: config[k] for k in ("bos_token", "eos_token", "pad_token") if config.get(k)}
+        atomic_write_text(specials, json.dumps(tokens, indent=2, ensure_ascii=False) + "\n")
