@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import FACTS, make_hparams, make_llama, make_tokenizer
-from test_prefix_cache import EXTRA, TEMPLATES, _hparams, _model
+from test_prefix_cache import EXTRA, TEMPLATES, _hparams, _model, assert_same_z
 
 from ece_plugin.architecture import ArchitectureError
 from ece_plugin.read_positions import mlp_at_positions
@@ -68,13 +68,7 @@ def test_z_with_the_loss_mlp_at_read_positions_equals_z_without(family: str) -> 
         model, tok, reqs, TEMPLATES, dataclasses.replace(hp, z_loss_positions_only=False), cluster_of, anchors, True
     )
     assert 0 < sparse_tokens < tokens[0]
-    if family == "llama":
-        torch.testing.assert_close(sparse.z, full.z, rtol=1e-6, atol=1e-6)
-    else:
-        moved = (full.z - full.h).norm(dim=1)
-        assert torch.all((sparse.z - full.z).norm(dim=1) <= 1e-2 * moved)
-    assert sparse.steps_per_edit == full.steps_per_edit
-    assert sparse.final_loss == pytest.approx(full.final_loss, rel=1e-3, abs=1e-4)
+    assert_same_z(family, sparse, full)
 
 
 def test_nothing_changes_when_the_loss_layer_is_the_z_layer(tok: Any) -> None:
