@@ -180,6 +180,7 @@ class PrefixCache:
         body = _body(model)
         kv: KeyValues = []
         make: Optional[Callable[[KeyValues], Any]] = None
+        none = torch.zeros(0, dtype=torch.long)  # the unread MLP runs at no position
         with torch.no_grad():
             for start in range(0, len(order), chunk_rows):
                 idx = order[start : start + chunk_rows]
@@ -188,7 +189,6 @@ class PrefixCache:
                     continue
                 steps = torch.arange(width, device=idx.device)
                 mask = (steps.unsqueeze(0) < self.split[idx].unsqueeze(1)).long()
-                none = torch.zeros(0, dtype=torch.long)
                 with mlp_at_positions(unread_mlp, none, none) if unread_mlp is not None else nullcontext():
                     out = body(
                         input_ids=self._ids[idx, :width],  # beyond a row's split: later tokens or padding, masked

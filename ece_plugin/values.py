@@ -264,11 +264,7 @@ class _ChunkPlan:
     tgt_len: torch.Tensor  # [m]
     kl_r: torch.Tensor  # local KL rows and the position of their fact token
     kl_p: torch.Tensor
-
-    @property
-    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row, position) of every loss-layer output the chunk's loss reads."""
-        return torch.cat([self.r_idx.cpu(), self.kl_r]), torch.cat([self.p_idx.cpu(), self.kl_p])
+    read: tuple[torch.Tensor, torch.Tensor]  # (row, position) of every loss-layer output the chunk's loss reads
 
 
 def _plan_chunk(
@@ -294,7 +290,8 @@ def _plan_chunk(
         t_idx.append(tgt)
         owner.append(torch.full_like(pos, edit))
         plain_mask.append(torch.full_like(pos, int(row == int(problem.plain_row[chunk[edit]]))))
-    ri, own = torch.cat(r_idx), torch.cat(owner)
+    ri, own, pi = torch.cat(r_idx), torch.cat(owner), torch.cat(p_idx)
+    kl_rows, kl_pos = torch.tensor(kl_r, dtype=torch.long), torch.tensor(kl_p, dtype=torch.long)
     row_owner = torch.full((len(rows),), -1, dtype=torch.long)
     row_owner[ri.cpu()] = own.cpu()
     return _ChunkPlan(
@@ -303,14 +300,15 @@ def _plan_chunk(
         rows_per_edit=len(rows) // len(chunk),
         batch=batch,
         r_idx=ri,
-        p_idx=torch.cat(p_idx),
+        p_idx=pi,
         t_idx=torch.cat(t_idx),
         owner=own.to(zdev),
         plain=torch.cat(plain_mask).bool().to(zdev),
         row_owner=row_owner.to(zdev),
         tgt_len=torch.tensor([len(problem.target_ids[e]) for e in chunk], device=zdev, dtype=torch.float32),
-        kl_r=torch.tensor(kl_r, dtype=torch.long),
-        kl_p=torch.tensor(kl_p, dtype=torch.long),
+        kl_r=kl_rows,
+        kl_p=kl_pos,
+        read=(torch.cat([ri.cpu(), kl_rows]), torch.cat([pi.cpu(), kl_pos])),
     )
 
 
@@ -614,8 +612,8 @@ def _reference(
             part = rows[start : start + step]
             plain_local = torch.arange(0, len(part), per)
             targets = [problem.target_positions(row) for row in part[0::per].tolist()]
-            kl_local = torch.arange(1, len(part), 2)
-            kl_pos = problem.rows.lookup[part[1::2]]
+            kl_local = torch.arange(1, len(part), 2) if with_kl else torch.zeros(0, dtype=torch.long)
+            kl_pos = problem.rows.lookup[part[1::2]] if with_kl else torch.zeros(0, dtype=torch.long)
             read = (
                 torch.cat([torch.full_like(pos, j) for j, (pos, _) in zip(plain_local.tolist(), targets)] + [kl_local]),
                 torch.cat([pos for pos, _ in targets] + [kl_pos]),
