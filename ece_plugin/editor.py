@@ -215,6 +215,13 @@ def _run(
             return None
         return session.state.cprev_masked(name, idx, device, torch.float64)
 
+    by_name = {wo.name: wo for wo in w_outs}
+
+    def drift_block(name: str, idx: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
+        weight = by_name[name].neuron_view()  # as it is now: the layers before it in this batch are written
+        session.state.start_values(name, weight)
+        return session.state.drift_masked(name, idx, weight, device)
+
     writes: list[LayerWrite] = []  # journal: a layer enters it before it is written
     try:
         write_layers(
@@ -227,6 +234,7 @@ def _run(
             hparams.mom2_update_weight,
             journal=writes,
             ridge=hparams.update_ridge,
+            drift_block=drift_block if hparams.carry_values else None,
         )
         for w in writes:
             for stage in ("keys", "statistics", "solve"):
@@ -235,10 +243,17 @@ def _run(
         if set(written_keys) != set(names):
             raise RuntimeError(f"keys of layers {sorted(set(names) - set(written_keys))} were never read")
         if hparams.carry_keys:  # otherwise nothing is carried and the state stays empty
+            values = None
+            if hparams.carry_values:  # what each layer now gives at the batch's keys: V = W K
+                values = {
+                    name: by_name[name].neuron_view().detach().double() @ written_keys[name].double().t()
+                    for name in names
+                }
             session.state.stage(
                 {name: written_keys[name].t() for name in names},
                 {w.name + ".weight": (w.idx, w.post, wo.axis, w.pre) for w, wo in zip(writes, w_outs)},
                 n,
+                values=values,
             )
         t = _tick(timings, "state", t)
         timings["total"] = time.perf_counter() - start
@@ -275,6 +290,7 @@ def _trace(
                 scores=ScoreSummary.of(att.batch_score),
                 residual_norm=wr.residual_norm,
                 update_norm=wr.update_norm,
+                drift_norm=wr.drift_norm,
             )
         )
     cluster_info = clusters.to_dict()

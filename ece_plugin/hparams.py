@@ -108,6 +108,9 @@ class ECEHyperParams(_HyperParamsBase):  # type: ignore[misc,valid-type]
     mom2_update_weight: float = 15000.0  # lambda
     # the keys of earlier edits enter the update's covariance (Cprev, the paper's sequential form); false: MEMIT's
     carry_keys: bool = True
+    # departure (off in the paper's form): the outputs earlier edits wrote at their keys are carried too, and the
+    # update's least squares keeps them (targets W_t k_j) instead of assuming no later write moved them
+    carry_values: bool = False
     # ridge on the update (ENCORE's norm constraint): lambda C0 + Cprev + K K^T + update_ridge * I; 0: the paper's
     update_ridge: float = 0.0
     mom2_dataset: str = "wikipedia"  # name of the statistics set in the cache path ({name}_stats)
@@ -234,6 +237,8 @@ class ECEHyperParams(_HyperParamsBase):  # type: ignore[misc,valid-type]
         for name in ("v_weight_decay", "kl_factor", "mom2_update_weight", "update_ridge"):
             if getattr(self, name) < 0:
                 raise HParamsError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.carry_values and not self.carry_keys:
+            raise HParamsError("carry_values: needs carry_keys (the values are carried with their keys)")
         if not self.z_cache_mb > 0:
             raise HParamsError(f"z_cache_mb: must be > 0, got {self.z_cache_mb}")
         if self.fact_token not in FACT_TOKENS:

@@ -32,6 +32,7 @@ PLOTTED: list[tuple[str, str, float]] = [
     ("overlap", "batch neurons written before (%, mean of layers)", 100.0),
     ("residual_norm", "residual ||z - cur|| before the write (mean of layers)", 1.0),
     ("update_norm", "update norm ||Delta|| (mean of layers)", 1.0),
+    ("drift_norm", "carried edits' drift ||E|| (carry_values; mean of layers)", 1.0),
 ]
 
 
@@ -63,6 +64,7 @@ def batch_diagnostics(
             "overlap": len(batch_set & before) / len(batch_set) if batch_set else None,
             "residual_norm": layer.get("residual_norm"),
             "update_norm": layer.get("update_norm"),
+            "drift_norm": layer.get("drift_norm"),
         })
         before |= batch_set
     return {
@@ -74,6 +76,7 @@ def batch_diagnostics(
         "overlap": _mean([lay["overlap"] for lay in layers]),
         "residual_norm": _mean([lay["residual_norm"] for lay in layers]),
         "update_norm": _mean([lay["update_norm"] for lay in layers]),
+        "drift_norm": _mean([lay["drift_norm"] for lay in layers]),
         "layers": layers,
     }
 
@@ -105,4 +108,6 @@ def plot_diagnostics(per_method: dict[str, list[dict[str, Any]]], path: Path, ti
             if points:
                 ax.plot(*zip(*points), marker="o", markersize=3, label=method)
 
-    return save_curve_grid(PLOTTED, draw, title, path)
+    rows = [r for m, d in per_method.items() for r in flat_diagnostics(m, d)]
+    panels = [p for p in PLOTTED if any(r.get(p[0]) is not None for r in rows)] or PLOTTED
+    return save_curve_grid(panels, draw, title, path)
