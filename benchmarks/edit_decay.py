@@ -43,7 +43,13 @@ from ece_plugin.evaluation.scoring import score_continuations  # noqa: E402
 from ece_plugin.hparams import ECEHyperParams  # noqa: E402
 from ece_plugin.keys import build_key_rows, lookup_indices, read_keys  # noqa: E402
 from ece_plugin.requests import fill, normalise_requests  # noqa: E402
-from ece_plugin.study.common import load_model_and_tokenizer, save_curve_grid, set_threads, write_csv, write_json  # noqa: E402
+from ece_plugin.study.common import (  # noqa: E402
+    load_model_and_tokenizer,
+    save_curve_grid,
+    set_threads,
+    write_csv,
+    write_json,
+)
 
 logger = logging.getLogger("edit_decay")
 
@@ -192,7 +198,7 @@ def run(argv: list[str]) -> int:
 
     save_curve_grid(PANELS, draw, f"Where the first batch's edits are lost ({Path(args.model).name})",
                     out / "decay.png")
-    print("\n".join(lines))
+    logger.info("where the first batch's edits are lost:\n%s", "\n".join(lines))
     return 0
 
 
