@@ -43,6 +43,7 @@ from .keys import (
     editing_tokenizer,
     generate_context_templates,
 )
+from .prompt_keys import prompt_keys
 from .replay import decoder_layers
 from .requests import EditRequest, check_conflicts, normalise_requests
 from .state import EditSession, get_session
@@ -198,11 +199,16 @@ def _run(
     # Layer i's keys are read after layers < i are written. Writing W_out of layer i or of a later layer never
     # changes layer i's input, so these are also the keys of the fully edited model that the state carries.
     written_keys: dict[str, torch.Tensor] = {}
+    mu = hparams.prompt_keys_weight
+    plain_rows = key_rows.rows.select(key_rows.plain_rows.to(key_rows.rows.input_ids.device)) if mu else None
+    protected: dict[str, torch.Tensor] = {}  # keys at the prompts' other tokens, scaled by sqrt(mu): [m, d_ff]
 
     def read(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         keys, cur = (keys0, zout0) if i == 0 else reads.read(i)
         assert cur is not None
         written_keys[names[i]] = keys[names[i]]
+        if plain_rows is not None:  # as the model is now: the layers before i are written
+            protected[names[i]] = prompt_keys(model, plain_rows, names[i]) * mu**0.5
         return keys[names[i]], cur
 
     def c0_block(name: str, idx: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
@@ -211,9 +217,13 @@ def _run(
         return session.statistics.masked(model, tok, name, hparams, idx, device, torch.float64)
 
     def cprev_block(name: str, idx: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
-        if not hparams.carry_keys:  # MEMIT's sequential form: earlier edits are protected by C0 alone
-            return None
-        return session.state.cprev_masked(name, idx, device, torch.float64)
+        block = None
+        if hparams.carry_keys:  # else MEMIT's sequential form: earlier edits are protected by C0 alone
+            block = session.state.cprev_masked(name, idx, device, torch.float64)
+        if name in protected:
+            kp = protected[name].to(device).index_select(1, idx.to(device)).double()
+            block = kp.t() @ kp if block is None else block + kp.t() @ kp
+        return block
 
     by_name = {wo.name: wo for wo in w_outs}
 
@@ -243,14 +253,16 @@ def _run(
         if set(written_keys) != set(names):
             raise RuntimeError(f"keys of layers {sorted(set(names) - set(written_keys))} were never read")
         if hparams.carry_keys:  # otherwise nothing is carried and the state stays empty
+            carried = {
+                name: torch.cat([written_keys[name], protected[name].to(written_keys[name].device)], 0).t()
+                if name in protected else written_keys[name].t()
+                for name in names
+            }
             values = None
-            if hparams.carry_values:  # what each layer now gives at the batch's keys: V = W K
-                values = {
-                    name: by_name[name].neuron_view().detach().double() @ written_keys[name].double().t()
-                    for name in names
-                }
+            if hparams.carry_values:  # what each layer now gives at the carried keys: V = W K
+                values = {name: by_name[name].neuron_view().detach().double() @ carried[name].double() for name in names}
             session.state.stage(
-                {name: written_keys[name].t() for name in names},
+                carried,
                 {w.name + ".weight": (w.idx, w.post, wo.axis, w.pre) for w, wo in zip(writes, w_outs)},
                 n,
                 values=values,

@@ -111,6 +111,9 @@ class ECEHyperParams(_HyperParamsBase):  # type: ignore[misc,valid-type]
     # departure (off in the paper's form): the outputs earlier edits wrote at their keys are carried too, and the
     # update's least squares keeps them (targets W_t k_j) instead of assuming no later write moved them
     carry_values: bool = False
+    # departure (0 in the paper's form): mu K_P K_P^T joins the update's covariance and the carried keys, K_P the
+    # keys at the other tokens of the plain rewrite prompts (prompt_keys.py)
+    prompt_keys_weight: float = 0.0
     # ridge on the update (ENCORE's norm constraint): lambda C0 + Cprev + K K^T + update_ridge * I; 0: the paper's
     update_ridge: float = 0.0
     mom2_dataset: str = "wikipedia"  # name of the statistics set in the cache path ({name}_stats)
@@ -234,7 +237,7 @@ class ECEHyperParams(_HyperParamsBase):  # type: ignore[misc,valid-type]
                 raise HParamsError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.z_early_stop not in Z_EARLY_STOPS:
             raise HParamsError(f"z_early_stop: must be one of {Z_EARLY_STOPS}, got {self.z_early_stop!r}")
-        for name in ("v_weight_decay", "kl_factor", "mom2_update_weight", "update_ridge"):
+        for name in ("v_weight_decay", "kl_factor", "mom2_update_weight", "update_ridge", "prompt_keys_weight"):
             if getattr(self, name) < 0:
                 raise HParamsError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.carry_values and not self.carry_keys:
