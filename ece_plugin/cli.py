@@ -80,13 +80,38 @@ def _load_ece_hparams(
     from .hparams import ECEHyperParams
 
     hp = ECEHyperParams.from_hparams(path)
+    overrides = {**(overrides or {}), **(_ece_set(args) if args is not None else {})}
     if overrides:
         hp = dataclasses.replace(hp, **overrides)
+        hp.validate()
     wanted = explicit_device(hp)
     if args is not None and wanted is not None and getattr(args, "device", None) in (None, "auto"):
         logger.info("loading the model on %s (device of %s)", wanted, path)
         args.device = str(wanted)
     return hp
+
+
+def _ece_set(args: argparse.Namespace) -> dict[str, Any]:
+    """``--ece-set KEY=VALUE`` items (YAML values) as hparams overrides; a key that is not an ECE hyperparameter
+    is refused."""
+    import yaml
+
+    from .hparams import ECEHyperParams
+
+    known = {f.name for f in dataclasses.fields(ECEHyperParams)}
+    overrides: dict[str, Any] = {}
+    for item in getattr(args, "ece_set", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise CLIError(f"--ece-set {item!r}: expected KEY=VALUE with KEY an ECE hyperparameter")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def _ece_label_suffix(args: argparse.Namespace) -> str:
+    """What ``--ece-set`` changed, for the ECE methods' names in tables (`` [prompt_keys_weight=1.0]``)."""
+    changed = _ece_set(args)
+    return " [" + ", ".join(f"{k}={v}" for k, v in changed.items()) + "]" if changed else ""
 
 
 def _baseline_paths(args: argparse.Namespace, model_dir: Path) -> dict[str, Path]:
@@ -178,7 +203,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     records = _records(args)
     out = _out(args, "demo")
     model, tok = _load_model(args, model_dir)
-    methods = build_methods(args.methods, ece_hp, _baseline_paths(args, model_dir))
+    methods = build_methods(args.methods, ece_hp, _baseline_paths(args, model_dir),
+                            ece_label_suffix=_ece_label_suffix(args))
     comparison = compare_methods(
         methods, model, tok, records, batch_size=args.batch_size, protocol=args.protocol, eval_kwargs=_eval_kwargs(args),
         record_limits={"ROME": args.rome_limit} if args.rome_limit else None,
@@ -321,7 +347,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _print(report.table)
         _print(f"\nresults: {files['json']}  csv: {files['csv']}  plot: {files['png']}")
         return 0
-    methods = build_methods(args.methods, ece_hp, baselines)
+    methods = build_methods(args.methods, ece_hp, baselines, ece_label_suffix=_ece_label_suffix(args))
     comparisons = []
     for n in n_list:
         for b in args.batch_sizes or [min(100, n)]:
@@ -514,7 +540,8 @@ def cmd_lifelong(args: argparse.Namespace) -> int:
     config.validate()
     model_dir = _model_dir(args.model)
     ece_hp = _load_ece_hparams(_hparams_file(args.hparams, Path(args.hparams_dir), "ECE", model_dir), model_dir, args=args)
-    methods = build_methods(args.methods, ece_hp, _baseline_paths(args, model_dir))
+    methods = build_methods(args.methods, ece_hp, _baseline_paths(args, model_dir),
+                            ece_label_suffix=_ece_label_suffix(args))
     args.limit = args.n_edits
     records = _records(args)
     if len(records) < args.n_edits:
@@ -559,6 +586,8 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True, data: bool = True
 def _hparams_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--hparams", required=required, help="ECE hparams YAML")
     p.add_argument("--hparams-dir", default=str(DEFAULT_HPARAMS_DIR), help="folder with {ECE,ROME,MEMIT,AlphaEdit}/*.yaml")
+    p.add_argument("--ece-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an ECE hyperparameter (YAML value; repeatable); ECE's table names show it")
     for alg in ("ROME", "MEMIT", "AlphaEdit"):
         p.add_argument(f"--{alg.lower()}-hparams", help=f"EasyEdit {alg} hparams YAML (default: from --hparams-dir)")
 

@@ -213,3 +213,22 @@ def test_lifelong_easyedit_baseline_resumes_exactly(alg: str, tmp_path: Path, mo
     assert _rows(cut) == _rows(whole)
     assert json.loads((whole / "lifelong.json").read_text())["methods"][0]["diagnostics"] == []  # no trace
     assert json.loads((cut / "lifelong.json").read_text())["methods"][0]["available"]
+
+
+def test_ece_set_overrides_the_hparams_names_the_method_and_is_kept_on_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "pk"
+    assert _run(out, "--ece-set", "prompt_keys_weight=1", "--ece-set", "carry_values=true") == 0
+    data = json.loads((out / "lifelong.json").read_text())
+    name = "ECE-AS [prompt_keys_weight=1, carry_values=True]"
+    assert [m["method"] for m in data["methods"]] == [name]
+    assert f"| {name} | 4 |" in (out / "lifelong.md").read_text()
+    stored = json.loads((out / "lifelong_config.json").read_text())
+    assert stored["ece_set"] == ["prompt_keys_weight=1", "carry_values=true"]  # what --resume reads back
+    # the override reached the edits: carried values show in the diagnostics of the second batch
+    assert data["methods"][0]["diagnostics"][1]["drift_norm"] is not None
+    assert _run(tmp_path / "bad", "--ece-set", "no_such_key=1") == 1
+    assert "--ece-set 'no_such_key=1': expected KEY=VALUE" in capsys.readouterr().err
+    assert _run(tmp_path / "bad2", "--ece-set", "prompt_keys_weight=-2") == 1
+    assert "prompt_keys_weight" in capsys.readouterr().err

@@ -448,13 +448,15 @@ def build_methods(
     baseline_hparams: dict[str, Path],
     ece_overrides: Optional[dict[str, Any]] = None,
     baseline_overrides: Optional[dict[str, Any]] = None,
+    ece_label_suffix: str = "",
 ) -> list[Any]:
-    """Methods by name: ECE variants (see :data:`ECE_VARIANTS`) and EasyEdit baselines (ROME/MEMIT/AlphaEdit)."""
+    """Methods by name: ECE variants (see :data:`ECE_VARIANTS`) and EasyEdit baselines (ROME/MEMIT/AlphaEdit);
+    ``ece_label_suffix`` is appended to the ECE variants' names (what a command line changed in their hparams)."""
     methods: list[Any] = []
     for name in names:
         if name in ECE_VARIANTS:
             hp = ece_variant_hparams(ece_hparams, name, **(ece_overrides or {}))
-            methods.append(ECEMethod(hp, name=variant_label(name, hp)))
+            methods.append(ECEMethod(hp, name=variant_label(name, hp) + ece_label_suffix))
         elif name in BASELINES:
             if name not in baseline_hparams:
                 raise StudyError(f"no hparams file given for {name}")
