@@ -255,7 +255,7 @@ def _run(
         if hparams.carry_keys:  # otherwise nothing is carried and the state stays empty
             carried = {
                 name: torch.cat([written_keys[name], protected[name].to(written_keys[name].device)], 0).t()
-                if name in protected else written_keys[name].t()
+                if name in protected and hparams.carry_prompt_keys else written_keys[name].t()
                 for name in names
             }
             values = None

@@ -114,6 +114,7 @@ class ECEHyperParams(_HyperParamsBase):  # type: ignore[misc,valid-type]
     # departure (0 in the paper's form): mu K_P K_P^T joins the update's covariance and the carried keys, K_P the
     # keys at the other tokens of the plain rewrite prompts (prompt_keys.py)
     prompt_keys_weight: float = 0.0
+    carry_prompt_keys: bool = True  # those keys also join the carried keys (later batches keep them too)
     # ridge on the update (ENCORE's norm constraint): lambda C0 + Cprev + K K^T + update_ridge * I; 0: the paper's
     update_ridge: float = 0.0
     mom2_dataset: str = "wikipedia"  # name of the statistics set in the cache path ({name}_stats)

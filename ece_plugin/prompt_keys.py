@@ -9,8 +9,8 @@ back does not restore them).
 
 With ``prompt_keys_weight`` mu > 0 the update keeps W_out's output at those keys: ``mu K_P K_P^T`` joins the
 covariance of the least squares (``K_P``: W_out's input at every token of each plain rewrite prompt but the fact
-token, read on the model as it is when that layer is written), and the keys are carried with the batch's own, so
-later batches keep them too.
+token, read on the model as it is when that layer is written), and (``carry_prompt_keys``, default) the keys are carried
+with the batch's own, so later batches keep them too.
 """
 
 from __future__ import annotations

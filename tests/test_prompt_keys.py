@@ -70,3 +70,14 @@ def test_the_update_keeps_the_prompt_keys_and_carries_them(tok: Any) -> None:
 def test_prompt_keys_weight_must_not_be_negative() -> None:
     with pytest.raises(HParamsError, match="prompt_keys_weight"):
         make_hparams("llama", prompt_keys_weight=-1.0)
+
+
+def test_prompt_keys_can_be_kept_for_the_batch_only(tok: Any) -> None:
+    """carry_prompt_keys false: the batch keeps them, the carried state holds the edits' keys alone."""
+    hp = make_hparams("llama", clustering=False, v_num_grad_steps=3, prompt_keys_weight=100.0, carry_prompt_keys=False)
+    model = make_llama(len(tok))
+    session = fake_session(model, hp)
+    apply_ece_to_model(model, tok, FACTS, hp)
+    session.state.reconcile(model)
+    name = hp.rewrite_module_tmp.format(hp.layers[0])
+    assert session.state.n_keys(name) == len(FACTS)  # low rank: one column per edit, no prompt keys
