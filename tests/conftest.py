@@ -6,7 +6,11 @@ kept on decode), so subjects and targets tokenize cleanly and MEMIT's "prompt + 
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Optional, Union
 
 import pytest
@@ -295,3 +299,14 @@ def target_prob(model: nn.Module, tok: Any, prompt: str, target: str) -> float:
     lp = torch.log_softmax(logits, -1)
     total = sum(float(lp[len(p_ids) - 1 + j, t]) for j, t in enumerate(t_ids))
     return float(torch.exp(torch.tensor(total)))
+
+
+def benchmark_module(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` imported as module ``name`` (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
-from conftest import FACTS, fake_session, make_hparams, make_llama
+from conftest import FACTS, benchmark_module, fake_session, make_hparams, make_llama
 
 from ece_plugin.data import EditRecord
 from ece_plugin.editor import apply_ece_to_model
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
 def ed() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("edit_decay", REPO / "benchmarks" / "edit_decay.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["edit_decay"] = module
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("edit_decay")
 
 
 def _text(target: Any) -> str:

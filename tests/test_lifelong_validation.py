@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
+from conftest import benchmark_module
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def lv() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("lifelong_validation", REPO / "benchmarks" / "lifelong_validation.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["lifelong_validation"] = module
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("lifelong_validation")
 
 
 def test_validation_batches_are_spread_among_never_trained_load_edits(lv: ModuleType) -> None:
