@@ -48,3 +48,14 @@ def test_measurements_read_the_validation_records_only(lv: ModuleType, monkeypat
     assert seen[-1] == (["b", "d"], 2) and row["n_edits"] == 4
     lv.lifelong.measure(None, None, probes, None, 0, None)  # the pre-edit row: all validation records
     assert seen[-1] == (["b", "d"], 0)
+
+
+def test_no_load_batch_repeats_a_prompt_and_the_shorter_sequences_are_unchanged(lv: ModuleType) -> None:
+    raw = json.loads((REPO / "data" / "counterfact" / "counterfact-edit.json").read_text())
+    assert lv.load_records(600) == raw[2200:2800]  # the sequence of the --load 600 rows, as measured
+    load = lv.load_records(1600)
+    assert len(load) == 1600
+    for b in range(16):
+        keys = [(r["prompt"], r["subject"]) for r in load[b * 100 : (b + 1) * 100]]
+        assert len(set(keys)) == 100
+    assert load != raw[2200:3800]  # record 3044 repeats a prompt of its batch and is skipped
