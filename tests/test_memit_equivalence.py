@@ -37,6 +37,10 @@ DTYPES = [torch.float32, torch.float64]
 # ||ours - theirs|| / ||update|| allowed per dtype: 16 float32 eps (measured: up to 2.8 eps); in float64, 1e-10
 # (measured: 7e-12), four orders of magnitude below the float32 gap, so a real difference cannot hide in it.
 RELATIVE_TOLERANCE = {torch.float32: 16 * torch.finfo(torch.float32).eps, torch.float64: 1e-10}
+# max |ours - theirs| / max |update| allowed per dtype. One element is noisier than the norm: against EasyEdit main's
+# MEMIT (Llama, float32) it measured 3.7e-6 = 31 float32 eps on an Intel Xeon VM (2026-12-01; within 16 eps on the
+# AMD EPYC VMs before, the same code at 28140b2), while the norm stayed within 16 eps. float64: as above.
+ELEMENT_TOLERANCE = {torch.float32: 64 * torch.finfo(torch.float32).eps, torch.float64: 1e-10}
 
 
 def assert_same_update(ours: torch.Tensor, theirs: torch.Tensor, original: torch.Tensor, what: str) -> None:
@@ -51,8 +55,9 @@ def assert_same_update(ours: torch.Tensor, theirs: torch.Tensor, original: torch
         f"{what} ({theirs.dtype}): ||ours - theirs|| / ||update|| = {relative:.3g} > {tol:.3g} "
         f"(max |diff| {float(diff.abs().max()):.3g}, ||update|| {float(update.norm()):.4g})"
     )
-    assert float(diff.abs().max()) <= tol * float(update.abs().max()), (
-        f"{what} ({theirs.dtype}): max |diff| {float(diff.abs().max()):.3g} > {tol:.3g} x max |update| "
+    element_tol = ELEMENT_TOLERANCE[theirs.dtype]
+    assert float(diff.abs().max()) <= element_tol * float(update.abs().max()), (
+        f"{what} ({theirs.dtype}): max |diff| {float(diff.abs().max()):.3g} > {element_tol:.3g} x max |update| "
         f"{float(update.abs().max()):.4g}"
     )
 
