@@ -164,12 +164,6 @@ class StateCheckpoint:
     fingerprint: Optional[dict[str, Any]]
 
 
-def _state_device(layer: _LayerMoment) -> torch.device:
-    """Where a layer's carried tensors live."""
-    held = layer.dense if layer.dense is not None else layer.keys
-    return held.device if held is not None else torch.device("cpu")
-
-
 # ---------------------------------------------------------------------------------------- the state
 class SequentialState:
     """Per-layer ``Cprev = sum k k^T`` over committed edits, low rank while small, dense afterwards."""
@@ -251,10 +245,11 @@ class SequentialState:
         layer = self._layers.get(layer_name)
         if layer is None or layer.values is not None or layer.empty:
             return
-        full = torch.arange(layer.d_ff)
-        w = weight.detach().to(device=_state_device(layer), dtype=torch.float64)
+        cprev = self.cprev(layer_name)
+        assert cprev is not None
+        w = weight.detach().to(device=cprev.device, dtype=torch.float64)
         # replaced, never changed in place: a checkpoint taken before still holds the old layer
-        self._layers[layer_name] = dataclasses.replace(layer, values=w @ layer.cprev_columns(full))
+        self._layers[layer_name] = dataclasses.replace(layer, values=w @ cprev)
 
     def drift_masked(
         self,
