@@ -253,9 +253,10 @@ def _run(
         if set(written_keys) != set(names):
             raise RuntimeError(f"keys of layers {sorted(set(names) - set(written_keys))} were never read")
         if hparams.carry_keys:  # otherwise nothing is carried and the state stays empty
+            fading = hparams.carry_prompt_keys and hparams.prompt_keys_decay < 1.0
             carried = {
                 name: torch.cat([written_keys[name], protected[name].to(written_keys[name].device)], 0).t()
-                if name in protected and hparams.carry_prompt_keys else written_keys[name].t()
+                if name in protected and hparams.carry_prompt_keys and not fading else written_keys[name].t()
                 for name in names
             }
             values = None
@@ -266,6 +267,8 @@ def _run(
                 {w.name + ".weight": (w.idx, w.post, wo.axis, w.pre) for w, wo in zip(writes, w_outs)},
                 n,
                 values=values,
+                protected={name: kp.t() for name, kp in protected.items()} if fading else None,
+                decay=hparams.prompt_keys_decay if fading else 1.0,
             )
         t = _tick(timings, "state", t)
         timings["total"] = time.perf_counter() - start

@@ -115,6 +115,10 @@ class ECEHyperParams(_HyperParamsBase):  # type: ignore[misc,valid-type]
     # keys at the other tokens of the plain rewrite prompts (prompt_keys.py)
     prompt_keys_weight: float = 0.0
     carry_prompt_keys: bool = True  # those keys also join the carried keys (later batches keep them too)
+    # < 1: the carried prompt keys are kept in a moment of their own that each later batch multiplies by this
+    # factor (P <- gamma P + mu K_P K_P^T), so their total weight stays below mu / (1 - gamma) batches; 1: they
+    # join the edits' keys and never fade
+    prompt_keys_decay: float = 1.0
     # ridge on the update (ENCORE's norm constraint): lambda C0 + Cprev + K K^T + update_ridge * I; 0: the paper's
     update_ridge: float = 0.0
     mom2_dataset: str = "wikipedia"  # name of the statistics set in the cache path ({name}_stats)
@@ -241,6 +245,11 @@ class ECEHyperParams(_HyperParamsBase):  # type: ignore[misc,valid-type]
         for name in ("v_weight_decay", "kl_factor", "mom2_update_weight", "update_ridge", "prompt_keys_weight"):
             if getattr(self, name) < 0:
                 raise HParamsError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not (0.0 < self.prompt_keys_decay <= 1.0):
+            raise HParamsError(f"prompt_keys_decay: must lie in (0, 1], got {self.prompt_keys_decay}")
+        if self.carry_values and self.prompt_keys_decay < 1.0:
+            raise HParamsError("carry_values: cannot be combined with prompt_keys_decay < 1 (the carried values "
+                               "would keep targets for prompt keys whose weight has faded)")
         if self.carry_values and not self.carry_keys:
             raise HParamsError("carry_values: needs carry_keys (the values are carried with their keys)")
         if not self.z_cache_mb > 0:

@@ -36,8 +36,13 @@ the term the update needs to keep them. A layer whose Cprev holds edits without 
 weights it has then (:meth:`SequentialState.start_values`: those edits' outputs as they are now become their
 targets); a batch committed without values drops the layer's M (warned), so M always matches Cprev.
 
-File format (:meth:`save`): one safetensors file; tensors ``"{layer}::keys"`` or ``"{layer}::dense"``, and
-``"{layer}::values"`` where values are carried;
+Fading prompt keys (``prompt_keys_decay`` gamma < 1, a departure; see ``prompt_keys.py``). A batch may stage
+``protected`` keys beside its own: they go to a dense moment of their own, ``P <- gamma P + K_P K_P^T`` at each
+commit, and :meth:`cprev` / :meth:`cprev_masked` return ``K K^T + P``. With gamma = 1 the editor puts the prompt
+keys among the edits' keys instead (the same sum, and the state of the earlier runs).
+
+File format (:meth:`save`): one safetensors file; tensors ``"{layer}::keys"`` or ``"{layer}::dense"``,
+``"{layer}::values"`` where values are carried and ``"{layer}::protected"`` where prompt keys fade;
 the header metadata key ``ece_state`` holds JSON (format version, layer names, kinds, d_ff, n, n_edits,
 model fingerprint). Written atomically.
 """
@@ -121,6 +126,8 @@ class _Pending:
     written: dict[str, WrittenNeurons]
     n_edits: int
     values: Optional[dict[str, torch.Tensor]] = None  # [d_model, n] per layer (carry_values)
+    protected: Optional[dict[str, torch.Tensor]] = None  # [d_ff, m] per layer (prompt_keys_decay < 1)
+    decay: float = 1.0
 
 
 @dataclass
@@ -129,6 +136,7 @@ class _LayerMoment:
     keys: Optional[torch.Tensor] = None  # [d_ff, n]
     dense: Optional[torch.Tensor] = None  # [d_ff, d_ff]
     values: Optional[torch.Tensor] = None  # M = sum v k^T, [d_model, d_ff] float64 (carry_values)
+    protected: Optional[torch.Tensor] = None  # P = sum_b gamma^(age b) K_P K_P^T, [d_ff, d_ff] (prompt_keys_decay)
 
     @property
     def n(self) -> int:
@@ -141,14 +149,18 @@ class _LayerMoment:
     def cprev_columns(self, idx: torch.Tensor) -> torch.Tensor:
         """``Cprev[:, idx]`` (``[d_ff, |idx|]``, float64, on the state's device)."""
         if self.dense is not None:
-            return self.dense.index_select(1, idx.to(self.dense.device)).double()
-        assert self.keys is not None
-        k = self.keys.double()
-        return k @ k.index_select(0, idx.to(k.device)).T
+            out = self.dense.index_select(1, idx.to(self.dense.device)).double()
+        else:
+            assert self.keys is not None
+            k = self.keys.double()
+            out = k @ k.index_select(0, idx.to(k.device)).T
+        if self.protected is not None:
+            out = out + self.protected.index_select(1, idx.to(self.protected.device)).to(out)
+        return out
 
     def nbytes(self) -> int:
         total = 0
-        for t in (self.keys, self.dense, self.values):
+        for t in (self.keys, self.dense, self.values, self.protected):
             if t is not None:
                 total += t.numel() * t.element_size()
         return total
@@ -208,10 +220,12 @@ class SequentialState:
         if layer is None:
             return None
         if layer.dense is not None:
-            return layer.dense.to(dtype)
-        assert layer.keys is not None
-        k = layer.keys.to(dtype)
-        return k @ k.T
+            out = layer.dense.to(dtype)
+        else:
+            assert layer.keys is not None
+            k = layer.keys.to(dtype)
+            out = k @ k.T
+        return out if layer.protected is None else out + layer.protected.to(out)
 
     def cprev_masked(
         self,
@@ -228,11 +242,15 @@ class SequentialState:
             return torch.zeros(n, n, dtype=dtype, device=device)
         if layer.dense is not None:
             sel = idx.to(layer.dense.device)
-            block = layer.dense.index_select(0, sel).index_select(1, sel)
-            return block.to(device=device, dtype=dtype)
-        assert layer.keys is not None
-        ks = layer.keys.index_select(0, idx.to(layer.keys.device)).to(device=device, dtype=dtype)
-        return ks @ ks.T
+            block = layer.dense.index_select(0, sel).index_select(1, sel).to(device=device, dtype=dtype)
+        else:
+            assert layer.keys is not None
+            ks = layer.keys.index_select(0, idx.to(layer.keys.device)).to(device=device, dtype=dtype)
+            block = ks @ ks.T
+        if layer.protected is not None:
+            sel = idx.to(layer.protected.device)
+            block = block + layer.protected.index_select(0, sel).index_select(1, sel).to(device=device, dtype=dtype)
+        return block
 
     def carries_values(self, layer_name: str) -> bool:
         layer = self._layers.get(layer_name)
@@ -280,9 +298,12 @@ class SequentialState:
         written: dict[str, Any],
         n_edits: int,
         values: Optional[dict[str, torch.Tensor]] = None,
+        protected: Optional[dict[str, torch.Tensor]] = None,
+        decay: float = 1.0,
     ) -> None:
         """Hold one batch's keys (``[d_ff, n]`` per layer), and with ``values`` the outputs its layers gave at
-        them after the write (``[d_model, n]``), until :meth:`reconcile` sees the model."""
+        them after the write (``[d_model, n]``), until :meth:`reconcile` sees the model. ``protected`` keys
+        (``[d_ff, m]``, already scaled) go to the fading moment P, which the commit first multiplies by ``decay``."""
         if self._pending is not None:
             raise StateError("a staged batch is pending: call reconcile(model) before staging another")
         if n_edits < 1:
@@ -306,12 +327,33 @@ class SequentialState:
                         f"values for {name}: expected [d_model, {keys[name].shape[1]}], got {tuple(v.shape)}"
                     )
                 placed_values[name] = v.detach().to(torch.float64).clone()
+        placed_protected = self._check_protected(protected, keys, decay, values is not None)
         self._pending = _Pending(
             keys=placed,
             written={w: WrittenNeurons.coerce(v) for w, v in written.items()},
             n_edits=int(n_edits),
             values=placed_values,
+            protected=placed_protected,
+            decay=float(decay),
         )
+
+    def _check_protected(
+        self, protected: Optional[dict[str, torch.Tensor]], keys: dict[str, torch.Tensor], decay: float, values: bool
+    ) -> Optional[dict[str, torch.Tensor]]:
+        if not (0.0 < decay <= 1.0):
+            raise StateError(f"decay must lie in (0, 1], got {decay}")
+        if protected is None:
+            return None
+        if values:
+            raise StateError("protected keys cannot be staged with values (carry_values)")
+        placed: dict[str, torch.Tensor] = {}
+        for name, kp in protected.items():
+            if name not in keys:
+                raise StateError(f"protected keys for {name} but no edit keys for that layer")
+            if kp.dim() != 2 or kp.shape[0] != keys[name].shape[0]:
+                raise StateError(f"protected keys for {name}: expected [{keys[name].shape[0]}, m], got {tuple(kp.shape)}")
+            placed[name] = self._place(kp).clone()
+        return placed
 
     def _commit(self, pending: _Pending) -> None:
         for name, k in pending.keys.items():
@@ -328,7 +370,22 @@ class SequentialState:
                 layer.dense = (kd @ kd.T).to(self.dtype)
                 layer.keys = None
                 logger.info("sequential state %s: switched to the dense %dx%d form", name, layer.d_ff, layer.d_ff)
+        self._commit_protected(pending)
         self.n_edits += pending.n_edits
+
+    def _commit_protected(self, pending: _Pending) -> None:
+        """``P <- decay * P + K_P K_P^T`` for every layer; a layer's P fades even in a batch without prompt keys."""
+        fresh = pending.protected or {}
+        for name, layer in self._layers.items():
+            kp = fresh.get(name)
+            if layer.protected is None and kp is None:
+                continue
+            old = None if layer.protected is None else layer.protected * pending.decay
+            if kp is not None:
+                kd = kp.to(torch.float64)
+                add = (kd @ kd.T).to(self.dtype)
+                old = add if old is None else old + add.to(old.device)
+            layer.protected = old  # out of place: a checkpoint taken before this commit still holds the old tensor
 
     def _commit_values(self, name: str, k: torch.Tensor, v: Optional[torch.Tensor]) -> None:
         """``M += V K^T`` before the keys join Cprev (a new layer starts its M here; see the module doc)."""
@@ -421,6 +478,9 @@ class SequentialState:
             if layer.values is not None:
                 tensors[f"{name}::values"] = layer.values.detach().cpu().contiguous().clone()
                 layers_meta[name]["values"] = True
+            if layer.protected is not None:
+                tensors[f"{name}::protected"] = layer.protected.detach().cpu().contiguous().clone()
+                layers_meta[name]["protected"] = True
         meta = {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
@@ -473,11 +533,23 @@ class SequentialState:
                 if count_nonfinite(values):
                     raise StateError(f"{path}: layer {name!r} (values): {describe_nonfinite(values)}")
                 values = values.to(device=placed.device, dtype=torch.float64)
+            protected = None
+            if info.get("protected"):
+                protected = tensors.get(f"{name}::protected")
+                if protected is None:
+                    raise StateError(f"{path}: prompt-key moment for layer {name!r} missing")
+                if tuple(protected.shape) != (d_ff, d_ff):
+                    raise StateError(f"{path}: layer {name!r} prompt-key moment shape {tuple(protected.shape)} "
+                                     f"!= ({d_ff}, {d_ff})")
+                if count_nonfinite(protected):
+                    raise StateError(f"{path}: layer {name!r} (protected): {describe_nonfinite(protected)}")
+                protected = state._place(protected)
             state._layers[name] = _LayerMoment(
                 d_ff=d_ff,
                 keys=placed if kind == "keys" else None,
                 dense=placed if kind == "dense" else None,
                 values=values,
+                protected=protected,
             )
         if model is not None:
             state.check_model(model, source=str(path))

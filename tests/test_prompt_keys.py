@@ -81,3 +81,72 @@ def test_prompt_keys_can_be_kept_for_the_batch_only(tok: Any) -> None:
     session.state.reconcile(model)
     name = hp.rewrite_module_tmp.format(hp.layers[0])
     assert session.state.n_keys(name) == len(FACTS)  # low rank: one column per edit, no prompt keys
+
+
+@pytest.mark.parametrize("value", [0.0, -0.5, 1.5])
+def test_prompt_keys_decay_must_lie_in_0_1(value: float) -> None:
+    with pytest.raises(HParamsError, match="prompt_keys_decay"):
+        make_hparams("llama", prompt_keys_decay=value)
+
+
+def test_fading_prompt_keys_refuse_carried_values() -> None:
+    with pytest.raises(HParamsError, match="prompt_keys_decay"):
+        make_hparams("llama", prompt_keys_decay=0.5, carry_values=True)
+
+
+def _fading_state(gamma: float) -> tuple[Any, list[torch.Tensor], list[torch.Tensor]]:
+    from ece_plugin.state import SequentialState
+
+    gen = torch.Generator().manual_seed(0)
+    state = SequentialState()
+    keys = [torch.randn(16, 2, generator=gen) for _ in range(3)]
+    prompts = [torch.randn(16, 4, generator=gen) for _ in range(3)]
+    for k, kp in zip(keys, prompts):
+        state.stage({"w": k}, {}, 2, protected={"w": kp}, decay=gamma)
+        state._commit(state._pending)  # what reconcile does once the write is seen persisted
+        state._pending = None
+    return state, keys, prompts
+
+
+def test_fading_prompt_keys_sum_to_the_decayed_moment() -> None:
+    """Cprev = sum K K^T over the edits + sum_b gamma^(age b) K_P,b K_P,b^T, in every read of the state."""
+    gamma = 0.5
+    state, keys, prompts = _fading_state(gamma)
+    expected = sum(k.double() @ k.double().T for k in keys)
+    expected = expected + sum(gamma ** (2 - b) * kp.double() @ kp.double().T for b, kp in enumerate(prompts))
+    torch.testing.assert_close(state.cprev("w"), expected, rtol=1e-5, atol=1e-5)
+    idx = torch.tensor([4, 1, 3])
+    torch.testing.assert_close(state.cprev_masked("w", idx, "cpu"), expected[idx][:, idx], rtol=1e-5, atol=1e-5)
+    assert state.n_keys("w") == 6  # the edits' keys alone stay low rank; the prompt keys are in P
+
+
+def test_fading_prompt_keys_survive_save_load_and_rollback(tmp_path: Any) -> None:
+    from ece_plugin.state import SequentialState
+
+    state, _, _ = _fading_state(0.7)
+    before = state.cprev("w")
+    state.save(tmp_path / "state.safetensors")
+    loaded = SequentialState.load(tmp_path / "state.safetensors")
+    torch.testing.assert_close(loaded.cprev("w"), before)
+    checkpoint = loaded.checkpoint()
+    loaded.stage({"w": torch.ones(16, 1)}, {}, 1, protected={"w": torch.ones(16, 2)}, decay=0.7)
+    loaded._commit(loaded._pending)
+    loaded._pending = None
+    assert not torch.allclose(loaded.cprev("w"), before)
+    loaded.rollback(checkpoint)
+    torch.testing.assert_close(loaded.cprev("w"), before)
+
+
+def test_the_editor_fades_the_carried_prompt_keys(tok: Any) -> None:
+    """With gamma < 1 the batch's prompt keys go to P at weight mu; gamma = 1 keeps them among the edits' keys."""
+    hp = make_hparams("llama", clustering=False, v_num_grad_steps=3, prompt_keys_weight=4.0, prompt_keys_decay=0.5)
+    model = make_llama(len(tok))
+    session = fake_session(model, hp)
+    name = hp.rewrite_module_tmp.format(hp.layers[0])
+    with editing_tokenizer(tok):
+        keys = prompt_keys(model, _plain_rows(tok, model, hp), name).double()
+    apply_ece_to_model(model, tok, FACTS, hp)
+    session.state.reconcile(model)
+    assert session.state.n_keys(name) == len(FACTS)
+    layer = session.state._layers[name]
+    torch.testing.assert_close(layer.protected.double(), 4.0 * keys.T @ keys, rtol=1e-4, atol=1e-4)
