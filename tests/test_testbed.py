@@ -429,7 +429,7 @@ def test_statistics_corpus_samples_held_out_facts_only(tmp_path: Path) -> None:
         write_statistics_corpus(model, "wikipedia", config)
 
 
-@pytest.mark.parametrize("name", ["testbed-llama", "testbed-llama-scale", "testbed-llama-scale2"])
+@pytest.mark.parametrize("name", ["testbed-llama", "testbed-llama-scale", "testbed-llama-scale2", "testbed-gpt2"])
 def test_shipped_tokenizers_load_under_both_transformers_lines(name: str) -> None:
     """transformers 5 saves ``TokenizersBackend``, which 4.x cannot load; the builder writes the 4.x form."""
     folder = REPO / "testbed" / name
@@ -452,3 +452,61 @@ def test_make_portable_rewrites_a_transformers_5_config(tmp_path: Path) -> None:
     assert config["bos_token"] == "<s>"
     assert json.loads((tmp_path / "special_tokens_map.json").read_text()) == {
         "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+
+
+# ----- the GPT-2 testbed (issue 14, point 5: the recipe carries to Conv1D weights and tied embeddings) --------
+
+GPT2 = REPO / "testbed" / "testbed-gpt2"
+gpt2_shipped = pytest.mark.skipif(not (GPT2 / MANIFEST_NAME).is_file(), reason=f"no testbed at {GPT2}")
+GPT2_ALGS = ("ECE", "MEMIT", "ROME", "AlphaEdit")
+
+
+def _gpt2_configs() -> dict[str, dict[str, Any]]:
+    return {alg: yaml.safe_load((HPARAMS / alg / "testbed-gpt2.yaml").read_text()) for alg in GPT2_ALGS}
+
+
+def test_gpt2_hparams_share_layers_and_z_budget_and_name_the_gpt2_modules() -> None:
+    configs = _gpt2_configs()
+    batch_layers = {tuple(configs[alg]["layers"]) for alg in ("ECE", "MEMIT", "AlphaEdit")}
+    assert len(batch_layers) == 1
+    assert len(configs["ROME"]["layers"]) == 1 and configs["ROME"]["layers"][0] in next(iter(batch_layers))
+    assert len({c["v_num_grad_steps"] for c in configs.values()}) == 1  # one z budget for every method
+    ece = configs["ECE"]
+    assert ece["shared_grad_steps"] + ece["per_edit_grad_steps"] == ece["v_num_grad_steps"]
+    assert {c["model_name"] for c in configs.values()} == {"./testbed/testbed-gpt2"}
+    assert {c["rewrite_module_tmp"] for c in configs.values()} == {"transformer.h.{}.mlp.c_proj"}
+    assert {c["lm_head_module"] for c in configs.values()} == {"transformer.wte"}  # tied embeddings
+    assert {c["mom2_dataset"] for c in configs.values()} == {"factworld"}
+    assert "testbed-gpt2" in configs["AlphaEdit"]["P_loc"]
+
+
+@gpt2_shipped
+def test_gpt2_testbed_is_a_conv1d_model_with_tied_embeddings_and_its_corpus() -> None:
+    from ece_plugin.testbed.corpus import CorpusConfig, corpus_path, statistics_corpus
+
+    model, _ = _load(GPT2)
+    assert model.config.model_type == "gpt2"
+    assert type(model.transformer.h[0].mlp.c_proj).__name__ == "Conv1D"
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    shipped = corpus_path(GPT2, "factworld").read_text().splitlines()
+    assert shipped == statistics_corpus(GPT2, CorpusConfig())  # remade exactly by `ece-plugin stats-corpus`
+
+
+@gpt2_shipped
+@pytest.mark.slow
+def test_gpt2_testbed_knows_its_facts() -> None:
+    model, tok = _load(GPT2)
+    trained = set(json.loads((GPT2 / MANIFEST_NAME).read_text())["counterfact_case_ids"])
+    records = [r for r in json.loads(COUNTERFACT.read_text()) if r["case_id"] in trained][:200]
+    figures = counterfact_preedit(model, tok, records)
+    assert figures.efficacy <= 10.0 and figures.paraphrase <= 20.0 and figures.neighborhood >= 85.0, figures
+
+
+@gpt2_shipped
+@pytest.mark.slow
+def test_gpt2_testbed_recalls_facts_at_its_first_edit_layer() -> None:
+    """Layer 0 moves every probed fact (40 records: 100 %); layer 1, also edited, moves 87.5 % (testbed/README.md)."""
+    model, tok = _load(GPT2)
+    records = json.loads(COUNTERFACT.read_text())[:20]
+    result = subject_recall_probe(model, tok, records, layer=_gpt2_configs()["MEMIT"]["layers"][0], steps=100, lr=1.0)
+    assert result.moved >= 90.0, result
