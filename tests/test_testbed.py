@@ -263,26 +263,41 @@ def test_preedit_and_probe_run_on_tiny_model(tiny_llama: Path) -> None:
 shipped = pytest.mark.skipif(not (SHIPPED / MANIFEST_NAME).is_file(), reason=f"no shipped testbed at {SHIPPED}")
 
 
+def _assert_knows_trained_facts(folder: Path, first: int, last: int) -> None:
+    """Pre-edit ES <= 10, PS <= 20, NS >= 85 on the trained CounterFact records [first:last] (issue 6's targets)."""
+    model, tok = _load(folder)
+    trained = set(json.loads((folder / MANIFEST_NAME).read_text())["counterfact_case_ids"])
+    records = [r for r in json.loads(COUNTERFACT.read_text()) if r["case_id"] in trained][first:last]
+    figures = counterfact_preedit(model, tok, records)
+    assert figures.efficacy <= 10.0 and figures.paraphrase <= 20.0 and figures.neighborhood >= 85.0, figures
+
+
+def _assert_recalls_at(folder: Path, records: list[dict[str, Any]], layers: list[int]) -> None:
+    """The subject-recall probe moves >= 90 % of ``records`` at each of ``layers``."""
+    model, tok = _load(folder)
+    for layer in layers:
+        result = subject_recall_probe(model, tok, records, layer=layer, steps=100, lr=1.0)
+        assert result.moved >= 90.0, result
+
+
+def _assert_corpus_remade(folder: Path) -> None:
+    from ece_plugin.testbed.corpus import CorpusConfig, corpus_path, statistics_corpus
+
+    shipped = corpus_path(folder, "factworld").read_text().splitlines()
+    assert shipped == statistics_corpus(folder, CorpusConfig())  # remade exactly by `ece-plugin stats-corpus`
+
+
 @shipped
 @pytest.mark.slow
 def test_shipped_testbed_knows_its_facts() -> None:
-    model, tok = _load(SHIPPED)
-    manifest = json.loads((SHIPPED / MANIFEST_NAME).read_text())
-    trained = set(manifest["counterfact_case_ids"])
-    records = [r for r in json.loads(COUNTERFACT.read_text()) if r["case_id"] in trained][:200]
-    figures = counterfact_preedit(model, tok, records)
-    assert figures.efficacy <= 10.0, figures
-    assert figures.paraphrase <= 20.0, figures
-    assert figures.neighborhood >= 85.0, figures
+    _assert_knows_trained_facts(SHIPPED, 0, 200)
 
 
 @shipped
 @pytest.mark.slow
 def test_shipped_testbed_recalls_facts_from_the_subject() -> None:
-    model, tok = _load(SHIPPED)
     records = json.loads(COUNTERFACT.read_text())[:20]  # trained on (the first 2,000 are)
-    result = subject_recall_probe(model, tok, records, layer=SHIPPED_EDIT_LAYER, steps=100, lr=1.0)
-    assert result.moved >= 90.0, result
+    _assert_recalls_at(SHIPPED, records, [SHIPPED_EDIT_LAYER])
 
 
 def test_shipped_hparams_share_layers_and_z_budget() -> None:
@@ -335,23 +350,15 @@ scale2 = pytest.mark.skipif(not (SCALE2 / MANIFEST_NAME).is_file(), reason=f"no 
 @scale_folders
 @pytest.mark.slow
 def test_scale_testbed_knows_its_facts(folder: Path) -> None:
-    model, tok = _load(folder)
     manifest = json.loads((folder / MANIFEST_NAME).read_text())
     assert len(manifest["counterfact_case_ids"]) >= 2000 and len(manifest["zsre_indices"]) >= 500
-    trained = set(manifest["counterfact_case_ids"])
-    records = [r for r in json.loads(COUNTERFACT.read_text()) if r["case_id"] in trained][1800:2000]
-    figures = counterfact_preedit(model, tok, records)
-    assert figures.efficacy <= 10.0 and figures.paraphrase <= 20.0 and figures.neighborhood >= 85.0, figures
+    _assert_knows_trained_facts(folder, 1800, 2000)
 
 
 @scale_folders
 @pytest.mark.slow
 def test_scale_testbed_recalls_counterfact_facts_at_every_edit_layer(folder: Path) -> None:
-    model, tok = _load(folder)
-    records = json.loads(COUNTERFACT.read_text())[:20]
-    for layer in SCALE_LAYERS:
-        result = subject_recall_probe(model, tok, records, layer=layer, steps=100, lr=1.0)
-        assert result.moved >= 90.0, result
+    _assert_recalls_at(folder, json.loads(COUNTERFACT.read_text())[:20], SCALE_LAYERS)
 
 
 @scale2
@@ -359,12 +366,9 @@ def test_scale_testbed_recalls_counterfact_facts_at_every_edit_layer(folder: Pat
 def test_second_scale_testbed_recalls_zsre_facts_at_every_edit_layer() -> None:
     from ece_plugin.data import load_zsre
 
-    model, tok = _load(SCALE2)
     records = [{"prompt": r.prompt, "subject": r.subject, "target_new": r.target_new}
                for r in load_zsre(ZSRE, limit=10)]  # as `ece-plugin probe-testbed` reads zsRE records
-    for layer in SCALE_LAYERS:
-        result = subject_recall_probe(model, tok, records, layer=layer, steps=100, lr=1.0)
-        assert result.moved >= 90.0, result
+    _assert_recalls_at(SCALE2, records, SCALE_LAYERS)
 
 
 @pytest.mark.parametrize("name", ["testbed-llama-scale", "testbed-llama-scale2"])
@@ -386,13 +390,10 @@ def test_scale_hparams_share_layers_and_z_budget_and_give_5_neurons_per_edit(nam
 
 @scale_folders
 def test_scale_hparams_read_the_shipped_statistics_corpus(folder: Path) -> None:
-    from ece_plugin.testbed.corpus import CorpusConfig, corpus_path, statistics_corpus
-
     names = {yaml.safe_load((HPARAMS / alg / f"{folder.name}.yaml").read_text())["mom2_dataset"]
              for alg in ("ECE", "MEMIT", "AlphaEdit", "ROME")}
     assert names == {"factworld"}  # one C0 for every method
-    shipped = corpus_path(folder, "factworld").read_text().splitlines()
-    assert shipped == statistics_corpus(folder, CorpusConfig())  # remade exactly by `ece-plugin stats-corpus`
+    _assert_corpus_remade(folder)
 
 
 def test_statistics_corpus_samples_held_out_facts_only(tmp_path: Path) -> None:
@@ -482,31 +483,21 @@ def test_gpt2_hparams_share_layers_and_z_budget_and_name_the_gpt2_modules() -> N
 
 @gpt2_shipped
 def test_gpt2_testbed_is_a_conv1d_model_with_tied_embeddings_and_its_corpus() -> None:
-    from ece_plugin.testbed.corpus import CorpusConfig, corpus_path, statistics_corpus
-
     model, _ = _load(GPT2)
     assert model.config.model_type == "gpt2"
     assert type(model.transformer.h[0].mlp.c_proj).__name__ == "Conv1D"
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
-    shipped = corpus_path(GPT2, "factworld").read_text().splitlines()
-    assert shipped == statistics_corpus(GPT2, CorpusConfig())  # remade exactly by `ece-plugin stats-corpus`
+    _assert_corpus_remade(GPT2)
 
 
 @gpt2_shipped
 @pytest.mark.slow
 def test_gpt2_testbed_knows_its_facts() -> None:
-    model, tok = _load(GPT2)
-    trained = set(json.loads((GPT2 / MANIFEST_NAME).read_text())["counterfact_case_ids"])
-    records = [r for r in json.loads(COUNTERFACT.read_text()) if r["case_id"] in trained][:200]
-    figures = counterfact_preedit(model, tok, records)
-    assert figures.efficacy <= 10.0 and figures.paraphrase <= 20.0 and figures.neighborhood >= 85.0, figures
+    _assert_knows_trained_facts(GPT2, 0, 200)
 
 
 @gpt2_shipped
 @pytest.mark.slow
 def test_gpt2_testbed_recalls_facts_at_its_first_edit_layer() -> None:
     """Layer 0, the edit layer of every method, moves every probed fact (40 records: 100 %; testbed/README.md)."""
-    model, tok = _load(GPT2)
-    records = json.loads(COUNTERFACT.read_text())[:20]
-    result = subject_recall_probe(model, tok, records, layer=_gpt2_configs()["MEMIT"]["layers"][0], steps=100, lr=1.0)
-    assert result.moved >= 90.0, result
+    _assert_recalls_at(GPT2, json.loads(COUNTERFACT.read_text())[:20], [_gpt2_configs()["MEMIT"]["layers"][0]])
