@@ -14,7 +14,9 @@ the pre-edit checks' 5000-5199 and the statistics corpus' 7000-9199) are interle
 edits (the validation batches evenly spaced among the load batches), and every measurement reads the 400
 validation edits only. ``--load 600`` is a 1,000-edit sequence.
 
-``--set key=value`` overrides a key of hparams/ECE/testbed-llama-scale.yaml (YAML value syntax). Two
+``--testbed testbed-llama-scale2`` runs the same sequence on the second scale testbed (it trained the same
+records) with its hparams. ``--set key=value`` overrides a key of the testbed's hparams/ECE/<testbed>.yaml (YAML
+value syntax). Two
 prototypes of the NSE authors' sequential mechanisms (Jiang et al. 2024), not part of ece_plugin, patch the
 editor for this process only:
 
@@ -45,8 +47,14 @@ import ece_plugin.study.lifelong as lifelong  # noqa: E402
 from ece_plugin.cli import main  # noqa: E402
 from ece_plugin.hparams import ECEHyperParams  # noqa: E402
 
-HPARAMS = REPO / "hparams" / "ECE" / "testbed-llama-scale.yaml"
-MODEL = REPO / "testbed" / "testbed-llama-scale"
+TESTBEDS = ("testbed-llama-scale", "testbed-llama-scale2")  # both trained the same CounterFact and zsRE records
+
+
+def testbed_paths(name: str) -> tuple[Path, Path]:
+    """The model folder and ECE hparams file of a scale testbed."""
+    if name not in TESTBEDS:
+        raise SystemExit(f"--testbed {name!r}: one of {', '.join(TESTBEDS)}")
+    return REPO / "testbed" / name, REPO / "hparams" / "ECE" / f"{name}.yaml"
 
 
 LOAD_START = 2200  # counterfact-edit.json records from here on were never trained
@@ -170,9 +178,11 @@ def run(argv: list[str]) -> int:
     p.add_argument("--rewind-z", action="store_true")
     p.add_argument("--write-passes", type=int, default=1)
     p.add_argument("--load", type=int, default=0, metavar="N", help="never-trained load edits interleaved")
+    p.add_argument("--testbed", default=TESTBEDS[0], help=f"one of {', '.join(TESTBEDS)} (default %(default)s)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    hparams = yaml.safe_load(HPARAMS.read_text())
+    model, hparams_path = testbed_paths(args.testbed)
+    hparams = yaml.safe_load(hparams_path.read_text())
     known = {f.name for f in dataclasses.fields(ECEHyperParams)}
     for item in args.set:
         key, _, value = item.partition("=")
@@ -192,7 +202,7 @@ def run(argv: list[str]) -> int:
         data.write_text(json.dumps(records))
         hp.write_text(yaml.safe_dump(hparams))
         return main([
-            "lifelong", "--model", str(MODEL), "--device", "cpu", "--threads", "1", "--data", str(data),
+            "lifelong", "--model", str(model), "--device", "cpu", "--threads", "1", "--data", str(data),
             "--n-edits", str(len(records)), "--batch-size", str(BATCH), "--retention-data",
             str(REPO / "data" / "zsre" / "zsre_mend_eval.json"), "--n-retention", "100", "--hparams", str(hp),
             "--methods", args.method, "--out", args.out,

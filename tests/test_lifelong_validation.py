@@ -59,3 +59,17 @@ def test_no_load_batch_repeats_a_prompt_and_the_shorter_sequences_are_unchanged(
         keys = [(r["prompt"], r["subject"]) for r in load[b * 100 : (b + 1) * 100]]
         assert len(set(keys)) == 100
     assert load != raw[2200:3800]  # record 3044 repeats a prompt of its batch and is skipped
+
+
+@pytest.mark.parametrize("name", ["testbed-llama-scale", "testbed-llama-scale2"])
+def test_each_scale_testbed_trained_the_validation_records_and_not_the_load_edits(lv: ModuleType, name: str) -> None:
+    model, hparams = lv.testbed_paths(name)
+    assert hparams.is_file() and (model / "config.json").is_file()
+    manifest = json.loads((model / "testbed_manifest.json").read_text())
+    trained = set(manifest["counterfact_case_ids"])
+    val = lv.validation_records()
+    assert {r["case_id"] for r in val[:200]} <= set(manifest["counterfact_val_case_ids"])
+    assert {r["case_id"] for r in val[200:]} <= trained  # counterfact-edit.json records 2000-2199
+    assert not trained & {r["case_id"] for r in lv.load_records(1600)}
+    with pytest.raises(SystemExit, match="one of"):
+        lv.testbed_paths("testbed-llama")
