@@ -46,15 +46,17 @@ import ece_plugin.editor as editor  # noqa: E402
 import ece_plugin.study.lifelong as lifelong  # noqa: E402
 from ece_plugin.cli import main  # noqa: E402
 from ece_plugin.hparams import ECEHyperParams  # noqa: E402
+from ece_plugin.study.baselines import default_baseline_hparams  # noqa: E402
 
 TESTBEDS = ("testbed-llama-scale", "testbed-llama-scale2")  # both trained the same CounterFact and zsRE records
 
 
 def testbed_paths(name: str) -> tuple[Path, Path]:
-    """The model folder and ECE hparams file of a scale testbed."""
+    """The model folder of a scale testbed and the ECE hparams ``lifelong --model`` picks for it."""
     if name not in TESTBEDS:
         raise SystemExit(f"--testbed {name!r}: one of {', '.join(TESTBEDS)}")
-    return REPO / "testbed" / name, REPO / "hparams" / "ECE" / f"{name}.yaml"
+    model = REPO / "testbed" / name
+    return model, default_baseline_hparams(REPO / "hparams", "ECE", model)
 
 
 LOAD_START = 2200  # counterfact-edit.json records from here on were never trained
