@@ -12,7 +12,12 @@ retention is scored on zsRE records 0-99 (known facts of another data set, never
 "load" edits of CounterFact facts the testbed never trained (counterfact-edit.json records 2200 on; disjoint from
 the pre-edit checks' 5000-5199 and the statistics corpus' 7000-9199) are interleaved with the 400 validation
 edits (the validation batches evenly spaced among the load batches), and every measurement reads the 400
-validation edits only. ``--load 600`` is a 1,000-edit sequence.
+validation edits only. ``--load 600`` is a 1,000-edit sequence. The load edits are drawn in a fixed order (see
+``never_trained_pool``), so a shorter sequence is the start of a longer one.
+
+``--reported`` measures the reported records instead (counterfact-edit.json records 0-1999, the 2,000-edit
+tables' records; retention on records 2000-2199 as there): with ``--load 8000`` it is the 10,000-edit sequence
+of issue 15, 2,000 known facts among 8,000 never-trained ones, a measurement only (nothing is tuned on it).
 
 ``--testbed testbed-llama-scale2`` runs the same sequence on the second scale testbed (it trained the same
 records) with its hparams. ``--set key=value`` overrides a key of the testbed's hparams/ECE/<testbed>.yaml (YAML
@@ -60,6 +65,9 @@ def testbed_paths(name: str) -> tuple[Path, Path]:
 
 
 LOAD_START = 2200  # counterfact-edit.json records from here on were never trained
+PRE_EDIT_CHECKS = range(5000, 5200)  # counterfact-edit.json records the pre-edit checks read: never edited here
+CORPUS = range(7000, 9200)  # counterfact-edit.json records the statistics corpus describes: drawn last
+N_REPORTED = 2000  # counterfact-edit.json records 0-1999: the reported 2,000-edit tables
 BATCH = 100
 
 
@@ -69,12 +77,27 @@ def validation_records() -> list[dict[str, Any]]:
     return val + edit
 
 
+def reported_records() -> list[dict[str, Any]]:
+    return json.loads((REPO / "data" / "counterfact" / "counterfact-edit.json").read_text())[:N_REPORTED]
+
+
+def never_trained_pool() -> list[dict[str, Any]]:
+    """Every CounterFact record the scale testbeds never trained, in the order load edits draw them:
+    counterfact-edit.json records 2200 on (skipping the pre-edit checks' 5000-5199 and, until the end, the
+    corpus' 7000-9199), counterfact-val.json records 200 on, then counterfact-edit.json 7000-9199. 9,319 records;
+    the first 2,800 are records 2200-4999, the sequences measured before this order existed."""
+    edit = json.loads((REPO / "data" / "counterfact" / "counterfact-edit.json").read_text())
+    val = json.loads((REPO / "data" / "counterfact" / "counterfact-val.json").read_text())
+    first = [r for i, r in enumerate(edit) if i >= LOAD_START and i not in PRE_EDIT_CHECKS and i not in CORPUS]
+    return first + val[200:] + [edit[i] for i in CORPUS]
+
+
 def load_records(n_load: int) -> list[dict[str, Any]]:
     """The first ``n_load`` never-trained records, skipping one whose rewrite prompt (with its subject) is already in
     its batch of 100: counterfact-edit.json holds a few such pairs with different targets (records 2581, 2805, 3044,
     3558 repeat earlier ones), which ECE refuses in one batch. Pairs in different batches are kept, so the
     sequence up to ``--load 800`` is records 2200 on, unchanged."""
-    records = json.loads((REPO / "data" / "counterfact" / "counterfact-edit.json").read_text())[LOAD_START:]
+    records = never_trained_pool()
     kept: list[dict[str, Any]] = []
     in_batch: set[tuple[str, str]] = set()
     for r in records:
@@ -181,6 +204,8 @@ def run(argv: list[str]) -> int:
     p.add_argument("--write-passes", type=int, default=1)
     p.add_argument("--load", type=int, default=0, metavar="N", help="never-trained load edits interleaved")
     p.add_argument("--testbed", default=TESTBEDS[0], help=f"one of {', '.join(TESTBEDS)} (default %(default)s)")
+    p.add_argument("--reported", action="store_true", help="measure the reported records 0-1999 among the load edits")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="K", help="measure every K edits")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     model, hparams_path = testbed_paths(args.testbed)
@@ -195,19 +220,27 @@ def run(argv: list[str]) -> int:
         rewind_z()
     if args.write_passes > 1:
         write_passes(args.write_passes)
-    records = validation_records()
+    if args.reported and not args.load:
+        p.error("--reported needs --load N (without load edits it is `ece-plugin lifelong` on the reported records)")
+    records = reported_records() if args.reported else validation_records()
     if args.load:
         records, positions = interleaved(records, args.load)
         measure_only(positions)
     with tempfile.TemporaryDirectory() as tmp:
-        data, hp = Path(tmp) / "validation.json", Path(tmp) / "hparams.yaml"
+        data, hp, kept = Path(tmp) / "sequence.json", Path(tmp) / "hparams.yaml", Path(tmp) / "retention.json"
         data.write_text(json.dumps(records))
         hp.write_text(yaml.safe_dump(hparams))
+        if args.reported:  # as the 2,000-edit tables: the 200 known records after the reported ones
+            edit = json.loads((REPO / "data" / "counterfact" / "counterfact-edit.json").read_text())
+            kept.write_text(json.dumps(edit[N_REPORTED:LOAD_START]))
+            retention = ["--retention-data", str(kept), "--n-retention", "200"]
+        else:
+            retention = ["--retention-data", str(REPO / "data" / "zsre" / "zsre_mend_eval.json"), "--n-retention", "100"]
+        every = ["--checkpoint-every", str(args.checkpoint_every)] if args.checkpoint_every else []
         return main([
             "lifelong", "--model", str(model), "--device", "cpu", "--threads", "1", "--data", str(data),
-            "--n-edits", str(len(records)), "--batch-size", str(BATCH), "--retention-data",
-            str(REPO / "data" / "zsre" / "zsre_mend_eval.json"), "--n-retention", "100", "--hparams", str(hp),
-            "--methods", args.method, "--out", args.out,
+            "--n-edits", str(len(records)), "--batch-size", str(BATCH), *retention, "--hparams", str(hp),
+            "--methods", args.method, "--out", args.out, *every,
         ])
 
 

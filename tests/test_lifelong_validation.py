@@ -73,3 +73,37 @@ def test_each_scale_testbed_trained_the_validation_records_and_not_the_load_edit
     assert not trained & {r["case_id"] for r in lv.load_records(1600)}
     with pytest.raises(SystemExit, match="one of"):
         lv.testbed_paths("testbed-llama")
+
+
+def test_the_load_pool_holds_only_never_trained_records_and_keeps_the_measured_sequences(lv: ModuleType) -> None:
+    edit = json.loads((REPO / "data" / "counterfact" / "counterfact-edit.json").read_text())
+    pool = lv.never_trained_pool()
+    assert pool[:2800] == edit[2200:5000]  # the --load sequences measured before the pool existed
+    ids = [r["case_id"] for r in pool]
+    assert len(ids) == len(set(ids)) == 9319
+    for name in lv.TESTBEDS:
+        manifest = json.loads((REPO / "testbed" / name / "testbed_manifest.json").read_text())
+        trained = set(manifest["counterfact_case_ids"]) | set(manifest["counterfact_val_case_ids"])
+        assert not trained & set(ids)
+    checks = {edit[i]["case_id"] for i in lv.PRE_EDIT_CHECKS}
+    assert not checks & set(ids)
+    corpus = [edit[i] for i in lv.CORPUS]
+    assert pool[-len(corpus):] == corpus  # the facts the statistics corpus describes come last
+
+
+def test_the_10000_edit_sequence_spreads_the_reported_records_among_8000_load_edits(lv: ModuleType) -> None:
+    reported = lv.reported_records()
+    seq, positions = lv.interleaved(reported, 8000)
+    assert len(seq) == 10000 and len(positions) == 2000
+    assert [seq[i] for i in sorted(positions)] == reported
+    batches = sorted({i // 100 for i in positions})
+    assert len(batches) == 20 and batches[0] == 0 and batches[-1] == 99
+    assert len({r["case_id"] for r in seq}) == 10000  # no fact edited twice
+    with pytest.raises(SystemExit, match="--load 9400: only 93[0-9]{2} never-trained"):
+        lv.interleaved(reported, 9400)
+
+
+def test_reported_needs_load_edits(lv: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        lv.run(["--reported", "--testbed", "testbed-llama-scale2", "--out", "unused"])
+    assert "--reported needs --load" in capsys.readouterr().err
