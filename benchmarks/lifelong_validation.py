@@ -19,6 +19,9 @@ validation edits only. ``--load 600`` is a 1,000-edit sequence. The load edits a
 tables' records; retention on records 2000-2199 as there): with ``--load 8000`` it is the 10,000-edit sequence
 of issue 15, 2,000 known facts among 8,000 never-trained ones, a measurement only (nothing is tuned on it).
 
+``--merge LABEL=RUN_FOLDER ... --out DIR`` writes one table and one set of curves of finished runs of the same
+sequence, each method named by its label.
+
 ``--testbed testbed-llama-scale2`` runs the same sequence on the second scale testbed (it trained the same
 records) with its hparams. ``--set key=value`` overrides a key of the testbed's hparams/ECE/<testbed>.yaml (YAML
 value syntax). Two
@@ -196,6 +199,49 @@ def write_passes(passes: int) -> None:
     editor.write_layers = patched  # type: ignore[assignment]
 
 
+PRE_EDIT_KEYS = ("edits", "retention")  # the unedited model's scores: equal exactly when the sequence is
+
+
+def merge(out: Path, runs: list[tuple[str, Path]]) -> dict[str, Path]:
+    """One table and one set of curves (``lifelong.md`` / ``.json`` / ``.png`` in ``out``) from finished runs of
+    the same sequence, one method each, named by its label: this script's runs all name their method alike
+    (``--set`` changes the hparams, not the name)."""
+    docs = []
+    for label, folder in runs:
+        path = folder / "lifelong.json"
+        if not path.is_file():
+            raise SystemExit(f"--merge {label}={folder}: no lifelong.json (not a finished run)")
+        doc = json.loads(path.read_text())
+        if len(doc["methods"]) != 1:
+            raise SystemExit(f"--merge {label}={folder}: {len(doc['methods'])} methods, expected 1")
+        docs.append(doc)
+    first = docs[0]
+    for (label, folder), doc in zip(runs, docs):
+        same = doc["config"] == first["config"] and all(
+            doc["pre_edit"].get(k) == first["pre_edit"].get(k) for k in PRE_EDIT_KEYS
+        )
+        if not same:
+            raise SystemExit(f"--merge {label}={folder}: another sequence than {runs[0][1]} (config or pre-edit differ)")
+    methods = [
+        dataclasses.replace(lifelong.MethodProgress(**doc["methods"][0]), method=label)
+        for (label, _), doc in zip(runs, docs)
+    ]
+    meta = {**first["meta"], "merged_from": {label: str(folder) for label, folder in runs}}
+    result = lifelong.LifelongResult(
+        config=lifelong.LifelongConfig(**first["config"]), kind=first["kind"], pre=first["pre_edit"],
+        methods=methods, meta=meta,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    return lifelong.write_outputs(result, out)
+
+
+def _label_dir(item: str) -> tuple[str, Path]:
+    label, sep, folder = item.partition("=")
+    if not sep or not label or not folder:
+        raise SystemExit(f"--merge {item!r}: expected LABEL=RUN_FOLDER")
+    return label, Path(folder)
+
+
 def run(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="hparams override")
@@ -207,7 +253,13 @@ def run(argv: list[str]) -> int:
     p.add_argument("--reported", action="store_true", help="measure the reported records 0-1999 among the load edits")
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="K", help="measure every K edits")
     p.add_argument("--out", required=True)
+    p.add_argument("--merge", action="append", default=[], metavar="LABEL=RUN_FOLDER",
+                   help="write one table and curve of finished runs to --out (runs nothing)")
     args = p.parse_args(argv)
+    if args.merge:
+        paths = merge(Path(args.out), [_label_dir(item) for item in args.merge])
+        sys.stdout.write(paths["md"].read_text())
+        return 0
     model, hparams_path = testbed_paths(args.testbed)
     hparams = yaml.safe_load(hparams_path.read_text())
     known = {f.name for f in dataclasses.fields(ECEHyperParams)}

@@ -107,3 +107,46 @@ def test_reported_needs_load_edits(lv: ModuleType, capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit):
         lv.run(["--reported", "--testbed", "testbed-llama-scale2", "--out", "unused"])
     assert "--reported needs --load" in capsys.readouterr().err
+
+
+def _scores(efficacy: float) -> dict[str, Any]:
+    metrics = {"efficacy": efficacy, "generalization": 0.5, "specificity": 0.7}
+    edits = {k: {"mean": v, "sem": 0.01, "n": 200} for k, v in metrics.items()}
+    return {
+        "edits": edits, "first_batch": edits,
+        "retention": {"retention_accuracy": 0.9, "retention_preference": 0.95, "n": 200.0},
+        "perplexity": {"wiki.test": {"perplexity": 250.0, "nll": 5.5, "n_tokens": 64.0}}, "fluency": 4.0,
+    }
+
+
+def _finished_run(folder: Path, method: str, efficacy: float, pre_efficacy: float = 0.01) -> Path:
+    """A finished run's lifelong.json in the layout `ece-plugin lifelong` writes (the fields the table reads)."""
+    doc = {
+        "protocol": "after_all", "kind": "counterfact",
+        "config": {"n_edits": 200, "batch_size": 100, "checkpoint_every": 100},
+        "meta": {"model": "m"},
+        "pre_edit": {"n_edits": 0, **_scores(pre_efficacy)},
+        "methods": [{"method": method, "n_done": 200, "batch_seconds": [1.0, 1.0],
+                     "rows": [{"n_edits": 200, **_scores(efficacy)}]}],
+    }
+    folder.mkdir(parents=True)
+    (folder / "lifelong.json").write_text(json.dumps(doc))
+    return folder
+
+
+def test_merge_names_each_run_by_its_label_and_refuses_another_sequence(lv: ModuleType, tmp_path: Path) -> None:
+    a = _finished_run(tmp_path / "a", "ECE-AS", 0.9)
+    b = _finished_run(tmp_path / "b", "ECE-AS", 0.6)
+    paths = lv.merge(tmp_path / "out", [("paper", a), ("best", b)])
+    merged = json.loads(paths["json"].read_text())
+    assert [(m["method"], m["rows"][-1]["edits"]["efficacy"]["mean"]) for m in merged["methods"]] == [("paper", 0.9), ("best", 0.6)]
+    assert merged["meta"]["merged_from"] == {"paper": str(a), "best": str(b)}
+    table = paths["md"].read_text()
+    assert "| paper | 200 | 90.0" in table and "| best | 200 | 60.0" in table
+    other = _finished_run(tmp_path / "c", "ECE-AS", 0.9, pre_efficacy=0.2)
+    with pytest.raises(SystemExit, match="another sequence"):
+        lv.merge(tmp_path / "out2", [("paper", a), ("other", other)])
+    with pytest.raises(SystemExit, match="not a finished run"):
+        lv.merge(tmp_path / "out3", [("x", tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="LABEL=RUN_FOLDER"):
+        lv.run(["--merge", str(a), "--out", str(tmp_path / "out4")])
