@@ -67,6 +67,10 @@ def test_lifelong_end_to_end_and_resume(tmp_path: Path, monkeypatch: pytest.Monk
     assert rows[-1]["retention"]["n"] == 4 and 0.0 <= rows[-1]["retention"]["retention_accuracy"] <= 1.0
     assert all(math.isfinite(p["perplexity"]) for p in rows[-1]["perplexity"].values())
     assert rows[-1]["state_bytes"] > 0
+    growth = [r["weight_growth"] for r in rows]
+    assert set(growth[-1]) == {"model.layers.0.mlp.down_proj.weight"}  # the testbed hparams' edited weight
+    assert all(0.0 < g < 1.0 for g in growth[-1].values())
+    assert "weight_growth_max" in (whole / "lifelong.csv").read_text().splitlines()[0]
     csv_lines = (whole / "lifelong.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + 1 + 2  # header, pre-edit, two checkpoints
     assert "| ECE-AS | 4 |" in (whole / "lifelong.md").read_text()
@@ -150,6 +154,20 @@ def test_batch_diagnostics_from_a_trace() -> None:
     rows = flat_diagnostics("ECE-AS", [first, second])
     assert [r["edits_done"] for r in rows] == [2, 4] and rows[1]["layer2_overlap"] == pytest.approx(0.4)
     assert batch_diagnostics(trace([1], [True, True], [1.0, 1.0]), {}, None)["z_clamped"] is None
+
+
+def test_weight_growth_is_the_relative_frobenius_distance_from_the_unedited_weight() -> None:
+    from ece_plugin.study.diagnostics import weight_growth
+
+    layer = torch.nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[3.0, 0.0, 0.0], [0.0, 4.0, 0.0]]))  # ||W0|| = 5
+    pristine = {"weight": layer.weight.detach().clone()}
+    assert weight_growth(layer, pristine) == {"weight": 0.0}
+    with torch.no_grad():
+        layer.weight[0, 2] += 2.0
+        layer.weight[1, 0] -= 1.0  # ||W - W0|| = sqrt(5)
+    assert weight_growth(layer, pristine)["weight"] == pytest.approx(5**0.5 / 5)
 
 
 def test_perplexity_matches_a_direct_computation() -> None:

@@ -12,14 +12,20 @@ For every batch of a lifelong run of an ECE method, :func:`batch_diagnostics` re
 
 :func:`plot_diagnostics` draws them against the number of edits. The EasyEdit baselines leave no trace, so they
 have no diagnostics.
+
+:func:`weight_growth`, measured at every checkpoint of every method (EasyEdit's too), is how far the sequence has
+moved each edited weight from the unedited one, ``||W - W0||_F / ||W0||_F``: the norm growth that Gupta et al.
+(ENCORE, 2025) find behind MEMIT's and AlphaEdit's collapse over long sequences.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
+
+import torch
 
 from .common import save_curve_grid
 
@@ -39,6 +45,18 @@ PLOTTED: list[tuple[str, str, float]] = [
 def _mean(values: Sequence[float]) -> Optional[float]:
     finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     return sum(finite) / len(finite) if finite else None
+
+
+def weight_growth(model: torch.nn.Module, pristine: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """``||W - W0||_F / ||W0||_F`` of each weight in ``pristine`` (name -> its unedited value), in float32."""
+    params = dict(model.named_parameters())
+    growth: dict[str, float] = {}
+    with torch.no_grad():
+        for name, w0 in pristine.items():
+            w = params[name].detach().float()
+            base = w0.to(device=w.device, dtype=torch.float32)
+            growth[name] = float((w - base).norm() / base.norm().clamp_min(1e-30))
+    return growth
 
 
 def batch_diagnostics(

@@ -8,7 +8,8 @@ At every checkpoint (and before the first edit) the model is measured on
   (:func:`ece_plugin.evaluation.general.retention`);
 * general ability: perplexity on held-out text and fluency of greedy generations;
 
-together with the seconds per batch so far and the size of what the method carries between batches. For ECE
+together with the seconds per batch so far, the size of what the method carries between batches and how far the
+edited weights have moved, ``||W - W0|| / ||W0||`` per weight (``weight_growth``). For ECE
 methods every batch also leaves diagnostics read from its trace (:mod:`ece_plugin.study.diagnostics`: how many z
 reached their target or sit at the clamp, how much of the batch's neuron set earlier batches wrote, residual and
 update norms), written to ``lifelong_diagnostics.csv`` / ``.png``. Each
@@ -52,7 +53,7 @@ from .common import (
     write_csv,
     write_json,
 )
-from .diagnostics import batch_diagnostics, flat_diagnostics, plot_diagnostics
+from .diagnostics import batch_diagnostics, flat_diagnostics, plot_diagnostics, weight_growth
 
 logger = logging.getLogger(__name__)
 
@@ -250,13 +251,13 @@ class LifelongRun:
             if progress.n_done:
                 logger.info("%s: resuming after %d edits", method.name, progress.n_done)
                 load_method_checkpoint(method, model, folder.checkpoint_dir(method.name))
-            self._run_batches(method, progress)
+            self._run_batches(method, progress, pristine)
         finally:
             restore_weights(model, pristine)
             method.reset(model)
         return progress
 
-    def _run_batches(self, method: EditMethod, progress: MethodProgress) -> None:
+    def _run_batches(self, method: EditMethod, progress: MethodProgress, pristine: dict[str, torch.Tensor]) -> None:
         config, model, tok = self.config, self.model, self.tok
         checkpoints = set(config.checkpoints())
         starts = list(range(progress.n_done, config.n_edits, config.batch_size))
@@ -273,6 +274,7 @@ class LifelongRun:
                 row = measure(model, tok, self.probes, config, n_done, self.pre_cases)
                 row["seconds_per_batch"] = sum(progress.batch_seconds) / len(progress.batch_seconds)
                 row["state_bytes"] = state_nbytes(method, model)
+                row["weight_growth"] = weight_growth(model, pristine)
                 progress.rows.append(row)
                 progress.n_done = n_done
                 save_method_checkpoint(method, model, self.folder.checkpoint_dir(method.name))
@@ -304,6 +306,8 @@ def _brief(row: dict[str, Any]) -> str:
              ("efficacy", "generalization", "specificity")]
     for name, ppl in row.get("perplexity", {}).items():
         parts.append(f"ppl[{name}] {ppl['perplexity']:.2f}")
+    if row.get("weight_growth"):
+        parts.append(f"||W - W0|| / ||W0|| up to {max(row['weight_growth'].values()):.2f}")
     return ", ".join(parts)
 
 
@@ -393,6 +397,8 @@ def flat_row(method: str, row: dict[str, Any], kind: str) -> dict[str, Any]:
     out["fluency"] = row.get("fluency")
     out["seconds_per_batch"] = row.get("seconds_per_batch")
     out["state_mib"] = None if row.get("state_bytes") is None else row["state_bytes"] / 2**20
+    growth = row.get("weight_growth")
+    out["weight_growth_max"] = max(growth.values()) if growth else None
     return out
 
 
@@ -452,6 +458,7 @@ PLOT_METRICS: list[tuple[str, str, float]] = [
     ("fluency", "Fluency (n-gram entropy x 100)", 100.0),
     ("seconds_per_batch", "Seconds per batch (mean so far)", 1.0),
     ("state_mib", "Carried state (MiB)", 1.0),
+    ("weight_growth_max", "Edited weights: ||W - W0|| / ||W0|| (largest)", 1.0),
 ]
 
 
