@@ -19,8 +19,8 @@ validation edits only. ``--load 600`` is a 1,000-edit sequence. The load edits a
 tables' records; retention on records 2000-2199 as there): with ``--load 8000`` it is the 10,000-edit sequence
 of issue 15, 2,000 known facts among 8,000 never-trained ones, a measurement only (nothing is tuned on it).
 
-``--merge LABEL=RUN_FOLDER ... --out DIR`` writes one table and one set of curves of finished runs of the same
-sequence, each method named by its label.
+``--merge LABEL=RUN_FOLDER ... --out DIR`` writes one table and one set of curves of runs of the same sequence,
+each method named by its label (a run stopped before its end: up to its last checkpoint).
 
 ``--testbed testbed-llama-scale2`` runs the same sequence on the second scale testbed (it trained the same
 records) with its hparams. ``--set key=value`` overrides a key of the testbed's hparams/ECE/<testbed>.yaml (YAML
@@ -202,22 +202,34 @@ def write_passes(passes: int) -> None:
 PRE_EDIT_KEYS = ("edits", "retention")  # the unedited model's scores: equal exactly when the sequence is
 
 
-def merge(out: Path, runs: list[tuple[str, Path]]) -> dict[str, Path]:
-    """One table and one set of curves (``lifelong.md`` / ``.json`` / ``.png`` in ``out``) from finished runs of
-    the same sequence, one method each, named by its label: this script's runs all name their method alike
-    (``--set`` changes the hparams, not the name)."""
-    docs = []
-    for label, folder in runs:
-        path = folder / "lifelong.json"
-        if not path.is_file():
-            raise SystemExit(f"--merge {label}={folder}: no lifelong.json (not a finished run)")
+def _run_doc(label: str, folder: Path) -> dict[str, Any]:
+    """A run's ``lifelong.json``; for a run stopped before its end, its pre-edit row and its one method's rows up to
+    the last checkpoint (``config`` None)."""
+    path = folder / "lifelong.json"
+    if path.is_file():
         doc = json.loads(path.read_text())
         if len(doc["methods"]) != 1:
             raise SystemExit(f"--merge {label}={folder}: {len(doc['methods'])} methods, expected 1")
-        docs.append(doc)
+        return doc
+    progress = sorted((folder / "checkpoints").glob("*.progress.json"))
+    if not (folder / "pre_edit.json").is_file() or len(progress) != 1:
+        raise SystemExit(f"--merge {label}={folder}: no lifelong.json, nor the pre-edit row and one method's progress")
+    method = json.loads(progress[0].read_text())
+    method.pop("written_neurons", None)
+    return {"config": None, "pre_edit": json.loads((folder / "pre_edit.json").read_text()), "methods": [method]}
+
+
+def merge(out: Path, runs: list[tuple[str, Path]]) -> dict[str, Path]:
+    """One table and one set of curves (``lifelong.md`` / ``.json`` / ``.png`` in ``out``) from runs of the same
+    sequence, one method each, named by its label: this script's runs all name their method alike (``--set``
+    changes the hparams, not the name). The first run must be finished; a later one may have been stopped before
+    its end (its rows up to its last checkpoint; ``meta.stopped_at``)."""
+    docs = [_run_doc(label, folder) for label, folder in runs]
     first = docs[0]
+    if first["config"] is None:
+        raise SystemExit(f"--merge: the first run ({runs[0][1]}) must be a finished one")
     for (label, folder), doc in zip(runs, docs):
-        same = doc["config"] == first["config"] and all(
+        same = doc["config"] in (None, first["config"]) and all(
             doc["pre_edit"].get(k) == first["pre_edit"].get(k) for k in PRE_EDIT_KEYS
         )
         if not same:
@@ -226,10 +238,11 @@ def merge(out: Path, runs: list[tuple[str, Path]]) -> dict[str, Path]:
         dataclasses.replace(lifelong.MethodProgress(**doc["methods"][0]), method=label)
         for (label, _), doc in zip(runs, docs)
     ]
-    meta = {**first["meta"], "merged_from": {label: str(folder) for label, folder in runs}}
+    stopped = {label: doc["methods"][0]["n_done"] for (label, _), doc in zip(runs, docs) if doc["config"] is None}
+    meta = {**first["meta"], "merged_from": {label: str(folder) for label, folder in runs}, "stopped_at": stopped}
     result = lifelong.LifelongResult(
-        config=lifelong.LifelongConfig(**first["config"]), kind=first["kind"], pre=first["pre_edit"],
-        methods=methods, meta=meta,
+        config=lifelong.LifelongConfig(**first["config"]), kind=first["kind"],
+        pre={k: v for k, v in first["pre_edit"].items() if k != "cases"}, methods=methods, meta=meta,
     )
     out.mkdir(parents=True, exist_ok=True)
     return lifelong.write_outputs(result, out)

@@ -146,7 +146,19 @@ def test_merge_names_each_run_by_its_label_and_refuses_another_sequence(lv: Modu
     other = _finished_run(tmp_path / "c", "ECE-AS", 0.9, pre_efficacy=0.2)
     with pytest.raises(SystemExit, match="another sequence"):
         lv.merge(tmp_path / "out2", [("paper", a), ("other", other)])
-    with pytest.raises(SystemExit, match="not a finished run"):
-        lv.merge(tmp_path / "out3", [("x", tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="nor the pre-edit row"):
+        lv.merge(tmp_path / "out3", [("paper", a), ("x", tmp_path / "missing")])
+    # a run stopped before its end: its pre-edit row and its method's progress up to the last checkpoint
+    stopped = tmp_path / "stopped"
+    (stopped / "checkpoints").mkdir(parents=True)
+    doc = json.loads((b / "lifelong.json").read_text())
+    (stopped / "pre_edit.json").write_text(json.dumps({**doc["pre_edit"], "cases": []}))
+    (stopped / "checkpoints" / "ECE-AS.progress.json").write_text(
+        json.dumps({**doc["methods"][0], "n_done": 100, "written_neurons": {"w": [1]}})
+    )
+    merged = json.loads(lv.merge(tmp_path / "out5", [("paper", a), ("stopped", stopped)])["json"].read_text())
+    assert merged["meta"]["stopped_at"] == {"stopped": 100} and merged["methods"][1]["method"] == "stopped"
+    with pytest.raises(SystemExit, match="must be a finished one"):
+        lv.merge(tmp_path / "out6", [("stopped", stopped), ("paper", a)])
     with pytest.raises(SystemExit, match="LABEL=RUN_FOLDER"):
         lv.run(["--merge", str(a), "--out", str(tmp_path / "out4")])
