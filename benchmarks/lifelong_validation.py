@@ -249,7 +249,7 @@ def merge(out: Path, runs: list[tuple[str, Path]]) -> dict[str, Path]:
 
 
 def _label_dir(item: str) -> tuple[str, Path]:
-    label, sep, folder = item.partition("=")
+    label, sep, folder = item.rpartition("=")  # a label may hold "=" (an hparams override), a folder rarely
     if not sep or not label or not folder:
         raise SystemExit(f"--merge {item!r}: expected LABEL=RUN_FOLDER")
     return label, Path(folder)

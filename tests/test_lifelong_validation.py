@@ -160,5 +160,6 @@ def test_merge_names_each_run_by_its_label_and_refuses_another_sequence(lv: Modu
     assert merged["meta"]["stopped_at"] == {"stopped": 100} and merged["methods"][1]["method"] == "stopped"
     with pytest.raises(SystemExit, match="must be a finished one"):
         lv.merge(tmp_path / "out6", [("stopped", stopped), ("paper", a)])
+    assert lv._label_dir(f"ECE [mu=1]={a}") == ("ECE [mu=1]", a)  # a label may name an override
     with pytest.raises(SystemExit, match="LABEL=RUN_FOLDER"):
         lv.run(["--merge", str(a), "--out", str(tmp_path / "out4")])
