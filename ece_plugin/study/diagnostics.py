@@ -15,7 +15,7 @@ have no diagnostics.
 
 :func:`weight_growth`, measured at every checkpoint of every method (EasyEdit's too), is how far the sequence has
 moved each edited weight from the unedited one, ``||W - W0||_F / ||W0||_F``: the norm growth that Gupta et al.
-(ENCORE, 2025) find behind MEMIT's and AlphaEdit's collapse over long sequences.
+(ENCORE, 2025) tie to MEMIT's and AlphaEdit's degradation over long sequences.
 """
 
 from __future__ import annotations
