@@ -74,14 +74,17 @@ N_REPORTED = 2000  # counterfact-edit.json records 0-1999: the reported 2,000-ed
 BATCH = 100
 
 
+def counterfact(split: str) -> list[dict[str, Any]]:
+    """The bundled ``counterfact-<split>.json`` (``edit`` or ``val``)."""
+    return json.loads((REPO / "data" / "counterfact" / f"counterfact-{split}.json").read_text())
+
+
 def validation_records() -> list[dict[str, Any]]:
-    val = json.loads((REPO / "data" / "counterfact" / "counterfact-val.json").read_text())[:200]
-    edit = json.loads((REPO / "data" / "counterfact" / "counterfact-edit.json").read_text())[2000:2200]
-    return val + edit
+    return counterfact("val")[:200] + counterfact("edit")[N_REPORTED:LOAD_START]
 
 
 def reported_records() -> list[dict[str, Any]]:
-    return json.loads((REPO / "data" / "counterfact" / "counterfact-edit.json").read_text())[:N_REPORTED]
+    return counterfact("edit")[:N_REPORTED]
 
 
 def never_trained_pool() -> list[dict[str, Any]]:
@@ -89,8 +92,7 @@ def never_trained_pool() -> list[dict[str, Any]]:
     counterfact-edit.json records 2200 on (skipping the pre-edit checks' 5000-5199 and, until the end, the
     corpus' 7000-9199), counterfact-val.json records 200 on, then counterfact-edit.json 7000-9199. 9,319 records;
     the first 2,800 are records 2200-4999, the sequences measured before this order existed."""
-    edit = json.loads((REPO / "data" / "counterfact" / "counterfact-edit.json").read_text())
-    val = json.loads((REPO / "data" / "counterfact" / "counterfact-val.json").read_text())
+    edit, val = counterfact("edit"), counterfact("val")
     first = [r for i, r in enumerate(edit) if i >= LOAD_START and i not in PRE_EDIT_CHECKS and i not in CORPUS]
     return first + val[200:] + [edit[i] for i in CORPUS]
 
@@ -199,7 +201,7 @@ def write_passes(passes: int) -> None:
     editor.write_layers = patched  # type: ignore[assignment]
 
 
-PRE_EDIT_KEYS = ("edits", "retention")  # the unedited model's scores: equal exactly when the sequence is
+PRE_EDIT_KEYS = ("edits", "retention")  # the unedited model's scores: equal exactly for the same sequence
 
 
 def _run_doc(label: str, folder: Path) -> dict[str, Any]:
@@ -215,7 +217,6 @@ def _run_doc(label: str, folder: Path) -> dict[str, Any]:
     if not (folder / "pre_edit.json").is_file() or len(progress) != 1:
         raise SystemExit(f"--merge {label}={folder}: no lifelong.json, nor the pre-edit row and one method's progress")
     method = json.loads(progress[0].read_text())
-    method.pop("written_neurons", None)
     return {"config": None, "pre_edit": json.loads((folder / "pre_edit.json").read_text()), "methods": [method]}
 
 
@@ -267,8 +268,10 @@ def run(argv: list[str]) -> int:
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="K", help="measure every K edits")
     p.add_argument("--out", required=True)
     p.add_argument("--merge", action="append", default=[], metavar="LABEL=RUN_FOLDER",
-                   help="write one table and curve of finished runs to --out (runs nothing)")
+                   help="write one table and curve of runs of one sequence to --out (runs nothing)")
     args = p.parse_args(argv)
+    if args.reported and not args.load and not args.merge:
+        p.error("--reported needs --load N (without load edits it is `ece-plugin lifelong` on the reported records)")
     if args.merge:
         paths = merge(Path(args.out), [_label_dir(item) for item in args.merge])
         sys.stdout.write(paths["md"].read_text())
@@ -285,8 +288,6 @@ def run(argv: list[str]) -> int:
         rewind_z()
     if args.write_passes > 1:
         write_passes(args.write_passes)
-    if args.reported and not args.load:
-        p.error("--reported needs --load N (without load edits it is `ece-plugin lifelong` on the reported records)")
     records = reported_records() if args.reported else validation_records()
     if args.load:
         records, positions = interleaved(records, args.load)
@@ -296,8 +297,7 @@ def run(argv: list[str]) -> int:
         data.write_text(json.dumps(records))
         hp.write_text(yaml.safe_dump(hparams))
         if args.reported:  # as the 2,000-edit tables: the 200 known records after the reported ones
-            edit = json.loads((REPO / "data" / "counterfact" / "counterfact-edit.json").read_text())
-            kept.write_text(json.dumps(edit[N_REPORTED:LOAD_START]))
+            kept.write_text(json.dumps(counterfact("edit")[N_REPORTED:LOAD_START]))
             retention = ["--retention-data", str(kept), "--n-retention", "200"]
         else:
             retention = ["--retention-data", str(REPO / "data" / "zsre" / "zsre_mend_eval.json"), "--n-retention", "100"]
