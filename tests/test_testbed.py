@@ -388,6 +388,20 @@ def test_scale_hparams_share_layers_and_z_budget_and_give_5_neurons_per_edit(nam
         assert len(SCALE_LAYERS) * d_ff / 2000 >= 5.0  # edited neurons per edit at 2,000 edits
 
 
+def test_zsre_editability_hparams_differ_from_the_sequential_ones_in_the_z_budget_only() -> None:
+    """hparams/MEMIT/testbed-llama-scale2-zsre.yaml (issue 14's one-batch zsRE check) is the sequential MEMIT file
+    with another z budget, and is never picked for the model by default."""
+    from ece_plugin.study.baselines import default_baseline_hparams
+
+    sequential = yaml.safe_load((HPARAMS / "MEMIT" / "testbed-llama-scale2.yaml").read_text())
+    one_batch = yaml.safe_load((HPARAMS / "MEMIT" / "testbed-llama-scale2-zsre.yaml").read_text())
+    changed = {k for k in sequential.keys() | one_batch.keys() if sequential.get(k) != one_batch.get(k)}
+    assert changed == {"v_num_grad_steps", "v_lr"}
+    assert (one_batch["v_num_grad_steps"], one_batch["v_lr"]) == (50, 0.25)
+    picked = default_baseline_hparams(HPARAMS, "MEMIT", REPO / "testbed" / "testbed-llama-scale2")
+    assert picked.name == "testbed-llama-scale2.yaml"
+
+
 @scale_folders
 def test_scale_hparams_read_the_shipped_statistics_corpus(folder: Path) -> None:
     names = {yaml.safe_load((HPARAMS / alg / f"{folder.name}.yaml").read_text())["mom2_dataset"]
