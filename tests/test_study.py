@@ -226,3 +226,30 @@ def test_method_bars_leave_out_methods_that_did_not_run(tmp_path: Path, monkeypa
     assert drawn["bars"] == 4  # 2 methods x 2 metrics; no empty slot for MEMIT
     assert drawn["labels"] == ["ECE-AS"]  # only timed methods in the time panel
     assert drawn["texts"] == ["not run: MEMIT"]
+
+
+def test_curve_grid_keeps_each_series_colour_in_every_panel_and_lists_every_series(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A series missing from the first panels (e.g. weight growth recorded by one run only) keeps its own colour
+    where it appears, and the shared legend names it."""
+    pytest.importorskip("matplotlib")
+    from ece_plugin.study import common
+    from ece_plugin.study.diagnostics import plot_diagnostics
+
+    figures: list[Any] = []
+    monkeypatch.setattr(common, "savefig", lambda fig, path: figures.append(fig) or Path(path))
+    trace = {"n_edits": 10, "z_reached": 0.5, "update_norm": 2.0, "layers": []}
+    per_method = {
+        "A": [dict(trace), dict(trace)],
+        "B": [{**trace, "update_norm": None}, {**trace, "update_norm": None}],  # B has no update norm
+        "C": [dict(trace), dict(trace)],
+    }
+    plot_diagnostics(per_method, tmp_path / "d.png", "t")
+    (fig,) = figures
+    colours: dict[str, set[str]] = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            colours.setdefault(line.get_label(), set()).add(line.get_color())
+    assert colours == {"A": {"C0"}, "B": {"C1"}, "C": {"C2"}}  # C is C2 also in the panel without B
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["A", "B", "C"]

@@ -116,6 +116,24 @@ def savefig(fig: Any, path: PathLike) -> Path:
 Panel = tuple[str, str, float]  # (key, title, scale)
 
 
+def series_color(index: int) -> str:
+    """The colour of the ``index``-th series of a figure (matplotlib's default cycle), fixed per series so that a
+    method keeps its colour in every panel, also in panels where an earlier series has no values."""
+    return f"C{index % 10}"
+
+
+def legend_entries(axes: Sequence[Any]) -> tuple[list[Any], list[str]]:
+    """Handles and labels of every panel's lines, each label once, in order of first appearance."""
+    handles: list[Any] = []
+    labels: list[str] = []
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    return handles, labels
+
+
 def save_curve_grid(
     panels: Sequence[Panel], draw: Any, title: str, path: PathLike, cols: int = 3
 ) -> Path:
@@ -133,7 +151,7 @@ def save_curve_grid(
         style_curve_axis(ax, label)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    handles, labels = legend_entries(list(axes.flat)[: len(panels)])
     fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))

@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import torch
 
-from .common import save_curve_grid
+from .common import save_curve_grid, series_color
 
 CLAMP_TOLERANCE = 1e-3  # ||z - h|| within 0.1 % of the clamp counts as clamped
 
@@ -120,11 +120,11 @@ def plot_diagnostics(per_method: dict[str, list[dict[str, Any]]], path: Path, ti
     if not per_method:
         return None
     def draw(ax: Any, key: str, scale: float) -> None:
-        for method, diagnostics in per_method.items():
+        for i, (method, diagnostics) in enumerate(per_method.items()):
             points = [(r["edits_done"], r[key] * scale) for r in flat_diagnostics(method, diagnostics)
                       if r.get(key) is not None]
             if points:
-                ax.plot(*zip(*points), marker="o", markersize=3, label=method)
+                ax.plot(*zip(*points), marker="o", markersize=3, label=method, color=series_color(i))
 
     rows = [r for m, d in per_method.items() for r in flat_diagnostics(m, d)]
     panels = [p for p in PLOTTED if any(r.get(p[0]) is not None for r in rows)] or PLOTTED

@@ -48,6 +48,7 @@ from .common import (
     restore_weights,
     save_curve_grid,
     savefig,
+    series_color,
     snapshot_weights,
     style_curve_axis,
     write_csv,
@@ -481,7 +482,7 @@ def plot_curves(result: LifelongResult, out_dir: Path) -> list[Path]:
         for name in methods:
             points = [(r["n_edits"], r[key] * scale) for r in rows if r["method"] == name and r.get(key) is not None]
             if points:
-                ax.plot(*zip(*points), marker="o", markersize=3, label=name)
+                ax.plot(*zip(*points), marker="o", markersize=3, label=name, color=series_color(methods.index(name)))
         if pre.get(key) is not None:
             ax.axhline(pre[key] * scale, linestyle="--", color="grey", label="pre-edit")
         if key.startswith("perplexity_"):

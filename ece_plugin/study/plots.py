@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from .common import savefig
+from .common import legend_entries, savefig, series_color
 
 logger = logging.getLogger(__name__)
 
@@ -105,11 +105,11 @@ def plot_metric_lines(
     for k, metric in enumerate(metrics):
         ax = axes[0][k]
         plotted = False
-        for name, values in series.items():
+        for i, (name, values) in enumerate(series.items()):
             ys = values.get(metric, [])
             pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name, color=series_color(i))
                 plotted = True
         if not plotted:
             ax.text(0.5, 0.5, "n/a (not measured)", ha="center", va="center", transform=ax.transAxes)
@@ -122,7 +122,8 @@ def plot_metric_lines(
         ax.set_xlabel(xlabel)
         ax.set_title(METRIC_LABELS.get(metric, metric))
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    handles, labels = legend_entries(list(axes[0]))
+    axes[0][0].legend(handles, labels, fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
