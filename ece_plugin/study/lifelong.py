@@ -479,10 +479,10 @@ def plot_curves(result: LifelongResult, out_dir: Path) -> list[Path]:
     methods = [p.method for p in result.methods if p.rows]
 
     def draw(ax: Any, key: str, scale: float) -> None:
-        for name in methods:
+        for i, name in enumerate(methods):
             points = [(r["n_edits"], r[key] * scale) for r in rows if r["method"] == name and r.get(key) is not None]
             if points:
-                ax.plot(*zip(*points), marker="o", markersize=3, label=name, color=series_color(methods.index(name)))
+                ax.plot(*zip(*points), marker="o", markersize=3, label=name, color=series_color(i))
         if pre.get(key) is not None:
             ax.axhline(pre[key] * scale, linestyle="--", color="grey", label="pre-edit")
         if key.startswith("perplexity_"):
