@@ -402,6 +402,24 @@ def test_zsre_editability_hparams_differ_from_the_sequential_ones_in_the_z_budge
     assert picked.name == "testbed-llama-scale2.yaml"
 
 
+def test_sequential_ece_hparams_are_the_shipped_file_with_the_validated_departures() -> None:
+    """hparams/ECE/testbed-llama-scale2-sequential.yaml (issue 15's best 2,000-edit setting) is the shipped file
+    with the six keys the validation sequence chose, loads as ECE hparams, and is never picked by default."""
+    from ece_plugin.hparams import ECEHyperParams
+    from ece_plugin.study.baselines import default_baseline_hparams
+
+    paper = yaml.safe_load((HPARAMS / "ECE" / "testbed-llama-scale2.yaml").read_text())
+    sequential = yaml.safe_load((HPARAMS / "ECE" / "testbed-llama-scale2-sequential.yaml").read_text())
+    changed = {k: sequential.get(k) for k in paper.keys() | sequential.keys() if paper.get(k) != sequential.get(k)}
+    assert changed == {"prompt_keys_weight": 1.0, "prompt_keys_decay": 0.8, "neuron_threshold": 1.0,
+                       "clustering": False, "v_lr": 0.25, "v_num_grad_steps": 50}
+    hp = ECEHyperParams.from_hparams(HPARAMS / "ECE" / "testbed-llama-scale2-sequential.yaml")
+    overridden = ECEHyperParams.from_dict({**paper, **changed})
+    assert hp == overridden  # the same as the --ece-set overrides of README.md's best rows
+    picked = default_baseline_hparams(HPARAMS, "ECE", REPO / "testbed" / "testbed-llama-scale2")
+    assert picked.name == "testbed-llama-scale2.yaml"
+
+
 @scale_folders
 def test_scale_hparams_read_the_shipped_statistics_corpus(folder: Path) -> None:
     names = {yaml.safe_load((HPARAMS / alg / f"{folder.name}.yaml").read_text())["mom2_dataset"]
