@@ -141,8 +141,8 @@ def table(points: list[Point], ratios: dict[str, float]) -> str:
         f"Edited neurons per edit and issue 15's targets (ES >= 95, PS >= 85, NS >= pre-edit - 5, perplexity <= 1.1 x "
         f"pre-edit; metrics in %, mean ± standard error). The paper's 2,000 edits: {refs} neurons per edit.",
         "",
-        "| Run (edits / batch) | Method | Edits | Neurons per edit | ES | PS | NS (pre-edit) | PPL (pre-edit) | Targets met |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| Run | Method | Batch | Edits | Neurons per edit | ES | PS | NS (pre-edit) | PPL (pre-edit) | Targets met |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in points:
         met = p.targets()
@@ -150,7 +150,7 @@ def table(points: list[Point], ratios: dict[str, float]) -> str:
         passed = [k for k in known if met[k]]
         ppl = "n/a" if p.perplexity is None else f"{p.perplexity:.1f} ({p.pre_perplexity:.1f})"
         lines.append(
-            f"| {p.run} | {p.method} | {p.n_edits} | {p.neurons_per_edit:.1f} | {100 * p.efficacy:.1f} ± "
+            f"| {p.run} | {p.method} | {p.batch_size} | {p.n_edits} | {p.neurons_per_edit:.1f} | {100 * p.efficacy:.1f} ± "
             f"{100 * p.efficacy_sem:.1f} | {100 * p.generalization:.1f} ± {100 * p.generalization_sem:.1f} | "
             f"{100 * p.specificity:.1f} ± {100 * p.specificity_sem:.1f} ({100 * p.pre_specificity:.1f}) | {ppl} | "
             f"{len(passed)} of {len(known)}" + (f": {', '.join(passed)}" if passed else "") + " |"
@@ -168,21 +168,27 @@ PANELS = [
 ]
 
 
+def series_label(point: Point, points: list[Point]) -> str:
+    """The run's label, with the method's name where the run holds more than one method."""
+    methods = {p.method for p in points if p.run == point.run}
+    return point.run if len(methods) == 1 else f"{point.run}: {point.method}"
+
+
 def plot(points: list[Point], ratios: dict[str, float], path: Path, title: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[tuple[str, str], list[Point]] = {}
+    series: dict[str, list[Point]] = {}
     for p in points:
-        series.setdefault((p.run, p.method), []).append(p)
+        series.setdefault(series_label(p, points), []).append(p)
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4), squeeze=False)
     for ax, (_key, label, value, target) in zip(axes.flat, PANELS):
-        for i, ((run, method), pts) in enumerate(series.items()):
+        for i, (name, pts) in enumerate(series.items()):
             pts = sorted(pts, key=lambda p: p.neurons_per_edit)
             ax.plot([p.neurons_per_edit for p in pts], [value(p) for p in pts], marker="o", ms=4,
-                    color=series_color(i), label=f"{method} ({run})")
+                    color=series_color(i), label=name)
         ax.axhline(target(points[0]), color="k", ls="--", lw=0.8, label="issue 15's target")
         for j, (name, r) in enumerate(ratios.items()):
             ax.axvline(r, color="0.5", ls=":", lw=0.8)

@@ -56,6 +56,9 @@ def test_checkpoints_are_placed_and_judged_against_their_own_pre_edit_row(cap: M
     # 150: every target (NS 96 >= 99 - 5, perplexity 215 <= 220); 300: PS 84 < 85, NS 93 < 94, 230 > 220
     assert points[0].targets() == {"ES": True, "PS": True, "NS": True, "PPL": True}
     assert points[1].targets() == {"ES": True, "PS": False, "NS": False, "PPL": False}
+    assert cap.series_label(points[0], points) == "300 / 15"  # one method: the run's label names the series
+    other = [cap.Point(**{**vars(points[0]), "method": "MEMIT"})]
+    assert cap.series_label(points[0], points + other) == "300 / 15: ECE-AS"
 
 
 def test_main_writes_table_plot_and_refuses_zsre(cap: ModuleType, tmp_path: Path) -> None:
@@ -63,7 +66,7 @@ def test_main_writes_table_plot_and_refuses_zsre(cap: ModuleType, tmp_path: Path
     out = cap.main(["--model", str(REPO / "testbed" / "testbed-llama-scale2"), "--run", f"300 / 15={run}",
                     "--out", str(tmp_path / "out")])
     md = out["md"].read_text()
-    assert "| 300 / 15 | ECE-AS | 150 | 68.3 | 99.0 ± 1.0 |" in md and "4 of 4" in md and "1 of 4: ES" in md
+    assert "| 300 / 15 | ECE-AS | 15 | 150 | 68.3 | 99.0 ± 1.0 |" in md and "4 of 4" in md and "1 of 4: ES" in md
     assert out["png"].stat().st_size > 0
     saved = json.loads(out["json"].read_text())
     assert saved["edited_neurons"] == 10240 and saved["points"][1]["targets"]["PS"] is False
