@@ -40,6 +40,7 @@ logger = logging.getLogger("capacity")
 PAPER_MODELS = {"GPT-2 XL": ("gpt2-xl.yaml", 6400), "GPT-J": ("gpt-j-6B.yaml", 16384), "Llama-3-8B": ("llama3-8b.yaml", 14336)}
 PAPER_EDITS = 2000
 
+X_TICKS = [5, 10, 20, 40, 80]
 ES_MIN, PS_MIN, NS_DROP, PPL_RATIO = 0.95, 0.85, 0.05, 1.10  # issue 15, point 1
 
 
@@ -183,7 +184,7 @@ def plot(points: list[Point], ratios: dict[str, float], path: Path, title: str) 
     series: dict[str, list[Point]] = {}
     for p in points:
         series.setdefault(series_label(p, points), []).append(p)
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4), squeeze=False)
+    fig, axes = plt.subplots(2, 2, figsize=(10.0, 7.4), squeeze=False)
     for ax, (_key, label, value, target) in zip(axes.flat, PANELS):
         for i, (name, pts) in enumerate(series.items()):
             pts = sorted(pts, key=lambda p: p.neurons_per_edit)
@@ -194,13 +195,15 @@ def plot(points: list[Point], ratios: dict[str, float], path: Path, title: str) 
             ax.axvline(r, color="0.5", ls=":", lw=0.8)
             ax.text(r, 0.02 + 0.1 * j, f" {name}", transform=ax.get_xaxis_transform(), fontsize=7, color="0.3")
         ax.set_xscale("log")
+        ax.set_xticks(X_TICKS, [str(t) for t in X_TICKS])
+        ax.minorticks_off()
         ax.set_xlabel("edited neurons per edit")
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
     handles, labels = legend_entries(list(axes.flat))
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.06 + 0.035 * math.ceil(len(labels) / 2), 1, 0.95))
+    fig.tight_layout(rect=(0, 0.02 + 0.022 * math.ceil(len(labels) / 2), 1, 0.96))
     return savefig(fig, path)
 
 
