@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from ece_plugin import atomic  # noqa: E402
 from ece_plugin.study.common import legend_entries, savefig, series_color, write_csv, write_json  # noqa: E402
+from ece_plugin.study.lifelong import flat_row  # noqa: E402
 
 logger = logging.getLogger("capacity")
 
@@ -102,14 +103,9 @@ def testbed_neurons(model: Path, hparams_dir: Path) -> int:
     return edited_neurons(hparams, int(d_ff))
 
 
-def _mean_sem(summary: dict[str, Any], key: str) -> tuple[float, float]:
-    entry = summary[key]
-    return float(entry["mean"]), float(entry["sem"] or 0.0)
-
-
-def _ppl(row: dict[str, Any]) -> Optional[float]:
-    ppl = row.get("perplexity") or {}
-    return float(next(iter(ppl.values()))["perplexity"]) if ppl else None
+def _perplexity(flat: dict[str, Any]) -> Optional[float]:
+    """The first held-out perplexity of a ``flat_row`` (None when none was measured)."""
+    return next((v for k, v in flat.items() if k.startswith("perplexity_") and v is not None), None)
 
 
 def run_points(label: str, folder: Path, neurons: int) -> list[Point]:
@@ -120,18 +116,17 @@ def run_points(label: str, folder: Path, neurons: int) -> list[Point]:
     data = json.loads(path.read_text())
     if data.get("kind") != "counterfact":
         raise SystemExit(f"--run {label}={folder}: a {data.get('kind')} run; the targets are CounterFact's")
-    pre = data["pre_edit"]
-    pre_ns, _ = _mean_sem(pre["edits"], "specificity")
+    pre = flat_row("Pre-edited", data["pre_edit"], "counterfact")
     points = []
     for method in data["methods"]:
         for row in method["rows"]:
-            es, es_sem = _mean_sem(row["edits"], "efficacy")
-            ps, ps_sem = _mean_sem(row["edits"], "generalization")
-            ns, ns_sem = _mean_sem(row["edits"], "specificity")
-            n = int(row["n_edits"])
+            f = flat_row(method["method"], row, "counterfact")
+            n = int(f["n_edits"])
             points.append(
-                Point(label, method["method"], int(data["config"]["batch_size"]), n, neurons / n,
-                      es, es_sem, ps, ps_sem, ns, ns_sem, pre_ns, _ppl(row), _ppl(pre))
+                Point(label, f["method"], int(data["config"]["batch_size"]), n, neurons / n,
+                      f["efficacy"], f["efficacy_sem"] or 0.0, f["generalization"], f["generalization_sem"] or 0.0,
+                      f["specificity"], f["specificity_sem"] or 0.0, pre["specificity"],
+                      _perplexity(f), _perplexity(pre))
             )
     return points
 

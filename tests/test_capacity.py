@@ -29,12 +29,12 @@ def _run(folder: Path, kind: str = "counterfact") -> Path:
     data = {
         "kind": kind,
         "config": {"batch_size": 15},
-        "pre_edit": {"edits": _summary(0.01, 0.02, 0.99), "perplexity": ppl},
+        "pre_edit": {"n_edits": 0, "edits": _summary(0.01, 0.02, 0.99), "first_batch": {}, "perplexity": ppl},
         "methods": [{
             "method": "ECE-AS",
             "rows": [
-                {"n_edits": 150, "edits": _summary(0.99, 0.90, 0.96), "perplexity": {"wiki.test": {"perplexity": 215.0}}},
-                {"n_edits": 300, "edits": _summary(0.97, 0.84, 0.93), "perplexity": {"wiki.test": {"perplexity": 230.0}}},
+                {"n_edits": 150, "edits": _summary(0.99, 0.90, 0.96), "first_batch": {}, "perplexity": {"wiki.test": {"perplexity": 215.0}}},
+                {"n_edits": 300, "edits": _summary(0.97, 0.84, 0.93), "first_batch": {}, "perplexity": {"wiki.test": {"perplexity": 230.0}}},
             ],
         }],
     }

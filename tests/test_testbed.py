@@ -388,16 +388,21 @@ def test_scale_hparams_share_layers_and_z_budget_and_give_5_neurons_per_edit(nam
         assert len(SCALE_LAYERS) * d_ff / 2000 >= 5.0  # edited neurons per edit at 2,000 edits
 
 
+def _changed_keys(base: Path, variant: Path) -> dict[str, Any]:
+    """The keys whose values differ between two hparams files, with the variant's values."""
+    a, b = yaml.safe_load(base.read_text()), yaml.safe_load(variant.read_text())
+    return {k: b.get(k) for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+
+
 def test_zsre_editability_hparams_differ_from_the_sequential_ones_in_the_z_budget_only() -> None:
     """hparams/MEMIT/testbed-llama-scale2-zsre.yaml (issue 14's one-batch zsRE check) is the sequential MEMIT file
     with another z budget, and is never picked for the model by default."""
     from ece_plugin.study.baselines import default_baseline_hparams
 
-    sequential = yaml.safe_load((HPARAMS / "MEMIT" / "testbed-llama-scale2.yaml").read_text())
-    one_batch = yaml.safe_load((HPARAMS / "MEMIT" / "testbed-llama-scale2-zsre.yaml").read_text())
-    changed = {k for k in sequential.keys() | one_batch.keys() if sequential.get(k) != one_batch.get(k)}
-    assert changed == {"v_num_grad_steps", "v_lr"}
-    assert (one_batch["v_num_grad_steps"], one_batch["v_lr"]) == (50, 0.25)
+    changed = _changed_keys(HPARAMS / "MEMIT" / "testbed-llama-scale2.yaml",
+                            HPARAMS / "MEMIT" / "testbed-llama-scale2-zsre.yaml")
+    assert set(changed) == {"v_num_grad_steps", "v_lr"}
+    assert (changed["v_num_grad_steps"], changed["v_lr"]) == (50, 0.25)
     picked = default_baseline_hparams(HPARAMS, "MEMIT", REPO / "testbed" / "testbed-llama-scale2")
     assert picked.name == "testbed-llama-scale2.yaml"
 
@@ -409,8 +414,8 @@ def test_sequential_ece_hparams_are_the_shipped_file_with_the_validated_departur
     from ece_plugin.study.baselines import default_baseline_hparams
 
     paper = yaml.safe_load((HPARAMS / "ECE" / "testbed-llama-scale2.yaml").read_text())
-    sequential = yaml.safe_load((HPARAMS / "ECE" / "testbed-llama-scale2-sequential.yaml").read_text())
-    changed = {k: sequential.get(k) for k in paper.keys() | sequential.keys() if paper.get(k) != sequential.get(k)}
+    changed = _changed_keys(HPARAMS / "ECE" / "testbed-llama-scale2.yaml",
+                            HPARAMS / "ECE" / "testbed-llama-scale2-sequential.yaml")
     assert changed == {"prompt_keys_weight": 1.0, "prompt_keys_decay": 0.8, "neuron_threshold": 1.0,
                        "clustering": False, "v_lr": 0.25, "v_num_grad_steps": 50}
     hp = ECEHyperParams.from_hparams(HPARAMS / "ECE" / "testbed-llama-scale2-sequential.yaml")
