@@ -36,14 +36,14 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ece_plugin.architecture import input_device, w_out  # noqa: E402
-from ece_plugin.data import EditRecord, load_records  # noqa: E402
-from ece_plugin.editor import apply_ece_to_model  # noqa: E402
+from ece_plugin.method.architecture import input_device, w_out  # noqa: E402
+from ece_plugin.evaluation.data import EditRecord, load_records  # noqa: E402
+from ece_plugin import apply_ece_to_model  # noqa: E402
 from ece_plugin.evaluation.scoring import score_continuations  # noqa: E402
-from ece_plugin.hparams import ECEHyperParams  # noqa: E402
-from ece_plugin.keys import build_key_rows, lookup_indices, read_keys  # noqa: E402
-from ece_plugin.requests import fill, normalise_requests  # noqa: E402
-from ece_plugin.study.common import (  # noqa: E402
+from ece_plugin.method.hparams import ECEHyperParams  # noqa: E402
+from ece_plugin.method.keys import build_key_rows, lookup_indices, read_keys  # noqa: E402
+from ece_plugin.method.requests import fill, normalise_requests  # noqa: E402
+from ece_plugin.lab.study.common import (  # noqa: E402
     load_model_and_tokenizer,
     save_curve_grid,
     set_threads,

@@ -50,11 +50,11 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import ece_plugin.editor as editor  # noqa: E402
-import ece_plugin.study.lifelong as lifelong  # noqa: E402
-from ece_plugin.cli import main  # noqa: E402
-from ece_plugin.hparams import ECEHyperParams  # noqa: E402
-from ece_plugin.study.baselines import default_baseline_hparams  # noqa: E402
+import ece_plugin.method.editor as editor  # noqa: E402
+import ece_plugin.lab.study.lifelong as lifelong  # noqa: E402
+from ece_plugin.lab.cli import main  # noqa: E402
+from ece_plugin.method.hparams import ECEHyperParams  # noqa: E402
+from ece_plugin.lab.study.baselines import default_baseline_hparams  # noqa: E402
 
 TESTBEDS = ("testbed-llama-scale", "testbed-llama-scale2")  # both trained the same CounterFact and zsRE records
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ece_plugin.cli import main  # noqa: E402
+from ece_plugin.lab.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["bench", "--timing", *sys.argv[1:]]))

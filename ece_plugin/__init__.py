@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from .editor import apply_ece_to_model
-from .hparams import ECEHyperParams, HParamsError
+from .easyedit import apply_ece_to_model
+from .method.hparams import ECEHyperParams, HParamsError
 
 __all__ = ["ECEHyperParams", "HParamsError", "apply_ece_to_model", "__version__"]
 __version__ = "0.1.0"

@@ -24,7 +24,7 @@ hard-coded staticmethod ``BatchEditor.is_batchable_method`` before ``batch_edit`
 mutates that dict (never rebinds it) and wraps the staticmethod once. ``BaseEditor.from_hparams`` is
 ``cls(hparams)`` in both lines: no alg-name -> hparams-class table needs an entry.
 
-The ECE state (see :mod:`ece_plugin.state`) reconciles with the weights EasyEdit restored or kept, so the
+The ECE state (see :mod:`ece_plugin.method.state`) reconciles with the weights EasyEdit restored or kept, so the
 carried keys accumulate exactly when edits do, in both lines.
 
 After ``import easyeditor`` the attribute names ``easyeditor.models`` / ``easyeditor.util`` are
@@ -33,11 +33,12 @@ shadowed by sub-packages (star imports), so modules are reached with :func:`impo
 
 from __future__ import annotations
 
+import copy as copy_module
 import importlib
 import importlib.util
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Optional, Union
@@ -164,6 +165,47 @@ def wants_weights_copy(
     return True
 
 
+# ---------------------------------------------------------------------------------- apply_ece_to_model
+def apply_ece_to_model(
+    model: nn.Module,
+    tok: Any,
+    requests: Sequence[dict[str, Any]],
+    hparams: Any,
+    copy: bool = False,
+    return_orig_weights: bool = False,
+    keep_original_weight: Optional[bool] = None,
+    **kwargs: Any,
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Edit ``model`` with ECE; returns ``(model, weights_copy)`` as EasyEdit's MEMIT does (EasyEdit's
+    ``apply_*_to_model`` contract, over :func:`ece_plugin.method.editor.edit_model`).
+
+    ``weights_copy`` maps each W_out parameter name to its original tensor when EasyEdit asks for it
+    (``return_orig_weights``; with easyeditor 0.0.1.dev0's ``keep_original_weight`` passed, only when that is
+    true), else ``{}``. ``copy=True`` edits a deep copy. ``session=`` selects an explicit
+    :class:`~ece_plugin.method.state.EditSession`; other EasyEdit keyword arguments are ignored.
+    """
+    from .method.editor import edit_model, edited_w_outs
+    from .method.requests import check_conflicts, normalise_requests
+
+    if copy:
+        model = copy_module.deepcopy(model)
+    check_conflicts(normalise_requests(requests))  # bad requests fail before the weights are copied
+    warn_unused_device(hparams, model)
+    passed = {} if keep_original_weight is None else {"keep_original_weight": keep_original_weight}
+    want_copy = wants_weights_copy(return_orig_weights, passed) or keep_original_weight is True
+    weights_copy: dict[str, torch.Tensor] = {}
+    if want_copy:
+        from .method.architecture import num_layers
+
+        hparams.validate(num_layers(model))
+        weights_copy = {wo.weight_name: wo.weight.detach().clone() for wo in edited_w_outs(model, hparams)}
+    ignored = sorted(set(kwargs) - {"session"})
+    if ignored:
+        logger.debug("apply_ece_to_model: ignoring keyword arguments %s", ignored)
+    edit_model(model, tok, requests, hparams, session=kwargs.get("session"))
+    return model, weights_copy
+
+
 # ----------------------------------------------------------------------------------------- registry
 def _registries() -> list[dict[str, Any]]:
     """Every distinct ALG_DICT object an editor may read (compared by identity)."""
@@ -220,7 +262,6 @@ def register() -> bool:
     if version is None:
         logger.debug("easyeditor not importable: ECE not registered")
         return False
-    from .editor import apply_ece_to_model
 
     registries = _registries()
     if not registries:

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ece_plugin  # noqa: E402,F401 - registers ECE in EasyEdit
-from ece_plugin.data import load_records, to_easyedit_edit_kwargs  # noqa: E402
+from ece_plugin.evaluation.data import load_records, to_easyedit_edit_kwargs  # noqa: E402
 from ece_plugin.easyedit import import_easyedit  # noqa: E402
 
 DATA_FILES = {

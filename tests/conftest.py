@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from ece_plugin.hparams import ECEHyperParams
+from ece_plugin.method.hparams import ECEHyperParams
 
 WORDS = (
     "the a of is in was and to city capital country language speaks born located plays sport team "
@@ -93,7 +93,7 @@ def make_tokenizer(bos: bool = True) -> Any:
 
 @pytest.fixture(autouse=True)
 def _root_logging_restored() -> Any:
-    """``ece_plugin.cli.main`` points the root logger at the stderr of its test (basicConfig, force=True), a capture
+    """``ece_plugin.lab.cli.app.main`` points the root logger at the stderr of its test (basicConfig, force=True), a capture
     stream closed when that test ends: give every test the root handlers it found, so that no later test logs
     into a closed stream ("--- Logging error ---" in its stderr)."""
     import logging
@@ -281,7 +281,7 @@ class FakeStatistics:
 
 def fake_session(model: nn.Module, hparams: Optional[ECEHyperParams] = None) -> Any:
     """A fresh EditSession on ``model`` whose statistics are :class:`FakeStatistics`."""
-    from ece_plugin.state import get_session, reset_session
+    from ece_plugin.method.state import get_session, reset_session
 
     reset_session(model)
     session = get_session(model, hparams)

@@ -10,7 +10,7 @@ from conftest import make_gpt2, make_hparams, make_llama
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ece_plugin.architecture import ArchitectureError, WOut, get_module, neuron_axis, w_out
+from ece_plugin.method.architecture import ArchitectureError, WOut, get_module, neuron_axis, w_out
 
 
 def _pair(d_ff: int, d_model: int) -> tuple[WOut, WOut]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ece_plugin.attribution import attribute_layer, batch_scores, neuron_scores, select_top_p, share_of
+from ece_plugin.method.attribution import attribute_layer, batch_scores, neuron_scores, select_top_p, share_of
 
 
 def test_single_dominant_neuron_gives_a_set_of_one() -> None:

@@ -13,10 +13,10 @@ import torch
 from conftest import FACTS, fake_session, make_hparams, make_llama
 from test_state import LAYER, W_OUT, tiny_llama
 
-from ece_plugin.editor import apply_ece_to_model
-from ece_plugin.hparams import HParamsError
-from ece_plugin.state import SequentialState, StateError, neuron_values
-from ece_plugin.update import masked_update
+from ece_plugin import apply_ece_to_model
+from ece_plugin.method.hparams import HParamsError
+from ece_plugin.method.state import SequentialState, StateError, neuron_values
+from ece_plugin.method.update import masked_update
 
 
 def _weight(model: torch.nn.Module) -> torch.Tensor:
@@ -127,7 +127,7 @@ def test_start_values_save_load_rollback_and_a_batch_without_values(tmp_path: Pa
     with pytest.raises(StateError, match=f"values for layer '{LAYER}' missing"):
         SequentialState.load(bad)
     # a batch committed without values: M no longer matches Cprev, so it is dropped with a warning
-    with caplog.at_level(logging.WARNING, logger="ece_plugin.state"):
+    with caplog.at_level(logging.WARNING, logger="ece_plugin.method.state"):
         _write_batch(model, loaded, 2, 2, values=False)
     assert not loaded.carries_values(LAYER) and "no longer carried" in caplog.text
 

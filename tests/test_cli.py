@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from test_cli_world import World, make_world
 
-from ece_plugin.cli import build_parser, main
+from ece_plugin.lab.cli.app import build_parser, main
 
 COMMANDS = ["demo", "edit", "apply", "revert", "bench", "layer-sweep", "batch-study", "explain", "evaluate",
             "stats", "build-testbed", "stats-corpus"]
@@ -75,7 +75,7 @@ def test_edit_save_edits_apply_revert_round_trip(world: World, tmp_path: Path, c
     assert not (tmp_path / "x").exists()
 
     # The edit file carries the sequential state (keys of the 4 edits) and the records.
-    from ece_plugin.editfile import load_edit_file, state_from_edit_file
+    from ece_plugin.files.editfile import load_edit_file, state_from_edit_file
 
     edit = load_edit_file(edits)
     assert len(edit.records) == 4 and edit.hparams is not None and edit.hparams["layers"] == [0, 1]

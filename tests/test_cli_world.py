@@ -183,8 +183,8 @@ def write_baseline_hparams(folder: Path, model_dir: Path, corpus: Path, stats_di
 
 
 def test_world_loads(tmp_path: Path) -> None:
-    from ece_plugin.data import load_records
-    from ece_plugin.hparams import ECEHyperParams
+    from ece_plugin.evaluation.data import load_records
+    from ece_plugin.method.hparams import ECEHyperParams
 
     world = make_world(tmp_path)
     hp = ECEHyperParams.from_hparams(world.hparams)

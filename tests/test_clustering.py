@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ece_plugin.clustering import cluster_edits, jaccard_distances, k_medoids, membership_masks
+from ece_plugin.method.clustering import cluster_edits, jaccard_distances, k_medoids, membership_masks
 
 
 def _random_masks(n: int, d: int, seed: int) -> np.ndarray:

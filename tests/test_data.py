@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from ece_plugin.data import (
+from ece_plugin.evaluation.data import (
     DataError,
     EditRecord,
     bundled_data_path,

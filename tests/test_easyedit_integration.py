@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from ece_plugin import easyedit as ee
-from ece_plugin.hparams import ECEHyperParams
+from ece_plugin.method.hparams import ECEHyperParams
 
 VERSION = ee.easyedit_version()
 needs_easyeditor = pytest.mark.skipif(VERSION is None, reason="easyeditor is not importable")
@@ -62,7 +62,7 @@ TRUTHS = ["Paris", "basketball", "soccer", "Japan"]
 @pytest.mark.easyeditor
 @needs_easyeditor
 def test_register_puts_ece_into_the_editors_alg_dict_and_is_idempotent() -> None:
-    from ece_plugin.editor import apply_ece_to_model
+    from ece_plugin import apply_ece_to_model
 
     alg_dict = ee.import_easyedit("easyeditor.util.alg_dict").ALG_DICT
     editor_module = ee.import_easyedit("easyeditor.editors.editor")
@@ -206,7 +206,7 @@ def _w_out(editor: Any, layer: int) -> torch.Tensor:
 @pytest.mark.easyeditor
 @needs_main
 def test_main_edit_restores_unless_sequential(tmp_path: Path, tok: Any) -> None:
-    from ece_plugin.state import get_session
+    from ece_plugin.method.state import get_session
 
     base_editor = ee.import_easyedit("easyeditor").BaseEditor
     model_dir = tmp_path / "tiny-llama"
@@ -241,7 +241,7 @@ def test_main_edit_restores_unless_sequential(tmp_path: Path, tok: Any) -> None:
 @pytest.mark.easyeditor
 @needs_main
 def test_main_batch_edit_restores_per_chunk_unless_sequential(tmp_path: Path, tok: Any) -> None:
-    from ece_plugin.state import get_session
+    from ece_plugin.method.state import get_session
 
     base_editor = ee.import_easyedit("easyeditor").BaseEditor
     model_dir = tmp_path / "tiny-llama"
@@ -294,7 +294,7 @@ def test_pypi_edits_accumulate_unless_keep_original_weight(tmp_path: Path) -> No
     ok, why = ee.can_run_on(0)
     if not ok:
         pytest.skip(why)
-    from ece_plugin.state import get_session
+    from ece_plugin.method.state import get_session
 
     base_editor = ee.import_easyedit("easyeditor").BaseEditor
     model_dir = tmp_path / "tiny-gpt2"
@@ -326,7 +326,7 @@ def test_easyedit_tokenizer_mirrors_base_editor_setup() -> None:
 
 
 def test_base_editor_kwargs_from_requests() -> None:
-    from ece_plugin.study.baselines import _base_editor_kwargs
+    from ece_plugin.lab.study.baselines import _base_editor_kwargs
 
     requests = [
         {"prompt": "P1", "subject": "S1", "target_new": "T1", "ground_truth": "G1", "rephrase_prompt": "R1",
@@ -344,7 +344,7 @@ def test_base_editor_kwargs_from_requests() -> None:
 @pytest.mark.easyeditor
 @pytest.mark.skipif(VERSION != ee.EASYEDIT_PYPI, reason="checks easyeditor 0.0.1.dev0's BaseEditor")
 def test_pypi_base_editor_cannot_keep_edits_so_baselines_use_the_apply_function() -> None:
-    from ece_plugin.study.baselines import EasyEditMethod, StudyError
+    from ece_plugin.lab.study.baselines import EasyEditMethod, StudyError
 
     assert not ee.base_editor_keeps_edits()
     assert not EasyEditMethod("MEMIT", Path("x.yaml")).uses_base_editor()
@@ -377,10 +377,10 @@ def test_main_baselines_through_base_editor_on_the_testbed(
 ) -> None:
     """EasyEdit's own ROME / MEMIT / AlphaEdit, built from hparams/<alg>/testbed-llama.yaml, edit the shipped
     testbed through EasyEdit main's BaseEditor (sequential_edit=True) with the bundled statistics cache."""
-    from ece_plugin.data import load_records
-    from ece_plugin.study.baselines import EasyEditMethod
-    from ece_plugin.study.common import load_model_and_tokenizer, snapshot_weights
-    from ece_plugin.study.runner import run_method
+    from ece_plugin.evaluation.data import load_records
+    from ece_plugin.lab.study.baselines import EasyEditMethod
+    from ece_plugin.lab.study.common import load_model_and_tokenizer, snapshot_weights
+    from ece_plugin.lab.study.runner import run_method
 
     monkeypatch.chdir(tmp_path)  # EasyEdit writes into the working directory (AlphaEdit's P); keep it here
     model, tok = load_model_and_tokenizer(TESTBED, device="cpu")
@@ -416,7 +416,7 @@ def test_main_baselines_through_base_editor_on_the_testbed(
 @needs_main
 def test_main_layer_stats_reads_the_bundled_statistics() -> None:
     """EasyEdit main's own layer_stats finds the testbed's statistics cache (no corpus pass, no download)."""
-    from ece_plugin.study.common import load_model_and_tokenizer
+    from ece_plugin.lab.study.common import load_model_and_tokenizer
 
     layer_stats = ee.import_easyedit("easyeditor.models.rome.layer_stats").layer_stats
     model, tok = load_model_and_tokenizer(TESTBED, device="cpu")

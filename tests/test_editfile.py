@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from ece_plugin.editfile import (
+from ece_plugin.files.editfile import (
     EditFileError,
     apply_edit_file,
     build_edit_file,

@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import FACTS, fake_session, make_gpt2, make_hparams, make_llama, target_prob
 
-from ece_plugin.architecture import input_device
-from ece_plugin.editor import apply_ece_to_model
-from ece_plugin.keys import build_key_rows, read_keys
-from ece_plugin.requests import RequestError, normalise_requests
-from ece_plugin.state import get_session
+from ece_plugin.method.architecture import input_device
+from ece_plugin import apply_ece_to_model
+from ece_plugin.method.keys import build_key_rows, read_keys
+from ece_plugin.method.requests import RequestError, normalise_requests
+from ece_plugin.method.state import get_session
 
 CASES = [("llama", 48), ("gpt2", 64), ("gpt2", 32)]  # (family, d_ff); d_ff == d_model = 32 catches axis bugs
 
@@ -216,7 +216,7 @@ def test_with_the_real_statistics_cache(tok: Any, tmp_path: Any) -> None:
         clustering=False,
         v_num_grad_steps=4,
     )
-    from ece_plugin.state import reset_session
+    from ece_plugin.method.state import reset_session
 
     reset_session(model)
     session = get_session(model, hp)

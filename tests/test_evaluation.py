@@ -14,7 +14,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from ece_plugin.data import EditRecord, bundled_data_path, load_counterfact
+from ece_plugin.evaluation.data import EditRecord, bundled_data_path, load_counterfact
 from ece_plugin.evaluation import (
     ConsistencyResources,
     EvaluationError,

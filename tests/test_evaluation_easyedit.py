@@ -17,7 +17,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from ece_plugin.data import EditRecord, bundled_data_path, load_zsre
+from ece_plugin.evaluation.data import EditRecord, bundled_data_path, load_zsre
 from ece_plugin.evaluation import evaluate_zsre
 
 pytestmark = pytest.mark.easyeditor

@@ -16,7 +16,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from ece_plugin.data import EditRecord
+from ece_plugin.evaluation.data import EditRecord
 from ece_plugin.evaluation import (
     CONSISTENCY_UNAVAILABLE,
     EvaluationError,

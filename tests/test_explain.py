@@ -9,8 +9,8 @@ import pytest
 from safetensors.torch import load_file
 from test_cli_world import make_world
 
-from ece_plugin.cli import main
-from ece_plugin.explain import (
+from ece_plugin.lab.cli import main
+from ece_plugin.lab.explain import (
     ExplainError,
     explanation_from_trace,
     jaccard,

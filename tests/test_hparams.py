@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ece_plugin.hparams import ECEHyperParams, HParamsError
+from ece_plugin.method.hparams import ECEHyperParams, HParamsError
 
 REPO = Path(__file__).resolve().parent.parent
 ECE_YAMLS = sorted((REPO / "hparams" / "ECE").glob("*.yaml"))

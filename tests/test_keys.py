@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import FACTS, fake_session, make_gpt2, make_hparams, make_llama
 
-from ece_plugin.architecture import input_device
-from ece_plugin.editor import apply_ece_to_model
-from ece_plugin.keys import (
+from ece_plugin.method.architecture import input_device
+from ece_plugin import apply_ece_to_model
+from ece_plugin.method.keys import (
     KeyReads,
     build_key_rows,
     capture,
@@ -21,8 +21,8 @@ from ece_plugin.keys import (
     lookup_indices,
     read_keys,
 )
-from ece_plugin.replay import decoder_layers
-from ece_plugin.requests import normalise_requests
+from ece_plugin.method.speed.replay import decoder_layers
+from ece_plugin.method.requests import normalise_requests
 
 
 def test_lookup_indices(tok: Any) -> None:

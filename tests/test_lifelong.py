@@ -13,9 +13,9 @@ import torch
 
 from ece_plugin import cli
 from ece_plugin.evaluation import general
-from ece_plugin.study.baselines import ECEMethod
-from ece_plugin.study.common import StudyError
-from ece_plugin.study.lifelong import LifelongConfig
+from ece_plugin.lab.study.baselines import ECEMethod
+from ece_plugin.lab.study.common import StudyError
+from ece_plugin.lab.study.lifelong import LifelongConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TESTBED = REPO / "testbed" / "testbed-llama"
@@ -123,8 +123,8 @@ def test_lifelong_refuses_bad_options(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_retention_overlap_is_checked_within_one_data_set() -> None:
-    from ece_plugin.data import load_records
-    from ece_plugin.study.lifelong import Probes
+    from ece_plugin.evaluation.data import load_records
+    from ece_plugin.lab.study.lifelong import Probes
 
     config = LifelongConfig(n_edits=4, batch_size=2, checkpoint_every=2)
     counterfact = load_records(REPO / "data" / "counterfact" / "counterfact-edit.json", limit=6)
@@ -136,7 +136,7 @@ def test_retention_overlap_is_checked_within_one_data_set() -> None:
 
 
 def test_batch_diagnostics_from_a_trace() -> None:
-    from ece_plugin.study.diagnostics import batch_diagnostics, flat_diagnostics
+    from ece_plugin.lab.study.diagnostics import batch_diagnostics, flat_diagnostics
 
     def trace(batch_set: list[int], reached: list[bool], delta: list[float]) -> dict[str, Any]:
         layer = {"layer": 2, "module": "m.2", "batch_set": batch_set, "edit_set_sizes": [2, 4],
@@ -157,7 +157,7 @@ def test_batch_diagnostics_from_a_trace() -> None:
 
 
 def test_weight_growth_is_the_relative_frobenius_distance_from_the_unedited_weight() -> None:
-    from ece_plugin.study.diagnostics import weight_growth
+    from ece_plugin.lab.study.diagnostics import weight_growth
 
     layer = torch.nn.Linear(3, 2, bias=False)
     with torch.no_grad():
@@ -194,7 +194,7 @@ def test_perplexity_matches_a_direct_computation() -> None:
 def test_retention_of_known_facts_before_editing() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ece_plugin.data import load_records
+    from ece_plugin.evaluation.data import load_records
 
     tok = AutoTokenizer.from_pretrained(TESTBED)
     model = AutoModelForCausalLM.from_pretrained(TESTBED, torch_dtype=torch.float32).eval()
@@ -220,7 +220,7 @@ def _easyedit_main() -> bool:
 def test_lifelong_easyedit_baseline_resumes_exactly(alg: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """EasyEdit's MEMIT / AlphaEdit through BaseEditor: a run interrupted after its first checkpoint and resumed
     gives the rows and weights of the uninterrupted run (context templates and AlphaEdit's cache_c restored)."""
-    from ece_plugin.study.baselines import EasyEditMethod
+    from ece_plugin.lab.study.baselines import EasyEditMethod
 
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert _run(whole, "--keep-checkpoints", "--methods", alg) == 0

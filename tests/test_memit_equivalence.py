@@ -25,12 +25,12 @@ import pytest
 import torch
 from conftest import FACTS, fake_session, make_gpt2, make_hparams, make_llama, second_moment
 
-from ece_plugin.architecture import input_device, w_out
-from ece_plugin.editor import apply_ece_to_model
-from ece_plugin.keys import build_key_rows, read_keys
-from ece_plugin.requests import normalise_requests
-from ece_plugin.update import write_layers
-from ece_plugin.values import compute_z
+from ece_plugin.method.architecture import input_device, w_out
+from ece_plugin import apply_ece_to_model
+from ece_plugin.method.keys import build_key_rows, read_keys
+from ece_plugin.method.requests import normalise_requests
+from ece_plugin.method.update import write_layers
+from ece_plugin.method.values import compute_z
 
 TEMPLATES = [["{}"], [" The city is famous. {}", " You know the river. {}"]]
 DTYPES = [torch.float32, torch.float64]

@@ -12,11 +12,11 @@ import torch
 from conftest import FACTS, make_gpt2, make_hparams, make_llama, make_tokenizer
 
 from ece_plugin import values
-from ece_plugin.architecture import ArchitectureError
-from ece_plugin.prefix_cache import PrefixCache, RowBatch, edit_blocks, key_value_bytes_per_token
-from ece_plugin.replay import LayerReplay, decoder_layers, replayed_layers
-from ece_plugin.requests import normalise_requests
-from ece_plugin.values import _forward, build_z_problem, compute_z, z_modules
+from ece_plugin.method.architecture import ArchitectureError
+from ece_plugin.method.speed.prefix_cache import PrefixCache, RowBatch, edit_blocks, key_value_bytes_per_token
+from ece_plugin.method.speed.replay import LayerReplay, decoder_layers, replayed_layers
+from ece_plugin.method.requests import normalise_requests
+from ece_plugin.method.values import _forward, build_z_problem, compute_z, z_modules
 
 TEMPLATES = [["{}"], ["I know the city. {}", "You know. {}"]]
 # the subject opens the prompt (its last token is the first token without a BOS) and a two-token target
@@ -166,7 +166,7 @@ def test_an_unusable_cache_falls_back_to_whole_prompts(
         raise ArchitectureError("unsupported key/value layout")
 
     monkeypatch.setattr(values, "PrefixCache", unusable)
-    with caplog.at_level(logging.WARNING, logger="ece_plugin.values"):
+    with caplog.at_level(logging.WARNING, logger="ece_plugin.method.values"):
         got = compute_z(model, tok, reqs, TEMPLATES, hp, [0, 1, 2, 3], [0, 1, 2, 3], False)
     assert "prefix cache unavailable (unsupported key/value layout)" in caplog.text
     torch.testing.assert_close(got.z, expected.z, rtol=1e-4, atol=1e-4)
@@ -227,7 +227,7 @@ def test_an_unusable_replay_falls_back_to_running_every_layer(
         raise ArchitectureError("layer 'model.layers.1' did not run in the forward pass")
 
     monkeypatch.setattr(PrefixCache, "_run_suffixes", unusable)
-    with caplog.at_level(logging.WARNING, logger="ece_plugin.values"):
+    with caplog.at_level(logging.WARNING, logger="ece_plugin.method.values"):
         got = compute_z(model, tok, reqs, TEMPLATES, dataclasses.replace(hp, layer_replay=True),
                         [0, 1, 2, 3], [0, 1, 2, 3], False)
     assert "layer replay unavailable (layer 'model.layers.1' did not run" in caplog.text

@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import FACTS, fake_session, make_hparams, make_llama
 
-from ece_plugin.architecture import input_device
-from ece_plugin.editor import apply_ece_to_model
-from ece_plugin.hparams import HParamsError
-from ece_plugin.keys import build_key_rows, editing_tokenizer
-from ece_plugin.prompt_keys import prompt_keys
-from ece_plugin.requests import normalise_requests
+from ece_plugin.method.architecture import input_device
+from ece_plugin import apply_ece_to_model
+from ece_plugin.method.hparams import HParamsError
+from ece_plugin.method.keys import build_key_rows, editing_tokenizer
+from ece_plugin.method.variants.prompt_keys import prompt_keys
+from ece_plugin.method.requests import normalise_requests
 
 
 def _plain_rows(tok: Any, model: Any, hp: Any) -> Any:
@@ -95,7 +95,7 @@ def test_fading_prompt_keys_refuse_carried_values() -> None:
 
 
 def _fading_state(gamma: float) -> tuple[Any, list[torch.Tensor], list[torch.Tensor]]:
-    from ece_plugin.state import SequentialState
+    from ece_plugin.method.state import SequentialState
 
     gen = torch.Generator().manual_seed(0)
     state = SequentialState()
@@ -121,7 +121,7 @@ def test_fading_prompt_keys_sum_to_the_decayed_moment() -> None:
 
 
 def test_fading_prompt_keys_survive_save_load_and_rollback(tmp_path: Any) -> None:
-    from ece_plugin.state import SequentialState
+    from ece_plugin.method.state import SequentialState
 
     state, _, _ = _fading_state(0.7)
     before = state.cprev("w")

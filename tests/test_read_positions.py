@@ -11,10 +11,10 @@ import torch
 from conftest import FACTS, make_hparams, make_llama, make_tokenizer
 from test_prefix_cache import EXTRA, TEMPLATES, _hparams, _model, assert_same_z
 
-from ece_plugin.architecture import ArchitectureError
-from ece_plugin.read_positions import mlp_at_positions
-from ece_plugin.requests import normalise_requests
-from ece_plugin.values import compute_z, z_modules
+from ece_plugin.method.architecture import ArchitectureError
+from ece_plugin.method.speed.read_positions import mlp_at_positions
+from ece_plugin.method.requests import normalise_requests
+from ece_plugin.method.values import compute_z, z_modules
 
 
 def test_the_mlp_runs_at_the_given_positions_only() -> None:
@@ -80,6 +80,6 @@ def test_nothing_changes_when_the_loss_layer_is_the_z_layer(tok: Any) -> None:
 def test_a_missing_mlp_module_warns_and_runs_everywhere(tok: Any, caplog: pytest.LogCaptureFixture) -> None:
     model = make_llama(len(tok))
     hp = make_hparams("llama", mlp_module_tmp="model.layers.{}.feed_forward")
-    with caplog.at_level(logging.WARNING, logger="ece_plugin.values"):
+    with caplog.at_level(logging.WARNING, logger="ece_plugin.method.values"):
         assert z_modules(model, hp).loss_mlp is None
     assert "loss layer's MLP runs at every position" in caplog.text

@@ -25,17 +25,17 @@ from conftest import FACTS, fake_session, make_hparams, make_llama
 from test_cli_world import World, make_world
 
 from ece_plugin import statistics
-from ece_plugin.architecture import WOut
-from ece_plugin.cli import main
-from ece_plugin.editfile import EditFileError, apply_edit_file, build_edit_file, revert_edit_file
-from ece_plugin.editor import apply_ece_to_model
-from ece_plugin.finite import NonFiniteUpdateError
-from ece_plugin.hparams import ECEHyperParams, HParamsError
-from ece_plugin.modeldir import ModelFolderError, save_model_folder
-from ece_plugin.requests import RequestError
-from ece_plugin.state import SequentialState, StateError, get_session
-from ece_plugin.statistics import StatisticsCache, StatisticsError
-from ece_plugin.study.common import load_model_and_tokenizer
+from ece_plugin.method.architecture import WOut
+from ece_plugin.lab.cli import main
+from ece_plugin.files.editfile import EditFileError, apply_edit_file, build_edit_file, revert_edit_file
+from ece_plugin import apply_ece_to_model
+from ece_plugin.method.finite import NonFiniteUpdateError
+from ece_plugin.method.hparams import ECEHyperParams, HParamsError
+from ece_plugin.files.modeldir import ModelFolderError, save_model_folder
+from ece_plugin.method.requests import RequestError
+from ece_plugin.method.state import SequentialState, StateError, get_session
+from ece_plugin.method.statistics import StatisticsCache, StatisticsError
+from ece_plugin.lab.study.common import load_model_and_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -149,7 +149,7 @@ def _rewrite_npz(path: Path, change: Callable[[dict[str, np.ndarray]], None]) ->
 
 
 def _records(world: World, n: int) -> list[dict[str, Any]]:
-    from ece_plugin.data import load_records
+    from ece_plugin.evaluation.data import load_records
 
     return [r.to_request() for r in load_records(world.data, limit=n)]
 
@@ -167,7 +167,7 @@ def test_non_finite_statistics_are_refused_before_any_weight_changes(
     _rewrite_npz(file0, poison)
     model, tok = _load(world)
     before = _snapshot(model)
-    monkeypatch.setattr("ece_plugin.editor.compute_z", _must_not_run("z"))
+    monkeypatch.setattr("ece_plugin.method.editor.compute_z", _must_not_run("z"))
     with pytest.raises(StatisticsError, match=r"mom2\.mom2 is not finite: 1 of \d+ values are non-finite") as exc:
         apply_ece_to_model(model, tok, _records(world, 2), hp)
     assert str(file0) in str(exc.value)
@@ -196,7 +196,7 @@ def test_non_finite_statistics_through_the_cli_give_one_line(
 
 
 def test_state_file_holding_nan_is_refused(tmp_path: Path) -> None:
-    from ece_plugin.state import _LayerMoment
+    from ece_plugin.method.state import _LayerMoment
 
     state = SequentialState()
     keys = torch.randn(64, 3)
@@ -269,7 +269,7 @@ def test_corrupt_statistics_file_is_named_before_z_runs(
     model, tok = _load(world)
     before = _snapshot(model)
     with monkeypatch.context() as m:
-        m.setattr("ece_plugin.editor.compute_z", _must_not_run("z"))
+        m.setattr("ece_plugin.method.editor.compute_z", _must_not_run("z"))
         with pytest.raises(StatisticsError, match="unreadable statistics file") as exc:
             apply_ece_to_model(model, tok, _records(world, 2), hp)
     assert str(file0) in str(exc.value)
@@ -367,7 +367,7 @@ def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(
     def boom(*_a: Any, **_k: Any) -> Any:
         raise RuntimeError("something\nbroke")
 
-    monkeypatch.setattr("ece_plugin.study.common.load_model_and_tokenizer", boom)
+    monkeypatch.setattr("ece_plugin.lab.study.common.load_model_and_tokenizer", boom)
     argv = ["evaluate", "--model", str(world.model_dir), "--data", str(world.data), "--out", str(tmp_path / "e")]
     rc, _, err = _run(capsys, *argv)
     line = _one_error_line(err)
@@ -383,8 +383,8 @@ STAGES = ["statistics", "templates", "keys", "attribution", "clustering", "z", "
 
 def _inject(stage: str, monkeypatch: pytest.MonkeyPatch, session: Any) -> None:
     """Make ``stage`` raise KeyboardInterrupt (the writes and the state: right after they happened)."""
-    import ece_plugin.editor as editor
-    import ece_plugin.update as update
+    import ece_plugin.method.editor as editor
+    import ece_plugin.method.update as update
 
     def interrupt(*_a: Any, **_k: Any) -> Any:
         raise KeyboardInterrupt(stage)
@@ -493,7 +493,7 @@ def test_a_failed_save_leaves_the_folder_that_was_there(
         monkeypatch.setattr(model, "save_pretrained", lambda *_a, **_k: (_ for _ in ()).throw(OSError("disk full")))
         error: type[BaseException] = OSError
     else:
-        import ece_plugin.modeldir as modeldir
+        import ece_plugin.files.modeldir as modeldir
 
         real_replace = os.replace
         error = OSError if fail_at == "swap" else KeyboardInterrupt
@@ -533,7 +533,7 @@ def test_a_non_empty_folder_that_is_not_a_model_is_refused_unless_forced(
 def test_apply_with_out_equal_to_model_keeps_the_manifest(
     world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from ece_plugin.editfile import save_edit_file
+    from ece_plugin.files.editfile import save_edit_file
 
     folder = _model_folder(world, tmp_path)
     model, _ = load_model_and_tokenizer(folder, device="cpu")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ece_plugin.requests import EditRequest, RequestError, fill, normalise_requests
+from ece_plugin.method.requests import EditRequest, RequestError, fill, normalise_requests
 
 
 def test_subject_in_prompt_becomes_placeholder() -> None:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from test_evaluation_protocol import BigramStub, cf_record, char_tokenizer
 
-from ece_plugin.study.baselines import BatchOutcome
-from ece_plugin.study.runner import run_method, time_method
+from ece_plugin.lab.study.baselines import BatchOutcome
+from ece_plugin.lab.study.runner import run_method, time_method
 
 
 class ScribbleThenFail:

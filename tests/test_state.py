@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from ece_plugin.state import (
+from ece_plugin.method.state import (
     EditSession,
     SequentialState,
     StateError,
@@ -73,7 +73,7 @@ def test_restore_without_pre_values_is_a_quiet_discard_and_other_changes_warn(ca
     state.stage({LAYER: torch.randn(16, 1)}, {W_OUT: (idx, post)}, n_edits=1)
     with torch.no_grad():
         model.get_parameter(W_OUT)[:, idx] = pre
-    with caplog.at_level(logging.WARNING, logger="ece_plugin.state"):
+    with caplog.at_level(logging.WARNING, logger="ece_plugin.method.state"):
         assert state.reconcile(model) == "discarded-restored"
     assert not caplog.records
     # neither pre nor post: somebody else changed the weights -> warn, do not carry
@@ -81,7 +81,7 @@ def test_restore_without_pre_values_is_a_quiet_discard_and_other_changes_warn(ca
     state.stage({LAYER: torch.randn(16, 1)}, {W_OUT: (idx, post, 1, pre)}, n_edits=1)
     with torch.no_grad():
         model.get_parameter(W_OUT)[:, idx] += 1.0
-    with caplog.at_level(logging.WARNING, logger="ece_plugin.state"):
+    with caplog.at_level(logging.WARNING, logger="ece_plugin.method.state"):
         assert state.reconcile(model) == "discarded-changed"
     assert any("neither the post-edit nor the pre-edit" in r.message for r in caplog.records)
     assert state.n_edits == 0 and state.cprev(LAYER) is None
@@ -97,7 +97,7 @@ def test_partial_restore_warns_and_discards(caplog) -> None:
         model.get_parameter(W_OUT)[:, idx] = pre1  # layer 1 restored, layer 0 still "post"
     state = SequentialState()
     state.stage({LAYER: torch.randn(16, 1)}, {w0: (idx, post0), W_OUT: (idx, post1, 1, pre1)}, n_edits=1)
-    with caplog.at_level(logging.WARNING, logger="ece_plugin.state"):
+    with caplog.at_level(logging.WARNING, logger="ece_plugin.method.state"):
         assert state.reconcile(model) == "discarded-changed"
     assert caplog.records
 
@@ -211,7 +211,7 @@ def test_deepcopied_model_gets_own_state_but_shares_statistics() -> None:
 
     from torch import nn
 
-    from ece_plugin.state import get_session
+    from ece_plugin.method.state import get_session
 
     model = nn.Linear(3, 2)
     session = get_session(model)

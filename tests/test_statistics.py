@@ -14,7 +14,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ece_plugin import statistics as st
-from ece_plugin.statistics import (
+from ece_plugin.method.statistics import (
     StatisticsCache,
     StatisticsError,
     StatisticsMismatchError,
@@ -308,7 +308,7 @@ def test_corpus_errors_and_folder(tmp_path: Path, corpus: Path, tok) -> None:
 
 
 def test_spec_from_hparams_and_bundled_corpus() -> None:
-    from ece_plugin.hparams import ECEHyperParams
+    from ece_plugin.method.hparams import ECEHyperParams
 
     hp = ECEHyperParams(model_name="m", layers=[0], mom2_n_samples=123, mom2_dataset="wikitext", stats_dir="s")
     spec = StatsSpec.from_hparams(hp)
@@ -351,7 +351,7 @@ def test_model_folder_corpus_is_used_for_its_dataset_name(tmp_path: Path, corpus
     # EasyEdit's baselines read the cache with no check: ensure_statistics checks the header before they run
     from types import SimpleNamespace
 
-    from ece_plugin.study.baselines import ensure_statistics
+    from ece_plugin.lab.study.baselines import ensure_statistics
 
     hp = SimpleNamespace(mom2_n_samples=1000, mom2_dataset="factworld", stats_dir=str(tmp_path / "stats"),
                          mom2_dtype="float32", rewrite_module_tmp="model.layers.{}.mlp.down_proj", layers=[0])

@@ -13,7 +13,7 @@ import torch
 from test_cli_world import World, make_world
 
 from ece_plugin import easyedit
-from ece_plugin.cli import main
+from ece_plugin.lab.cli import main
 
 EASYEDIT_CPU, EASYEDIT_REASON = easyedit.can_run_on("cpu")
 
@@ -68,11 +68,11 @@ def test_bench_timing(world: World, tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_bench_timing_warm_up_and_extra_rounds_leave_the_model_alone(world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from ece_plugin.data import load_records
-    from ece_plugin.hparams import ECEHyperParams
-    from ece_plugin.state import get_session
-    from ece_plugin.study.bench import warm_up
-    from ece_plugin.study.common import load_model_and_tokenizer
+    from ece_plugin.evaluation.data import load_records
+    from ece_plugin.method.hparams import ECEHyperParams
+    from ece_plugin.method.state import get_session
+    from ece_plugin.lab.study.bench import warm_up
+    from ece_plugin.lab.study.common import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(str(world.model_dir), device="cpu")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -89,8 +89,8 @@ def test_bench_timing_warm_up_and_extra_rounds_leave_the_model_alone(world: Worl
     assert "median of 1 rounds" in out
     rc, out, err = _run(capsys, "bench", "--timing", *_common(world), "--n-edits", "2", "--repeats", "0")
     assert rc != 0 and "repeats must be >= 1" in err
-    from ece_plugin.study.baselines import ECEMethod
-    from ece_plugin.study.runner import time_method
+    from ece_plugin.lab.study.baselines import ECEMethod
+    from ece_plugin.lab.study.runner import time_method
 
     seconds = time_method(ECEMethod(hp), model, tok, load_records(str(world.data), limit=3), batch_size=2)
     assert len(seconds) == 2 and all(s > 0 for s in seconds)  # batches of 2 and 1, edit-only
@@ -184,11 +184,11 @@ def test_demo_with_easyedit_baselines(
 def test_demo_record_limit_cuts_one_method_short_and_says_so(world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`--rome-limit` (here on an ECE variant, which runs everywhere): that method edits only the first records, in
     the same batches, and a line under the table says so."""
-    from ece_plugin.data import load_records
-    from ece_plugin.hparams import ECEHyperParams
-    from ece_plugin.study.baselines import build_methods
-    from ece_plugin.study.bench import compare_methods
-    from ece_plugin.study.common import StudyError, load_model_and_tokenizer
+    from ece_plugin.evaluation.data import load_records
+    from ece_plugin.method.hparams import ECEHyperParams
+    from ece_plugin.lab.study.baselines import build_methods
+    from ece_plugin.lab.study.bench import compare_methods
+    from ece_plugin.lab.study.common import StudyError, load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(str(world.model_dir), device="cpu")
     hp = ECEHyperParams.from_hparams(next((world.root / "hparams" / "ECE").glob("*.yaml")))
@@ -206,7 +206,7 @@ def test_demo_record_limit_cuts_one_method_short_and_says_so(world: World, tmp_p
 
 
 def test_method_bars_leave_out_methods_that_did_not_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ece_plugin.study import plots
+    from ece_plugin.lab.study import plots
 
     drawn: dict[str, Any] = {}
     real_savefig = plots.savefig
@@ -234,8 +234,8 @@ def test_curve_grid_keeps_each_series_colour_in_every_panel_and_lists_every_seri
     """A series missing from the first panels (e.g. weight growth recorded by one run only) keeps its own colour
     where it appears, and the shared legend names it."""
     pytest.importorskip("matplotlib")
-    from ece_plugin.study import common
-    from ece_plugin.study.diagnostics import plot_diagnostics
+    from ece_plugin.lab.study import common
+    from ece_plugin.lab.study.diagnostics import plot_diagnostics
 
     figures: list[Any] = []
     monkeypatch.setattr(common, "savefig", lambda fig, path: figures.append(fig) or Path(path))

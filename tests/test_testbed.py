@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from ece_plugin.testbed import (
+from ece_plugin.lab.testbed import (
     MANIFEST_NAME,
     SamplerConfig,
     TestbedConfig,
@@ -21,7 +21,7 @@ from ece_plugin.testbed import (
     counterfact_preedit,
     subject_recall_probe,
 )
-from ece_plugin.testbed.facts import (
+from ece_plugin.lab.testbed.facts import (
     SequenceSampler,
     TestbedDataError,
     cluster_relations,
@@ -281,7 +281,7 @@ def _assert_recalls_at(folder: Path, records: list[dict[str, Any]], layers: list
 
 
 def _assert_corpus_remade(folder: Path) -> None:
-    from ece_plugin.testbed.corpus import CorpusConfig, corpus_path, statistics_corpus
+    from ece_plugin.lab.testbed.corpus import CorpusConfig, corpus_path, statistics_corpus
 
     shipped = corpus_path(folder, "factworld").read_text().splitlines()
     assert shipped == statistics_corpus(folder, CorpusConfig())  # remade exactly by `ece-plugin stats-corpus`
@@ -312,7 +312,7 @@ def test_shipped_hparams_share_layers_and_z_budget() -> None:
 @shipped
 def test_bundled_statistics_belong_to_the_shipped_testbed() -> None:
     from ece_plugin import statistics
-    from ece_plugin.hparams import ECEHyperParams
+    from ece_plugin.method.hparams import ECEHyperParams
 
     model, _ = _load(SHIPPED)
     hparams = ECEHyperParams.from_hparams(HPARAMS / "ECE" / "testbed-llama.yaml")
@@ -364,7 +364,7 @@ def test_scale_testbed_recalls_counterfact_facts_at_every_edit_layer(folder: Pat
 @scale2
 @pytest.mark.slow
 def test_second_scale_testbed_recalls_zsre_facts_at_every_edit_layer() -> None:
-    from ece_plugin.data import load_zsre
+    from ece_plugin.evaluation.data import load_zsre
 
     records = [{"prompt": r.prompt, "subject": r.subject, "target_new": r.target_new}
                for r in load_zsre(ZSRE, limit=10)]  # as `ece-plugin probe-testbed` reads zsRE records
@@ -397,7 +397,7 @@ def _changed_keys(base: Path, variant: Path) -> dict[str, Any]:
 def test_zsre_editability_hparams_differ_from_the_sequential_ones_in_the_z_budget_only() -> None:
     """hparams/MEMIT/testbed-llama-scale2-zsre.yaml (issue 14's one-batch zsRE check) is the sequential MEMIT file
     with another z budget, and is never picked for the model by default."""
-    from ece_plugin.study.baselines import default_baseline_hparams
+    from ece_plugin.lab.study.baselines import default_baseline_hparams
 
     changed = _changed_keys(HPARAMS / "MEMIT" / "testbed-llama-scale2.yaml",
                             HPARAMS / "MEMIT" / "testbed-llama-scale2-zsre.yaml")
@@ -410,8 +410,8 @@ def test_zsre_editability_hparams_differ_from_the_sequential_ones_in_the_z_budge
 def test_sequential_ece_hparams_are_the_shipped_file_with_the_validated_departures() -> None:
     """hparams/ECE/testbed-llama-scale2-sequential.yaml (issue 15's best 2,000-edit setting) is the shipped file
     with the six keys the validation sequence chose, loads as ECE hparams, and is never picked by default."""
-    from ece_plugin.hparams import ECEHyperParams
-    from ece_plugin.study.baselines import default_baseline_hparams
+    from ece_plugin.method.hparams import ECEHyperParams
+    from ece_plugin.lab.study.baselines import default_baseline_hparams
 
     paper = yaml.safe_load((HPARAMS / "ECE" / "testbed-llama-scale2.yaml").read_text())
     changed = _changed_keys(HPARAMS / "ECE" / "testbed-llama-scale2.yaml",
@@ -434,7 +434,7 @@ def test_scale_hparams_read_the_shipped_statistics_corpus(folder: Path) -> None:
 
 
 def test_statistics_corpus_samples_held_out_facts_only(tmp_path: Path) -> None:
-    from ece_plugin.testbed.corpus import CorpusConfig, statistics_corpus, write_statistics_corpus
+    from ece_plugin.lab.testbed.corpus import CorpusConfig, statistics_corpus, write_statistics_corpus
 
     model = tmp_path / "testbed-llama"
     model.mkdir()
@@ -479,7 +479,7 @@ def test_shipped_tokenizers_load_under_both_transformers_lines(name: str) -> Non
 
 
 def test_make_portable_rewrites_a_transformers_5_config(tmp_path: Path) -> None:
-    from ece_plugin.testbed.tokenizer import make_portable
+    from ece_plugin.lab.testbed.tokenizer import make_portable
 
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"backend": "tokenizers", "tokenizer_class": "TokenizersBackend", "bos_token": "<s>", "eos_token": "</s>",

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import make_gpt2, make_hparams, make_llama
 
-from ece_plugin.architecture import w_out
-from ece_plugin.update import masked_gram, masked_update, spd_solve, undo, write_layers
+from ece_plugin.method.architecture import w_out
+from ece_plugin.method.update import masked_gram, masked_update, spd_solve, undo, write_layers
 
 
 def _problem(d_ff: int = 20, n: int = 3, s: int = 8, d_model: int = 6, seed: int = 0) -> tuple:

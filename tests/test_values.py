@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from conftest import FACTS, make_gpt2, make_hparams, make_llama
 
-from ece_plugin.requests import normalise_requests
-from ece_plugin.values import build_z_problem, compute_z
+from ece_plugin.method.requests import normalise_requests
+from ece_plugin.method.values import build_z_problem, compute_z
 
 PLAIN = [["{}"]]
 

@@ -28,7 +28,7 @@ from typing import Any, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from ..data import EditRecord
+from .data import EditRecord
 from .fluency import ConsistencyResources, GenerationConfig, generate_texts, n_gram_entropy
 from .scoring import EvaluationError, score_continuations
 

@@ -7,7 +7,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..data import EditRecord
+from .data import EditRecord
 from .counterfact import evaluate_counterfact
 from .fluency import ConsistencyResources, GenerationConfig
 from .scoring import EvaluationError

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..data import EditRecord
+from .data import EditRecord
 from .fluency import GenerationConfig, generate_texts, n_gram_entropy
 from .scoring import EvaluationError, _input_ids, model_device, score_continuations
 

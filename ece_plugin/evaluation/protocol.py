@@ -27,7 +27,7 @@ from typing import Any, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from ..data import EditRecord
+from .data import EditRecord
 from .dispatch import evaluate_records, metric_kind
 from .report import MetricSummary, summarize, write_json
 from .scoring import EvaluationError, model_device

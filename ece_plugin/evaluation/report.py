@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 if TYPE_CHECKING:
     from .protocol import RunResult
 
-from .. import atomic
+from ..method import atomic
 from .fluency import CONSISTENCY_UNAVAILABLE
 
 MetricSummary = dict[str, Any]  # {"mean": float, "sem": float | None, "n": int}

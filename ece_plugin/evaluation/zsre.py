@@ -15,7 +15,7 @@ A prompt's accuracy is the fraction of its target tokens that are correct. Per c
   here the same prompt as for ``specificity`` is used for both models).
 
 MEMIT takes the edit target from ``answers[0]``; this project follows EasyEdit and the bundled data
-description (``alt`` is the new target, ``answers[0]`` the old one); see :mod:`ece_plugin.data`.
+description (``alt`` is the new target, ``answers[0]`` the old one); see :mod:`ece_plugin.evaluation.data`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..data import EditRecord
+from .data import EditRecord
 from .scoring import ContinuationScore, score_continuations
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,5 @@
+"""``ece-plugin``: the command line."""
+
+from .app import main
+
+__all__ = ["main"]

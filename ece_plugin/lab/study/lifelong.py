@@ -1,0 +1,521 @@
+"""``ece-plugin lifelong``: N sequential edits in batches of B, with a checkpoint every K edits.
+
+At every checkpoint (and before the first edit) the model is measured on
+
+* every record edited so far (the after-all protocol: ES / PS / NS or zsRE's token-level efficacy /
+  generalization / specificity), and on the first batch's records alone (forgetting);
+* retention: known facts that are never edited, scored as before the first edit
+  (:func:`ece_plugin.evaluation.general.retention`);
+* general ability: perplexity on held-out text and fluency of greedy generations;
+
+together with the seconds per batch so far, the size of what the method carries between batches and how far the
+edited weights have moved, ``||W - W0|| / ||W0||`` per weight (``weight_growth``). For ECE
+methods every batch also leaves diagnostics read from its trace (:mod:`ece_plugin.lab.study.diagnostics`: how many z
+reached their target or sit at the clamp, how much of the batch's neuron set earlier batches wrote, residual and
+update norms), written to ``lifelong_diagnostics.csv`` / ``.png``. Each
+checkpoint also saves the edited weights and the method's carried state
+(:mod:`ece_plugin.lab.study.checkpoint`) with a progress file written last, so an interrupted run resumes from
+its last checkpoint (``--resume``) with the same results as a run that was never interrupted: before batch i
+the random generators are seeded with ``seed + i``, whatever ran before in the process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ...method import atomic
+from ...evaluation.data import EditRecord
+from ...evaluation import general
+from ...evaluation.dispatch import evaluate_records, metric_kind
+from ...evaluation.report import summarize
+from ...evaluation.scoring import pad_token_id
+from .baselines import EditMethod
+from .checkpoint import forget_process_state, load_method_checkpoint, save_method_checkpoint, state_nbytes
+from .common import (
+    StudyError,
+    restore_weights,
+    save_curve_grid,
+    savefig,
+    series_color,
+    snapshot_weights,
+    style_curve_axis,
+    write_csv,
+    write_json,
+)
+from .diagnostics import batch_diagnostics, flat_diagnostics, plot_diagnostics, weight_growth
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL = "after_all"
+CONFIG_FILE = "lifelong_config.json"
+PROGRESS_FILE = "progress.json"
+EDIT_METRICS = {
+    "counterfact": ("efficacy", "generalization", "specificity", "score"),
+    "zsre": ("efficacy", "generalization", "specificity"),
+}
+
+
+@dataclass
+class LifelongConfig:
+    """What one lifelong run does (saved in the run folder; ``--resume`` reads it back)."""
+
+    n_edits: int
+    batch_size: int
+    checkpoint_every: int
+    seed: int = 0
+    n_fluency_prompts: int = 20
+    fluency_tokens: int = 50
+    ppl_window: int = 128
+    ppl_max_tokens: int = 16384
+    eval_batch_size: int = 32
+
+    def validate(self) -> None:
+        for name in ("n_edits", "batch_size", "checkpoint_every", "ppl_window", "ppl_max_tokens",
+                     "eval_batch_size", "fluency_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise StudyError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.n_fluency_prompts < 0:
+            raise StudyError(f"--n-fluency-prompts must be >= 0, got {self.n_fluency_prompts}")
+        if self.checkpoint_every % self.batch_size:
+            raise StudyError(
+                f"--checkpoint-every ({self.checkpoint_every}) must be a multiple of --batch-size "
+                f"({self.batch_size}): checkpoints fall between batches"
+            )
+
+    def checkpoints(self) -> list[int]:
+        """Numbers of edits after which the model is measured (every K edits, and the end)."""
+        points = list(range(self.checkpoint_every, self.n_edits, self.checkpoint_every))
+        return points + [self.n_edits]
+
+
+@dataclass
+class Probes:
+    """The fixed measuring sticks of a run: records edited, retention facts, texts, fluency prompts."""
+
+    records: list[EditRecord]
+    retention_records: list[EditRecord]
+    texts: dict[str, str]  # name -> text for perplexity
+    kind: str = ""
+    windows: dict[str, list[list[int]]] = field(default_factory=dict)
+    fluency_prompts: list[str] = field(default_factory=list)
+
+    def prepare(self, tok: Any, config: LifelongConfig) -> None:
+        if len(self.records) < config.n_edits:
+            raise StudyError(f"{config.n_edits} edits asked for, {len(self.records)} records given")
+        self.records = self.records[: config.n_edits]
+        ids = {(r.kind, r.case_id) for r in self.records}  # case_ids number the facts of one data set
+        overlap = [r.case_id for r in self.retention_records if (r.kind, r.case_id) in ids]
+        if overlap:
+            raise StudyError(f"retention records must never be edited; case_ids {overlap[:5]} are in the edits")
+        self.kind = metric_kind(self.records)
+        self.windows = {
+            name: general.text_windows(tok, text, config.ppl_window, config.ppl_max_tokens)
+            for name, text in self.texts.items()
+        }
+        source = self.retention_records or self.records
+        self.fluency_prompts = [r.prompt for r in source[: config.n_fluency_prompts]]
+
+
+def measure(
+    model: torch.nn.Module,
+    tok: Any,
+    probes: Probes,
+    config: LifelongConfig,
+    n_done: int,
+    pre_cases: Optional[list[dict[str, Any]]],
+) -> dict[str, Any]:
+    """One checkpoint's measurements (see the module docstring); ``n_done == 0`` measures every record to be
+    edited (the pre-edit row)."""
+    edited = probes.records[: n_done or len(probes.records)]
+    first = probes.records[: min(config.batch_size, len(edited))]
+    reference = None
+    if probes.kind == "zsre" and pre_cases is not None:
+        reference = pre_cases[: len(edited)]
+    cases = evaluate_records(model, tok, edited, kind=probes.kind, generation=False, details=False,
+                             reference=reference, batch_size=config.eval_batch_size)
+    first_ids = {r.case_id for r in first}
+    row: dict[str, Any] = {
+        "n_edits": n_done,
+        "edits": summarize(cases, kind=probes.kind),
+        "first_batch": summarize([c for c in cases if c["case_id"] in first_ids], kind=probes.kind),
+    }
+    if probes.retention_records:
+        row["retention"] = general.retention(
+            model, tok, general.retention_pairs(probes.retention_records), batch_size=config.eval_batch_size
+        )
+    pad = pad_token_id(tok)
+    row["perplexity"] = {name: general.perplexity(model, w, pad=pad, batch_size=config.eval_batch_size)
+                         for name, w in probes.windows.items()}
+    if probes.fluency_prompts:
+        from ...evaluation.fluency import GenerationConfig
+
+        row["fluency"] = general.generation_fluency(
+            model, tok, probes.fluency_prompts, GenerationConfig(max_new_tokens=config.fluency_tokens)
+        )
+    return row if n_done else {**row, "cases": cases}
+
+
+# ------------------------------------------------------------------------------------------------ progress
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "method"
+
+
+@dataclass
+class MethodProgress:
+    """Where one method's sequence stands; written after its checkpoint folder (the commit point)."""
+
+    method: str
+    n_done: int = 0
+    batch_seconds: list[float] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    available: bool = True
+    reason: str = ""
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)  # per batch, ECE methods only
+    written_neurons: dict[str, list[int]] = field(default_factory=dict)  # module -> neurons written so far
+
+    def finished(self, config: LifelongConfig) -> bool:
+        return not self.available or self.n_done >= config.n_edits
+
+
+class RunFolder:
+    """The run's folder: config, per-method progress and checkpoints."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def checkpoint_dir(self, method: str) -> Path:
+        return self.path / "checkpoints" / _slug(method)
+
+    def progress_path(self, method: str) -> Path:
+        return self.checkpoint_dir(method).with_suffix(".progress.json")
+
+    def load_progress(self, method: str) -> MethodProgress:
+        path = self.progress_path(method)
+        if not path.is_file():
+            return MethodProgress(method=method)
+        try:
+            return MethodProgress(**json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, TypeError) as exc:
+            raise StudyError(f"{path}: unreadable progress file ({exc})") from exc
+
+    def save_progress(self, progress: MethodProgress) -> None:
+        atomic.write_text(self.progress_path(progress.method), json.dumps(dataclasses.asdict(progress)) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def _seed(config: LifelongConfig, batch_index: int) -> None:
+    torch.manual_seed(config.seed + batch_index)
+
+
+@dataclass
+class LifelongRun:
+    """What every method of one run shares: the model, the measuring sticks, the options and the folder."""
+
+    model: torch.nn.Module
+    tok: Any
+    probes: Probes
+    config: LifelongConfig
+    folder: RunFolder
+    pre_cases: Optional[list[dict[str, Any]]]
+    progress_bar: bool = True
+
+    def run_method(self, method: EditMethod) -> MethodProgress:
+        """Run (or resume) one method's sequence; the model's edited weights are restored afterwards."""
+        model, folder = self.model, self.folder
+        progress = folder.load_progress(method.name)
+        if progress.finished(self.config):
+            logger.info("%s: already finished in %s", method.name, folder.path)
+            return progress
+        ok, reason = method.availability(model)
+        if not ok:
+            logger.warning("%s cannot run: %s", method.name, reason)
+            progress.available, progress.reason = False, reason
+            folder.save_progress(progress)
+            return progress
+        pristine = snapshot_weights(model, method.edited_weight_names(model))
+        try:
+            method.reset(model)
+            forget_process_state(method, model)
+            method.prepare(model, self.tok)
+            if progress.n_done:
+                logger.info("%s: resuming after %d edits", method.name, progress.n_done)
+                load_method_checkpoint(method, model, folder.checkpoint_dir(method.name))
+            self._run_batches(method, progress, pristine)
+        finally:
+            restore_weights(model, pristine)
+            method.reset(model)
+        return progress
+
+    def _run_batches(self, method: EditMethod, progress: MethodProgress, pristine: dict[str, torch.Tensor]) -> None:
+        config, model, tok = self.config, self.model, self.tok
+        checkpoints = set(config.checkpoints())
+        starts = list(range(progress.n_done, config.n_edits, config.batch_size))
+        bar = tqdm(starts, desc=f"{method.name} lifelong", unit="batch", disable=not self.progress_bar)
+        for start in bar:
+            batch = self.probes.records[start : start + config.batch_size]
+            _seed(config, start // config.batch_size)
+            outcome = method.edit_batch(model, tok, [r.to_request() for r in batch])
+            progress.batch_seconds.append(outcome.seconds)
+            if outcome.trace is not None:
+                self._diagnose(method, progress, outcome.trace)
+            n_done = start + len(batch)
+            if n_done in checkpoints:
+                row = measure(model, tok, self.probes, config, n_done, self.pre_cases)
+                row["seconds_per_batch"] = sum(progress.batch_seconds) / len(progress.batch_seconds)
+                row["state_bytes"] = state_nbytes(method, model)
+                row["weight_growth"] = weight_growth(model, pristine)
+                progress.rows.append(row)
+                progress.n_done = n_done
+                save_method_checkpoint(method, model, self.folder.checkpoint_dir(method.name))
+                self.folder.save_progress(progress)
+                bar.set_postfix(ES=f"{100 * row['edits']['efficacy']['mean']:.1f}", n=n_done)
+                logger.info("%s: %d edits: %s", method.name, n_done, _brief(row))
+
+    @staticmethod
+    def _diagnose(method: EditMethod, progress: MethodProgress, trace: dict[str, Any]) -> None:
+        """Append the batch's :func:`~ece_plugin.lab.study.diagnostics.batch_diagnostics` to ``progress``."""
+        written = {name: set(idx) for name, idx in progress.written_neurons.items()}
+        clamp = getattr(getattr(method, "hparams", None), "clamp_norm_factor", None)
+        found = batch_diagnostics(trace, written, clamp)
+        progress.diagnostics.append(found)
+        progress.written_neurons = {name: sorted(idx) for name, idx in written.items()}
+        logger.info(
+            "%s batch %d: z reached %s, at the clamp %s, neurons written before %s",
+            method.name, len(progress.diagnostics), _pct(found["z_reached"]), _pct(found["z_clamped"]),
+            _pct(found["overlap"]),
+        )
+
+
+def _pct(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f} %"
+
+
+def _brief(row: dict[str, Any]) -> str:
+    parts = [f"{k} {100 * v['mean']:.1f}" for k, v in row["edits"].items() if k in
+             ("efficacy", "generalization", "specificity")]
+    for name, ppl in row.get("perplexity", {}).items():
+        parts.append(f"ppl[{name}] {ppl['perplexity']:.2f}")
+    if row.get("weight_growth"):
+        parts.append(f"||W - W0|| / ||W0|| up to {max(row['weight_growth'].values()):.2f}")
+    return ", ".join(parts)
+
+
+@dataclass
+class LifelongResult:
+    """Everything a run measured: the pre-edit row and each method's checkpoint rows."""
+
+    config: LifelongConfig
+    kind: str
+    pre: dict[str, Any]
+    methods: list[MethodProgress]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "protocol": PROTOCOL,
+            "kind": self.kind,
+            "config": dataclasses.asdict(self.config),
+            "meta": self.meta,
+            "pre_edit": {k: v for k, v in self.pre.items() if k != "cases"},
+            "methods": [
+                {k: v for k, v in dataclasses.asdict(m).items() if k != "written_neurons"} for m in self.methods
+            ],
+        }
+
+
+def run_lifelong(
+    methods: Sequence[EditMethod],
+    model: torch.nn.Module,
+    tok: Any,
+    probes: Probes,
+    config: LifelongConfig,
+    out_dir: Path,
+    meta: Optional[dict[str, Any]] = None,
+    progress_bar: bool = True,
+) -> LifelongResult:
+    """Run (or resume) every method in ``out_dir``; writes the outputs after each method."""
+    config.validate()
+    probes.prepare(tok, config)
+    folder = RunFolder(out_dir)
+    pre_path = out_dir / "pre_edit.json"
+    if pre_path.is_file():
+        pre = json.loads(pre_path.read_text(encoding="utf-8"))
+    else:
+        logger.info("measuring the unedited model")
+        pre = measure(model, tok, probes, config, 0, None)
+        write_json(pre_path, pre)
+    result = LifelongResult(config=config, kind=probes.kind, pre=pre, methods=[], meta=dict(meta or {}))
+    run = LifelongRun(model, tok, probes, config, folder, pre.get("cases"), progress_bar)
+    for method in methods:
+        result.methods.append(run.run_method(method))
+        write_outputs(result, out_dir)
+    return result
+
+
+def discard_checkpoints(out_dir: Path) -> None:
+    """Remove the checkpoint folders of a finished run (the progress files, which hold the rows, stay)."""
+    for child in (Path(out_dir) / "checkpoints").glob("*"):
+        if child.is_dir():
+            shutil.rmtree(child)
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def _mean(summary: Optional[dict[str, Any]], key: str) -> Optional[float]:
+    cell = (summary or {}).get(key)
+    return float(cell["mean"]) if isinstance(cell, dict) and cell.get("mean") is not None else None
+
+
+def _sem(summary: Optional[dict[str, Any]], key: str) -> Optional[float]:
+    cell = (summary or {}).get(key)
+    return float(cell["sem"]) if isinstance(cell, dict) and cell.get("sem") is not None else None
+
+
+def flat_row(method: str, row: dict[str, Any], kind: str) -> dict[str, Any]:
+    """One CSV row (fractions, not percent) of a checkpoint."""
+    out: dict[str, Any] = {"method": method, "n_edits": row["n_edits"], "protocol": PROTOCOL, "dataset": kind}
+    for key in EDIT_METRICS[kind]:
+        out[key] = _mean(row["edits"], key)
+        out[f"{key}_sem"] = _sem(row["edits"], key)
+    for key in EDIT_METRICS[kind]:
+        out[f"first_batch_{key}"] = _mean(row["first_batch"], key)
+    retention = row.get("retention") or {}
+    out["retention_accuracy"] = retention.get("retention_accuracy")
+    out["retention_preference"] = retention.get("retention_preference")
+    for name, ppl in (row.get("perplexity") or {}).items():
+        out[f"perplexity_{name}"] = ppl["perplexity"]
+    out["fluency"] = row.get("fluency")
+    out["seconds_per_batch"] = row.get("seconds_per_batch")
+    out["state_mib"] = None if row.get("state_bytes") is None else row["state_bytes"] / 2**20
+    growth = row.get("weight_growth")
+    out["weight_growth_max"] = max(growth.values()) if growth else None
+    return out
+
+
+def flat_rows(result: LifelongResult) -> list[dict[str, Any]]:
+    rows = [flat_row("Pre-edited", result.pre, result.kind)]
+    for progress in result.methods:
+        rows.extend(flat_row(progress.method, row, result.kind) for row in progress.rows)
+    return rows
+
+
+def _cell(value: Optional[float], sem: Optional[float] = None, scale: float = 100.0, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    text = f"{value * scale:.{digits}f}"
+    return text + (f" ± {sem * scale:.{digits}f}" if sem is not None else "")
+
+
+def final_table(result: LifelongResult) -> str:
+    """Markdown: each method's last checkpoint in the Table-1 layout, plus retention, perplexity, time."""
+    cfg = result.config
+    dataset = {"counterfact": "CounterFact", "zsre": "zsRE"}[result.kind]
+    ppl_names = list(result.pre.get("perplexity", {}))
+    head = ["Method", "Edits", "Eff.", "Gen.", "Spe."] + (["Score"] if result.kind == "counterfact" else [])
+    head += ["First batch Eff.", "Retention acc.", *[f"PPL {n}" for n in ppl_names], "Flu.", "s/batch",
+             "State (MiB)"]
+    lines = [
+        f"{dataset}: {cfg.n_edits} sequential edits in batches of {cfg.batch_size}, protocol {PROTOCOL} "
+        f"(every record edited so far, evaluated after the last batch); metrics in %, mean ± standard error; "
+        f"fluency = n-gram entropy x 100",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for name, row in [("Pre-edited", result.pre)] + [(p.method, p.rows[-1]) for p in result.methods if p.rows]:
+        flat = flat_row(name, row, result.kind)
+        cells = [name, str(row["n_edits"])]
+        cells += [_cell(flat[k], flat[f"{k}_sem"]) for k in ("efficacy", "generalization", "specificity")]
+        if result.kind == "counterfact":
+            cells.append(_cell(flat["score"]))
+        cells += [_cell(flat["first_batch_efficacy"]), _cell(flat["retention_accuracy"])]
+        cells += [_cell(flat.get(f"perplexity_{n}"), scale=1.0, digits=2) for n in ppl_names]
+        cells += [_cell(flat["fluency"]), _cell(flat["seconds_per_batch"], scale=1.0, digits=2),
+                  _cell(flat["state_mib"], scale=1.0, digits=2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    for progress in result.methods:
+        if not progress.available:
+            lines.append(f"\n{progress.method}: n/a: {progress.reason}")
+    return "\n".join(lines) + "\n"
+
+
+PLOT_METRICS: list[tuple[str, str, float]] = [
+    ("efficacy", "Efficacy, all edits so far (%)", 100.0),
+    ("generalization", "Generalization, all edits so far (%)", 100.0),
+    ("specificity", "Specificity, all edits so far (%)", 100.0),
+    ("first_batch_efficacy", "Efficacy, first batch only (%)", 100.0),
+    ("retention_accuracy", "Retention: true-answer token accuracy (%)", 100.0),
+    ("fluency", "Fluency (n-gram entropy x 100)", 100.0),
+    ("seconds_per_batch", "Seconds per batch (mean so far)", 1.0),
+    ("state_mib", "Carried state (MiB)", 1.0),
+    ("weight_growth_max", "Edited weights: ||W - W0|| / ||W0|| (largest)", 1.0),
+]
+
+
+def plot_curves(result: LifelongResult, out_dir: Path) -> list[Path]:
+    """One PNG per metric (against the number of edits, one line per method, pre-edit dashed) and one grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = flat_rows(result)
+    pre = rows[0]
+    metrics = list(PLOT_METRICS)
+    metrics[6:6] = [(k, f"Perplexity, {k[len('perplexity_'):]} (log scale)", 1.0) for k in pre
+                    if k.startswith("perplexity_")]
+    metrics = [m for m in metrics if any(r.get(m[0]) is not None for r in rows)]
+    methods = [p.method for p in result.methods if p.rows]
+
+    def draw(ax: Any, key: str, scale: float) -> None:
+        for i, name in enumerate(methods):
+            points = [(r["n_edits"], r[key] * scale) for r in rows if r["method"] == name and r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=name, color=series_color(i))
+        if pre.get(key) is not None:
+            ax.axhline(pre[key] * scale, linestyle="--", color="grey", label="pre-edit")
+        if key.startswith("perplexity_"):
+            ax.set_yscale("log")  # a collapsing method's perplexity grows by orders of magnitude
+
+    paths: list[Path] = []
+    for key, label, scale in metrics:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        draw(ax, key, scale)
+        style_curve_axis(ax, label)
+        ax.legend(fontsize=7)
+        paths.append(savefig(fig, out_dir / f"lifelong_{_slug(key)}.png"))
+    cfg = result.config
+    title = f"{result.kind}: sequential edits in batches of {cfg.batch_size} ({PROTOCOL})"
+    paths.append(save_curve_grid(metrics, draw, title, out_dir / "lifelong.png"))
+    return paths
+
+
+def write_outputs(result: LifelongResult, out_dir: Path) -> dict[str, Path]:
+    """``lifelong.json`` (every checkpoint), ``lifelong.csv``, ``lifelong.md`` (final rows), PNG curves."""
+    paths = {
+        "json": write_json(out_dir / "lifelong.json", result.to_dict()),
+        "csv": write_csv(out_dir / "lifelong.csv", flat_rows(result)),
+        "md": atomic.write_text(out_dir / "lifelong.md", final_table(result)),
+    }
+    if any(p.rows for p in result.methods):
+        paths["png"] = plot_curves(result, out_dir)[-1]
+    diagnosed = {p.method: p.diagnostics for p in result.methods if p.diagnostics}
+    if diagnosed:
+        rows = [row for method, d in diagnosed.items() for row in flat_diagnostics(method, d)]
+        paths["diagnostics_csv"] = write_csv(out_dir / "lifelong_diagnostics.csv", rows)
+        title = f"{result.kind}: where each batch's edit stands ({result.config.batch_size} edits per batch)"
+        png = plot_diagnostics(diagnosed, out_dir / "lifelong_diagnostics.png", title)
+        if png is not None:
+            paths["diagnostics_png"] = png
+    return paths

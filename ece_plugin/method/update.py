@@ -1,0 +1,201 @@
+"""The masked least-squares update (ECE stage 4).
+
+For each edited layer l (in order) with batch neuron set S, keys K (``[d_ff, n]``, recomputed after the earlier
+layers changed), targets z and current z-layer outputs, MEMIT's residual spread ``R = (z - cur) / (L - i)``
+(``[d_model, n]``) is written into the neurons S only:
+
+    Delta_S = (R K_S^T + E_S) (lambda C0_SS + Cprev_SS + K_S K_S^T + ridge I)^{-1}
+
+(``E_S`` is 0 in the paper's form. With ``carry_values`` it is ``sum_j (v_j - W k_j) k_{j,S}^T`` over earlier edits
+j, ``v_j`` the output W gave at key ``k_j`` right after edit j was written: the least squares then asks that W keep
+those outputs rather than assuming no later write moved them. See :meth:`SequentialState.drift_masked`.)
+
+(``ridge`` is ``update_ridge``, 0 in the paper's form: ENCORE's norm constraint ``ridge ||Delta||_F^2`` added to
+the least-squares objective, which keeps each write, and so the weights' norm, from growing in directions the
+covariance does not cover.)
+
+solved in float64 (Cholesky; LU if that fails; minimum-norm least squares if the matrix is singular, which can
+only happen with ``mom2_adjustment: false`` and no carried keys), never with an explicit inverse. The neurons
+outside S are not written at all, so they stay bit-identical. With S = all neurons and Cprev = 0 this is
+exactly MEMIT's update ``R K^T (lambda C0 + K K^T)^{-1}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .architecture import WOut
+from .finite import NonFiniteUpdateError, count_nonfinite, describe_nonfinite
+
+logger = logging.getLogger(__name__)
+
+
+def masked_gram(
+    keys_s: torch.Tensor,
+    c0_ss: Optional[torch.Tensor],
+    cprev_ss: Optional[torch.Tensor],
+    lam: float,
+    ridge: float = 0.0,
+) -> torch.Tensor:
+    """``lambda C0_SS + Cprev_SS + K_S K_S^T + ridge I`` (float64) for ``keys_s`` ``[|S|, n]``."""
+    k = keys_s.double()
+    a = k @ k.t()
+    if c0_ss is not None:
+        a = a + lam * c0_ss.to(device=a.device, dtype=torch.float64)
+    if cprev_ss is not None:
+        a = a + cprev_ss.to(device=a.device, dtype=torch.float64)
+    if ridge:
+        a = a + ridge * torch.eye(a.shape[0], device=a.device, dtype=a.dtype)
+    return a
+
+
+def spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a^{-1} b`` for symmetric positive (semi-)definite ``a`` (float64), without forming an inverse."""
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        return torch.cholesky_solve(b, chol)
+    try:
+        return torch.linalg.solve(a, b)
+    except RuntimeError:
+        logger.warning("update: the masked Gram matrix is singular; using the minimum-norm solution")
+        if a.device.type == "cpu":
+            return torch.linalg.lstsq(a, b, driver="gelsd").solution
+        return torch.linalg.pinv(a, hermitian=True) @ b
+
+
+def masked_update(
+    keys_s: torch.Tensor,
+    resid: torch.Tensor,
+    c0_ss: Optional[torch.Tensor],
+    cprev_ss: Optional[torch.Tensor],
+    lam: float,
+    ridge: float = 0.0,
+    drift_s: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``Delta_S = (R K_S^T + E_S) A^{-1}`` (``[d_model, |S|]``, float64) for ``keys_s`` ``[|S|, n]``, ``resid``
+    ``[d_model, n]`` and the carried edits' drift ``drift_s`` ``[d_model, |S|]`` (None: 0): computed as
+    ``R (A^{-1} K_S)^T`` like MEMIT (n right-hand sides), plus ``(A^{-1} E_S^T)^T`` (A is symmetric)."""
+    if keys_s.shape[1] != resid.shape[1]:
+        raise ValueError(f"keys {tuple(keys_s.shape)} and residuals {tuple(resid.shape)} disagree on n")
+    a = masked_gram(keys_s, c0_ss, cprev_ss, lam, ridge)
+    rhs = keys_s.double().to(a.device)
+    n = rhs.shape[1]
+    if drift_s is not None:
+        if drift_s.shape != (resid.shape[0], keys_s.shape[0]):
+            raise ValueError(f"drift {tuple(drift_s.shape)} != ({resid.shape[0]}, {keys_s.shape[0]})")
+        rhs = torch.cat([rhs, drift_s.double().to(a.device).t()], dim=1)
+    sol = spd_solve(a, rhs)
+    delta = resid.double().to(a.device) @ sol[:, :n].t()
+    return delta if drift_s is None else delta + sol[:, n:].t()
+
+
+# ------------------------------------------------------------------------------------------ layers loop
+KeyReader = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+BlockFn = Callable[[str, torch.Tensor, torch.device], Optional[torch.Tensor]]
+
+
+@dataclass
+class LayerWrite:
+    """What was written into one layer (for the trace) and the values needed to undo it."""
+
+    layer: int
+    name: str
+    idx: torch.Tensor  # neuron set S (CPU)
+    pre: torch.Tensor  # W_out neurons S before the edit, native layout
+    post: torch.Tensor  # after the edit, native layout
+    residual_norm: float  # mean ||z - cur|| over the batch before this layer
+    update_norm: float  # ||Delta_S||_F
+    drift_norm: Optional[float] = None  # ||E_S||_F, the carried edits' drift (carry_values only)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def write_layers(
+    w_outs: Sequence[WOut],
+    sets: Sequence[torch.Tensor],
+    z: torch.Tensor,
+    read: KeyReader,
+    c0_block: BlockFn,
+    cprev_block: BlockFn,
+    lam: float,
+    journal: Optional[list[LayerWrite]] = None,
+    ridge: float = 0.0,
+    drift_block: Optional[BlockFn] = None,
+) -> list[LayerWrite]:
+    """Write the masked update into each layer in order; ``read(i)`` gives (keys ``[n, d_ff]``, current
+    z-layer outputs ``[n, d_model]``) of layer i on the model as it is then; ``drift_block`` (carry_values)
+    gives the carried edits' drift ``E_S`` of a layer as its weights are just before it is written.
+
+    Every layer's record (with its pre-edit values) enters ``journal`` (a new list when not given) BEFORE the
+    layer is written, so a caller holding the journal can always undo. On any exception (``KeyboardInterrupt``
+    included) every neuron written so far is restored before re-raising. A layer whose written neurons are not
+    all finite raises :class:`~ece_plugin.method.finite.NonFiniteUpdateError` naming the layer and the non-finite
+    input, after that rollback."""
+    writes: list[LayerWrite] = [] if journal is None else journal
+    n_layers = len(w_outs)
+    try:
+        for i, (wo, idx) in enumerate(zip(w_outs, sets)):
+            t0 = time.perf_counter()
+            keys, cur = read(i)
+            t1 = time.perf_counter()
+            dev = wo.device
+            idx_dev = idx.to(dev)
+            diff = z.to(cur.device) - cur  # [n, d_model] float32, as MEMIT's targets
+            resid = (diff.double() / (n_layers - i)).t().to(dev)
+            keys_s = keys.to(dev).index_select(1, idx_dev).t()
+            c0 = c0_block(wo.name, idx, dev)
+            cprev = cprev_block(wo.name, idx, dev)
+            drift = None if drift_block is None else drift_block(wo.name, idx, dev)
+            t2 = time.perf_counter()
+            delta = masked_update(keys_s, resid, c0, cprev, lam, ridge, drift)
+            record = LayerWrite(
+                layer=wo.layer,
+                name=wo.name,
+                idx=idx.cpu(),
+                pre=wo.read_native(idx_dev).cpu(),
+                post=torch.empty(0),
+                residual_norm=float(diff.norm(dim=1).mean()),
+                update_norm=float(delta.norm()),
+                drift_norm=None if drift is None else float(drift.norm()),
+            )
+            writes.append(record)  # before the write: an interrupt during it is undone too
+            wo.add_to_neurons(idx_dev, delta)
+            record.post = wo.read_native(idx_dev).cpu()
+            record.seconds = {"keys": t1 - t0, "statistics": t2 - t1, "solve": time.perf_counter() - t2}
+            if count_nonfinite(record.post):
+                inputs = {"keys": keys_s, "targets z": z, "current outputs": cur, "C0 block": c0,
+                          "Cprev block": cprev, "carried drift": drift, "solved update": delta}
+                bad = [name for name, t in inputs.items() if count_nonfinite(t)]
+                why = (f"non-finite {', '.join(bad)}" if bad
+                       else f"the update overflows the weights' dtype {wo.weight.dtype}")
+                raise NonFiniteUpdateError(
+                    f"layer {wo.layer} ({wo.name}): the update would make weights non-finite "
+                    f"({describe_nonfinite(record.post)}; cause: {why}); the batch was rolled back, "
+                    "no weight changed"
+                )
+            logger.info(
+                "layer %d: %d/%d neurons, residual %.3f, update norm %.3f",
+                wo.layer,
+                idx.numel(),
+                wo.d_ff,
+                record.residual_norm,
+                record.update_norm,
+            )
+    except BaseException:
+        undo(w_outs, writes)
+        raise
+    return writes
+
+
+@torch.no_grad()
+def undo(w_outs: Sequence[WOut], writes: Sequence[LayerWrite]) -> None:
+    """Put back the pre-edit values of every written neuron (last written first)."""
+    by_name = {wo.name: wo for wo in w_outs}
+    for w in reversed(list(writes)):
+        wo = by_name[w.name]
+        wo.weight.index_copy_(wo.axis, w.idx.to(wo.device), w.pre.to(device=wo.device, dtype=wo.weight.dtype))

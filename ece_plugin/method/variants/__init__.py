@@ -1,0 +1,1 @@
+"""Departures from the paper, kept out of the method's core."""
