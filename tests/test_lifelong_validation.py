@@ -26,7 +26,7 @@ def test_validation_batches_are_spread_among_never_trained_load_edits(lv: Module
     assert batches == [0, 3, 6, 9]  # evenly spread, first and last batch included
     assert [seq[i] for i in sorted(positions)] == val  # every validation record once, in order
     load = [r for i, r in enumerate(seq) if i not in positions]
-    manifest = (REPO / "testbed" / "testbed-llama-scale" / "testbed_manifest.json").read_text()
+    manifest = (REPO / "testbed" / "testbed-llama-scale2" / "testbed_manifest.json").read_text()
     trained = set(json.loads(manifest)["counterfact_case_ids"])
     assert not trained & {r["case_id"] for r in load}  # the load edits are facts the testbed never saw
     with pytest.raises(SystemExit, match="multiple of 100"):

@@ -329,8 +329,7 @@ def test_bundled_statistics_belong_to_the_shipped_testbed() -> None:
 
 # ----- the scale testbed (issue 14) ------------------------------------------------------------------------
 
-SCALE = REPO / "testbed" / "testbed-llama-scale"
-SCALE2 = REPO / "testbed" / "testbed-llama-scale2"  # the second build: zsRE relations, target strings and answers
+SCALE2 = REPO / "testbed" / "testbed-llama-scale2"  # the scale build: zsRE relations, target strings and answers
 SCALE_LAYERS = [0, 1, 2, 3]
 ZSRE = REPO / "data" / "zsre" / "zsre_mend_eval.json"
 
@@ -339,7 +338,7 @@ def _scale_folders() -> list[Any]:
     return [
         pytest.param(path, marks=pytest.mark.skipif(not (path / MANIFEST_NAME).is_file(), reason=f"no testbed at {path}"),
                      id=path.name)
-        for path in (SCALE, SCALE2)
+        for path in (SCALE2,)
     ]
 
 
@@ -371,7 +370,7 @@ def test_second_scale_testbed_recalls_zsre_facts_at_every_edit_layer() -> None:
     _assert_recalls_at(SCALE2, records, SCALE_LAYERS)
 
 
-@pytest.mark.parametrize("name", ["testbed-llama-scale", "testbed-llama-scale2"])
+@pytest.mark.parametrize("name", ["testbed-llama-scale2"])
 def test_scale_hparams_share_layers_and_z_budget_and_give_5_neurons_per_edit(name: str) -> None:
     configs = {alg: yaml.safe_load((HPARAMS / alg / f"{name}.yaml").read_text())
                for alg in ("ECE", "MEMIT", "AlphaEdit")}
