@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from test_cli_world import World, make_world
 
-from ece_plugin.lab.cli.app import build_parser, main
+from ece_plugin.lab.cli import build_parser, main
 
 COMMANDS = ["demo", "edit", "apply", "revert", "bench", "layer-sweep", "batch-study", "explain", "evaluate",
             "stats", "build-testbed", "stats-corpus"]

@@ -24,7 +24,7 @@ import yaml
 from conftest import FACTS, fake_session, make_hparams, make_llama
 from test_cli_world import World, make_world
 
-from ece_plugin import statistics
+from ece_plugin.method import statistics
 from ece_plugin.method.architecture import WOut
 from ece_plugin.lab.cli import main
 from ece_plugin.files.editfile import EditFileError, apply_edit_file, build_edit_file, revert_edit_file
@@ -646,12 +646,12 @@ def test_statistics_just_computed_and_read_back_give_bit_identical_edits(world: 
 @pytest.mark.skipif(shutil.which("git") is None or not (REPO / ".git").exists(), reason="needs the git checkout")
 def test_generated_statistics_are_ignored_by_git_and_the_bundled_file_is_not() -> None:
     generated = [
-        "data/stats/._testbed_testbed-llama/wikipedia_stats/model.layers.1.mlp.down_proj_float32_mom2_1000.npz",
-        "data/stats/testbed-llama/wikipedia_stats/model.layers.1.mlp.down_proj_float32_mom2_1000.npz",
-        "data/stats/testbed-llama/wikipedia_stats/model.layers.0.mlp.down_proj_float32_mom2_100.npz",
-        "data/stats/other-model/wikipedia_stats/model.layers.0.mlp.down_proj_float32_mom2_1000.npz",
+        "data/stats/._testbed_testbed-llama/wikitext-2-raw_stats/model.layers.1.mlp.down_proj_float32_mom2_1000.npz",
+        "data/stats/testbed-llama/wikitext-2-raw_stats/model.layers.1.mlp.down_proj_float32_mom2_1000.npz",
+        "data/stats/testbed-llama/wikitext-2-raw_stats/model.layers.0.mlp.down_proj_float32_mom2_100.npz",
+        "data/stats/other-model/wikitext-2-raw_stats/model.layers.0.mlp.down_proj_float32_mom2_1000.npz",
     ]
-    bundled = "data/stats/testbed-llama/wikipedia_stats/model.layers.0.mlp.down_proj_float32_mom2_1000.npz"
+    bundled = "data/stats/testbed-llama/wikitext-2-raw_stats/model.layers.0.mlp.down_proj_float32_mom2_1000.npz"
 
     def ignored(path: str) -> bool:
         return subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=REPO).returncode == 0

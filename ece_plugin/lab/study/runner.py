@@ -72,7 +72,7 @@ def as_requests(records: Sequence[Any]) -> list[dict[str, Any]]:
     return [r.to_request() if hasattr(r, "to_request") else dict(r) for r in records]
 
 
-def _edit_fn(method: EditMethod, run: MethodRun) -> Any:
+def batch_edit_fn(method: EditMethod, run: MethodRun) -> Any:
     """The callable ``run_protocol`` calls once per batch: edits in place, records time and trace."""
 
     def edit(model: torch.nn.Module, tok: Any, records: Sequence[Any]) -> dict[str, Any]:
@@ -144,7 +144,7 @@ def run_method(
                     model,
                     tok,
                     list(records),
-                    _edit_fn(method, run),
+                    batch_edit_fn(method, run),
                     method=method.name,
                     batch_size=batch_size,
                     protocol=protocol,

@@ -1,4 +1,4 @@
-"""``ece-plugin build-testbed``: argument parser and runner (wired into ``ece_plugin.lab.cli.app`` by the lead)."""
+"""``ece-plugin build-testbed``, ``probe-testbed``, ``stats-corpus``: parsers and runners (wired in by lab/cli/testbed.py)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,249 @@
+"""What every ``ece-plugin`` command shares: the bundled defaults, the shared options, and the steps each command
+takes before its own work (find the model, read the hparams and records, load the model, make the output folder).
+
+Heavy modules (torch, transformers, EasyEdit) are imported inside the functions that need them, so that parsing the
+command line stays quick and a Ctrl-C at any moment reaches :func:`ece_plugin.lab.cli.main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn, Optional
+
+from ...resources import REPO_ROOT
+
+logger = logging.getLogger("ece_plugin.lab.cli")
+
+DEFAULT_HPARAMS_DIR = REPO_ROOT / "hparams"
+DEFAULT_DATA = REPO_ROOT / "data" / "counterfact" / "counterfact-edit.json"
+DEFAULT_ZSRE = REPO_ROOT / "data" / "zsre" / "zsre_mend_eval.json"
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130
+PROTOCOLS = ("after_all", "after_batch")
+
+
+class CLIError(ValueError):
+    """A command-line input is wrong (message printed as one line)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (``ece-plugin edit: error: argument --batch-size: ...``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
+
+
+# ----------------------------------------------------------------------------- option types
+def parse_ints(text: str, minimum: int, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.replace(",", " ").split()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected integers, got {text!r}") from exc
+    if not values or any(v < minimum for v in values):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return values
+
+
+def positive_int(text: str) -> int:
+    """A count or size: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    """Counts and sizes: positive integers."""
+    return parse_ints(text, 1, "positive integers")
+
+
+def layer_list(text: str) -> list[int]:
+    """Layer indices: integers >= 0 (the model check names a layer it does not have)."""
+    return parse_ints(text, 0, "layer indices (integers >= 0)")
+
+
+# ----------------------------------------------------------------------------- shared options
+def add_common(p: argparse.ArgumentParser, *, model: bool = True, data: bool = True, out: bool = True) -> None:
+    """--model/--device/--dtype/--threads, --data/--kind/--limit/--offset and --out."""
+    if model:
+        p.add_argument("--model", help="model folder (default: the bundled testbed under testbed/)")
+        p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+        p.add_argument("--dtype", default=None, help="load the model in this torch dtype (e.g. float16)")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    if data:
+        p.add_argument("--data", help=f"record file (default {DEFAULT_DATA.relative_to(REPO_ROOT)})")
+        p.add_argument("--kind", default="auto", choices=["auto", "counterfact", "zsre", "plain"])
+        p.add_argument("--limit", type=int, default=None, help="use at most N records")
+        p.add_argument("--offset", type=int, default=0, help="skip the first N records")
+    if out:
+        p.add_argument("--out", help="output folder (default runs/<command>-<timestamp>/)")
+
+
+def add_hparams_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    """--hparams, --hparams-dir, --ece-set and the EasyEdit baselines' hparams files."""
+    p.add_argument("--hparams", required=required, help="ECE hparams YAML")
+    p.add_argument("--hparams-dir", default=str(DEFAULT_HPARAMS_DIR), help="folder with {ECE,ROME,MEMIT,AlphaEdit}/*.yaml")
+    p.add_argument("--ece-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an ECE hyperparameter (YAML value; repeatable); ECE's table names show it")
+    for alg in ("ROME", "MEMIT", "AlphaEdit"):
+        p.add_argument(f"--{alg.lower()}-hparams", help=f"EasyEdit {alg} hparams YAML (default: from --hparams-dir)")
+
+
+def add_protocol(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--protocol", default="after_all", choices=list(PROTOCOLS))
+
+
+# ----------------------------------------------------------------------------- the steps before the work
+def default_testbed_dir() -> Optional[Path]:
+    """The bundled testbed model folder (``testbed/*llama*`` with a config.json), if present."""
+    root = REPO_ROOT / "testbed"
+    if not root.is_dir():
+        return None
+    found = sorted(p for p in root.iterdir() if p.is_dir() and "llama" in p.name and (p / "config.json").is_file())
+    return found[0] if found else None
+
+
+def model_dir(value: Optional[str]) -> Path:
+    """``--model`` (or the bundled testbed), checked to be a model folder."""
+    if value:
+        path = Path(value)
+    else:
+        found = default_testbed_dir()
+        if found is None:
+            raise CLIError(
+                f"no --model given and no bundled testbed under {REPO_ROOT / 'testbed'} "
+                "(build one with `ece-plugin build-testbed --output-dir testbed/testbed-llama`)"
+            )
+        path = found
+    if not (path / "config.json").is_file():
+        raise CLIError(f"--model: {path} is not a model folder (no config.json)")
+    return path
+
+
+def hparams_file(explicit: Optional[str], hparams_dir: Path, alg: str, model: Path) -> Path:
+    """``explicit`` (must exist), else ``hparams_dir/<alg>/<model name>.yaml``."""
+    from ..study.baselines import default_baseline_hparams
+
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise CLIError(f"--hparams: file not found: {path}")
+        return path
+    path = default_baseline_hparams(hparams_dir, alg, model)
+    if alg == "ECE" and not path.is_file():
+        raise CLIError(f"no ECE hparams for {model.name} in {hparams_dir / 'ECE'}; pass --hparams")
+    return path
+
+
+def load_ece_hparams(
+    path: Path, model: Path, overrides: Optional[dict[str, Any]] = None, args: Optional[argparse.Namespace] = None
+) -> Any:
+    """The ECE hparams; with ``args``, a device the hparams name (``device: cuda``) is where the model is loaded
+    unless ``--device`` names one (ECE edits the model where it lies)."""
+    from ...easyedit import explicit_device
+    from ...method.hparams import ECEHyperParams
+
+    hp = ECEHyperParams.from_hparams(path)
+    overrides = {**(overrides or {}), **(ece_set(args) if args is not None else {})}
+    if overrides:
+        hp = dataclasses.replace(hp, **overrides)
+        hp.validate()
+    wanted = explicit_device(hp)
+    if args is not None and wanted is not None and getattr(args, "device", None) in (None, "auto"):
+        logger.info("loading the model on %s (device of %s)", wanted, path)
+        args.device = str(wanted)
+    return hp
+
+
+def ece_set(args: argparse.Namespace) -> dict[str, Any]:
+    """``--ece-set KEY=VALUE`` items (YAML values) as hparams overrides; a key that is not an ECE hyperparameter
+    is refused."""
+    import yaml
+
+    from ...method.hparams import ECEHyperParams
+
+    known = {f.name for f in dataclasses.fields(ECEHyperParams)}
+    overrides: dict[str, Any] = {}
+    for item in getattr(args, "ece_set", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise CLIError(f"--ece-set {item!r}: expected KEY=VALUE with KEY an ECE hyperparameter")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def ece_label_suffix(args: argparse.Namespace) -> str:
+    """What ``--ece-set`` changed, for the ECE methods' names in tables (`` [prompt_keys_weight=1.0]``)."""
+    changed = ece_set(args)
+    return " [" + ", ".join(f"{k}={v}" for k, v in changed.items()) + "]" if changed else ""
+
+
+def baseline_paths(args: argparse.Namespace, model: Path) -> dict[str, Path]:
+    """The EasyEdit ROME / MEMIT / AlphaEdit hparams files (``--<alg>-hparams`` or ``--hparams-dir``)."""
+    hdir = Path(args.hparams_dir)
+    return {alg: hparams_file(getattr(args, f"{alg.lower()}_hparams", None), hdir, alg, model)
+            for alg in ("ROME", "MEMIT", "AlphaEdit")}
+
+
+def records(args: argparse.Namespace, default: Path = DEFAULT_DATA) -> list[Any]:
+    """The records of ``--data`` (``--kind``, ``--limit``, ``--offset``); none is an error."""
+    from ...evaluation.data import load_records
+
+    path = Path(args.data) if getattr(args, "data", None) else default
+    loaded = load_records(path, kind=args.kind, limit=args.limit, offset=args.offset)
+    if not loaded:
+        raise CLIError(f"--data: no records in {path} (offset {args.offset}, limit {args.limit})")
+    logger.info("loaded %d records from %s", len(loaded), path)
+    return loaded
+
+
+def eval_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if getattr(args, "no_fluency", False):
+        kwargs["generation"] = False
+    return kwargs
+
+
+def load_model(args: argparse.Namespace, model: Path) -> tuple[Any, Any]:
+    from ..study.common import load_model_and_tokenizer, set_threads
+
+    set_threads(getattr(args, "threads", None))
+    logger.info("loading %s", model)
+    return load_model_and_tokenizer(model, device=args.device, dtype=getattr(args, "dtype", None))
+
+
+def out_dir(args: argparse.Namespace, command: str) -> Path:
+    """``--out`` (created) or ``runs/<command>-<timestamp>/``."""
+    from ..study.common import make_out_dir
+
+    return make_out_dir(args.out, command)
+
+
+def say(text: str) -> None:
+    """One result line on stdout (logging is for progress; results are what the command prints)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed options, JSON-ready, for the result files."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+
+
+def write_run_explanations(runs: Sequence[Any], out: Path) -> None:
+    """Neuron / cluster reports of each traced batch of ``runs``."""
+    from ..explain import explanation_from_trace, write_explanation
+
+    for run in runs:
+        for i, trace in enumerate(run.traces):
+            stem = f"explain-{run.name}-batch{i}".replace(" ", "_").replace("(", "").replace(")", "")
+            write_explanation(explanation_from_trace(trace), out, stem=stem)
