@@ -211,8 +211,9 @@ def test_with_the_real_statistics_cache(tok: Any, tmp_path: Any) -> None:
     hp = make_hparams(
         "llama",
         mom2_corpus=str(corpus),
+        mom2_dataset="corpus",
         stats_dir=str(tmp_path / "stats"),
-        mom2_n_samples=200,
+        mom2_n_samples=50,
         clustering=False,
         v_num_grad_steps=4,
     )

@@ -89,11 +89,6 @@ def test_prompt_keys_decay_must_lie_in_0_1(value: float) -> None:
         make_hparams("llama", prompt_keys_decay=value)
 
 
-def test_fading_prompt_keys_refuse_carried_values() -> None:
-    with pytest.raises(HParamsError, match="prompt_keys_decay"):
-        make_hparams("llama", prompt_keys_decay=0.5, carry_values=True)
-
-
 def _fading_state(gamma: float) -> tuple[Any, list[torch.Tensor], list[torch.Tensor]]:
     from ece_plugin.method.state import SequentialState
 

@@ -32,16 +32,6 @@ def test_solution_meets_its_normal_equations() -> None:
     torch.testing.assert_close(masked_gram(k, c0, cprev, lam), a)
 
 
-def test_ridge_adds_to_the_gram_and_shrinks_the_update() -> None:
-    k, r, c0, cprev = _problem()
-    lam, ridge = 7.0, 3.0
-    delta = masked_update(k, r, c0, cprev, lam, ridge)
-    a = lam * c0 + cprev + k @ k.t() + ridge * torch.eye(k.shape[0], dtype=torch.float64)
-    torch.testing.assert_close(masked_gram(k, c0, cprev, lam, ridge), a)
-    torch.testing.assert_close(delta @ a, r @ k.t(), rtol=1e-10, atol=1e-10)
-    assert delta.norm() < masked_update(k, r, c0, cprev, lam).norm()
-
-
 def test_carried_keys_shrink_the_update_along_old_keys() -> None:
     k, r, c0, _ = _problem()
     old = torch.randn(k.shape[0], 2, dtype=torch.float64)

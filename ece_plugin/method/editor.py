@@ -1,20 +1,22 @@
 """One ECE batch (``edit_model`` / ``execute_ece``); EasyEdit's ``apply_ece_to_model`` wraps it in
 :mod:`ece_plugin.easyedit`.
 
-One batch = one call:
+:func:`_run` is the paper's batch, in its order. Before it: the statistics C0 of every edited layer (read or
+computed first, so that a bad file fails the call before any work), the context templates (cached in the
+session), the requests' checks, and the keys of every edited W_out at the subject's last token for all requests x
+templates in one hooked forward (keys.py). Then
 
-0. the statistics C0 of every edited layer (read or computed first, so that a bad file fails the call before any
-   work), and the requests' checks (conflicting targets, rows longer than the model's positions);
-1. context templates (cached in the session), then the keys of every edited W_out at the subject's last token
-   for all requests x templates in one hooked forward (keys.py);
-2. attribution and neuron sets per edit and for the batch (attribution.py);
+1. the attribution score of every neuron of each edited layer for each edit (attribution.py);
+2. the neuron sets: the smallest set of top neurons holding a share p of the score, per edit and for the batch;
 3. k-medoids clustering of the edits by the Jaccard distance of their sets (clustering.py);
-4. two-phase z (values.py);
+4. the target values z in two phases (values.py);
 5. the masked least-squares update, layer by layer (update.py), with C0 from the session's statistics and
-   Cprev from its sequential state;
-6. the keys of the batch on the edited model are staged into the sequential state (state.py), which commits
-   them at the next call only if EasyEdit kept the edit;
-7. the trace (trace.py) goes to ``session.last_trace``.
+   Cprev from its sequential state.
+
+After it, the keys of the batch on the edited model are staged into the sequential state (state.py), which
+commits them at the next call only if EasyEdit kept the edit, and the trace (trace.py) goes to
+``session.last_trace``. Departures from the paper are variants (``variants/``): the core calls their hooks and
+never reads their hparams; with none active the batch is the paper's.
 
 All or nothing: on any exception (``KeyboardInterrupt`` included) every weight written so far is put back
 (update.py's journal) and the sequential state returns to its checkpoint from before the call.
@@ -37,18 +39,19 @@ from .clustering import Clusters, cluster_edits, membership_masks
 from .keys import (
     ContextTemplates,
     KeyReads,
+    KeyRows,
     build_key_rows,
     check_row_lengths,
     editing_tokenizer,
     generate_context_templates,
 )
-from .variants.prompt_keys import prompt_keys
-from .speed.replay import decoder_layers
 from .requests import EditRequest, check_conflicts, normalise_requests
+from .speed.replay import decoder_layers
 from .state import EditSession, get_session
 from .trace import ECETrace, LayerTrace, ScoreSummary
 from .update import LayerWrite, undo, write_layers
 from .values import ZResult, compute_z
+from .variants import EditVariant, active_variants
 
 logger = logging.getLogger(__name__)
 
@@ -111,15 +114,14 @@ def execute_ece(
     """Run one ECE batch on ``model`` in place; returns the trace."""
     if w_outs is None:
         w_outs = edited_w_outs(model, hparams)
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
+    clock = _Clock(time.perf_counter())
     was_training = model.training
     checkpoint = session.state.checkpoint()
     model.eval()
     try:
         with editing_tokenizer(tok):
             session.state.reconcile(model)
-            return _run(model, tok, requests, hparams, session, w_outs, timings, start)
+            return _run(model, tok, requests, hparams, session, w_outs, clock)
     except BaseException:
         # all or nothing: _run has put back every weight it wrote; the state goes back to before the call
         session.state.rollback(checkpoint)
@@ -128,10 +130,30 @@ def execute_ece(
         model.train(was_training)
 
 
-def _tick(timings: dict[str, float], name: str, t0: float) -> float:
-    now = time.perf_counter()
-    timings[name] = timings.get(name, 0.0) + now - t0
-    return now
+class _Clock:
+    """Seconds per stage of one batch (the trace's ``timings``)."""
+
+    def __init__(self, start: float) -> None:
+        self.start, self.t = start, time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.timings[name] = self.timings.get(name, 0.0) + seconds
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.add(name, now - self.t)
+        self.t = now
+
+    def add_writes(self, writes: list[LayerWrite]) -> None:
+        for w in writes:
+            for stage in ("keys", "statistics", "solve"):
+                self.add(stage, w.seconds[stage])
+        self.t = time.perf_counter()
+
+    def total(self) -> dict[str, float]:
+        self.timings["total"] = time.perf_counter() - self.start
+        return dict(self.timings)
 
 
 def _run(
@@ -141,130 +163,154 @@ def _run(
     hparams: Any,
     session: EditSession,
     w_outs: list[WOut],
-    timings: dict[str, float],
-    start: float,
+    clock: _Clock,
 ) -> ECETrace:
-    n = len(requests)
-    names = [wo.name for wo in w_outs]
-    z_name = hparams.layer_module_tmp.format(hparams.layers[-1])
-
-    t = time.perf_counter()
+    """The paper's steps for one batch; the active variants' hooks run at the points ``variants/`` names."""
+    variants = active_variants(hparams)
     if hparams.mom2_adjustment:
-        # C0 of every layer is read (or computed) first: a bad statistics file fails the call before any work,
-        # and statistics computed from the corpus describe the unedited model.
-        for wo in w_outs:
-            session.statistics.second_moment(model, tok, wo.name, hparams)
-        t = _tick(timings, "statistics", t)
-
+        load_statistics(model, tok, hparams, session, w_outs)
+        clock.lap("statistics")
     templates = context_templates(model, tok, hparams, session)
     check_row_lengths(tok, requests, templates, max_positions(model))
-    t = _tick(timings, "context_templates", t)
+    clock.lap("context_templates")
 
     key_rows = build_key_rows(tok, requests, templates, hparams.fact_token, input_device(model))
-    below = [decoder_layers(hparams.layer_module_tmp, wo.layer - 1) for wo in w_outs]
-    reads = KeyReads(model, key_rows, names, z_name, below if hparams.layer_replay else None)
-    keys0, zout0 = reads.read(0)
-    t = _tick(timings, "keys", t)
+    layer_keys = LayerKeys(model, key_rows, hparams, w_outs, variants)
+    for variant in variants:
+        variant.begin(model, key_rows)
+    clock.lap("keys")
 
-    attributions = [
-        attribute_layer(
-            wo.layer, hparams.attribution, keys0[wo.name], wo.neuron_norms(), hparams.neuron_threshold
-        )
+    attributions = [  # steps 1-2: attribution scores and neuron sets
+        attribute_layer(wo.layer, hparams.attribution, layer_keys.first[wo.name], wo.neuron_norms(),
+                        hparams.neuron_threshold)
         for wo in w_outs
     ]
-    t = _tick(timings, "attribution", t)
+    clock.lap("attribution")
+    clusters = cluster_batch(attributions, w_outs, hparams, len(requests))  # step 3: clustering
+    clock.lap("clustering")
+    zres = compute_z(model, tok, requests, templates, hparams, clusters.labels, clusters.anchors,  # step 4: z
+                     hparams.clustering)
+    clock.lap("z")
 
-    masks = membership_masks(
-        [[att.cluster_sets[i] for att in attributions] for i in range(n)], [wo.d_ff for wo in w_outs]
-    )
-    clusters = cluster_edits(masks, hparams.n_clusters_for(n), enabled=hparams.clustering, seed=hparams.seed)
-    t = _tick(timings, "clustering", t)
-
-    zres = compute_z(
-        model, tok, requests, templates, hparams, clusters.labels, clusters.anchors, hparams.clustering
-    )
-    t = _tick(timings, "z", t)
-
-    # Layer i's keys are read after layers < i are written. Writing W_out of layer i or of a later layer never
-    # changes layer i's input, so these are also the keys of the fully edited model that the state carries.
-    written_keys: dict[str, torch.Tensor] = {}
-    mu = hparams.prompt_keys_weight
-    plain_rows = key_rows.rows.select(key_rows.plain_rows.to(key_rows.rows.input_ids.device)) if mu else None
-    protected: dict[str, torch.Tensor] = {}  # keys at the prompts' other tokens, scaled by sqrt(mu): [m, d_ff]
-
-    def read(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, cur = (keys0, zout0) if i == 0 else reads.read(i)
-        assert cur is not None
-        written_keys[names[i]] = keys[names[i]]
-        if plain_rows is not None:  # as the model is now: the layers before i are written
-            protected[names[i]] = prompt_keys(model, plain_rows, names[i]) * mu**0.5
-        return keys[names[i]], cur
-
-    def c0_block(name: str, idx: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
-        if not hparams.mom2_adjustment:
-            return None
-        return session.statistics.masked(model, tok, name, hparams, idx, device, torch.float64)
-
-    def cprev_block(name: str, idx: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
-        block = None
-        if hparams.carry_keys:  # else MEMIT's sequential form: earlier edits are protected by C0 alone
-            block = session.state.cprev_masked(name, idx, device, torch.float64)
-        if name in protected:
-            kp = protected[name].to(device).index_select(1, idx.to(device)).double()
-            block = kp.t() @ kp if block is None else block + kp.t() @ kp
-        return block
-
-    by_name = {wo.name: wo for wo in w_outs}
-
-    def drift_block(name: str, idx: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
-        weight = by_name[name].neuron_view()  # as it is now: the layers before it in this batch are written
-        session.state.start_values(name, weight)
-        return session.state.drift_masked(name, idx, weight, device)
-
+    blocks = Covariances(model, tok, hparams, session, variants)
     writes: list[LayerWrite] = []  # journal: a layer enters it before it is written
     try:
-        write_layers(
-            w_outs,
-            [att.batch_set for att in attributions],
-            zres.z,
-            read,
-            c0_block,
-            cprev_block,
-            hparams.mom2_update_weight,
-            journal=writes,
-            ridge=hparams.update_ridge,
-            drift_block=drift_block if hparams.carry_values else None,
-        )
-        for w in writes:
-            for stage in ("keys", "statistics", "solve"):
-                timings[stage] = timings.get(stage, 0.0) + w.seconds[stage]
-        t = time.perf_counter()
-        if set(written_keys) != set(names):
-            raise RuntimeError(f"keys of layers {sorted(set(names) - set(written_keys))} were never read")
-        if hparams.carry_keys:  # otherwise nothing is carried and the state stays empty
-            fading = hparams.carry_prompt_keys and hparams.prompt_keys_decay < 1.0
-            carried = {
-                name: torch.cat([written_keys[name], protected[name].to(written_keys[name].device)], 0).t()
-                if name in protected and hparams.carry_prompt_keys and not fading else written_keys[name].t()
-                for name in names
-            }
-            values = None
-            if hparams.carry_values:  # what each layer now gives at the carried keys: V = W K
-                values = {name: by_name[name].neuron_view().detach().double() @ carried[name].double() for name in names}
-            session.state.stage(
-                carried,
-                {w.name + ".weight": (w.idx, w.post, wo.axis, w.pre) for w, wo in zip(writes, w_outs)},
-                n,
-                values=values,
-                protected={name: kp.t() for name, kp in protected.items()} if fading else None,
-                decay=hparams.prompt_keys_decay if fading else 1.0,
-            )
-        t = _tick(timings, "state", t)
-        timings["total"] = time.perf_counter() - start
-        return _trace(requests, hparams, templates, w_outs, attributions, clusters, zres, writes, timings)
+        write_layers(w_outs, [att.batch_set for att in attributions], zres.z, layer_keys.read,  # step 5: update
+                     blocks.c0, blocks.cprev, hparams.mom2_update_weight, journal=writes)
+        clock.add_writes(writes)
+        if hparams.carry_keys:  # else MEMIT's sequential form: nothing is carried and the state stays empty
+            stage_batch(session, layer_keys.written(), writes, w_outs, variants, len(requests))
+        clock.lap("state")
+        return _trace(requests, hparams, templates, w_outs, attributions, clusters, zres, writes, clock.total())
     except BaseException:
         undo(w_outs, writes)
         raise
+
+
+def load_statistics(model: nn.Module, tok: Any, hparams: Any, session: EditSession, w_outs: list[WOut]) -> None:
+    """C0 of every edited layer, read (or computed) before any work: a bad statistics file fails the call
+    first, and statistics computed from the corpus describe the unedited model."""
+    for wo in w_outs:
+        session.statistics.second_moment(model, tok, wo.name, hparams)
+
+
+def cluster_batch(attributions: list[LayerAttribution], w_outs: list[WOut], hparams: Any, n: int) -> Clusters:
+    """k-medoids clusters of the batch's edits by the Jaccard distance of their neuron sets over all layers."""
+    masks = membership_masks(
+        [[att.cluster_sets[i] for att in attributions] for i in range(n)], [wo.d_ff for wo in w_outs]
+    )
+    return cluster_edits(masks, hparams.n_clusters_for(n), enabled=hparams.clustering, seed=hparams.seed)
+
+
+class LayerKeys:
+    """The keys of one batch in MEMIT's order (:class:`~ece_plugin.method.keys.KeyReads`): :attr:`first` on the
+    unedited model; :meth:`read` for the update, layer i's keys after the layers before i were written.
+
+    Writing W_out of layer i or of a later layer never changes layer i's input, so the keys :meth:`read` gives are
+    also the keys of the fully edited model, which the sequential state carries (:meth:`written`)."""
+
+    def __init__(
+        self, model: nn.Module, key_rows: KeyRows, hparams: Any, w_outs: list[WOut], variants: list[EditVariant]
+    ) -> None:
+        self.model, self.variants = model, variants
+        self.names = [wo.name for wo in w_outs]
+        z_name = hparams.layer_module_tmp.format(hparams.layers[-1])
+        below = [decoder_layers(hparams.layer_module_tmp, wo.layer - 1) for wo in w_outs]
+        self.reads = KeyReads(model, key_rows, self.names, z_name, below if hparams.layer_replay else None)
+        self.first, self.first_z = self.reads.read(0)
+        self._written: dict[str, torch.Tensor] = {}
+
+    def read(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys ``[n, d_ff]``, z-layer outputs ``[n, d_model]``) of layer i on the model as it is now."""
+        keys, cur = (self.first, self.first_z) if i == 0 else self.reads.read(i)
+        assert cur is not None
+        name = self.names[i]
+        self._written[name] = keys[name]
+        for variant in self.variants:
+            variant.before_write(self.model, name)
+        return keys[name], cur
+
+    def written(self) -> dict[str, torch.Tensor]:
+        """Every layer's keys ``[n, d_ff]`` as the update read them."""
+        if set(self._written) != set(self.names):
+            raise RuntimeError(f"keys of layers {sorted(set(self.names) - set(self._written))} were never read")
+        return self._written
+
+
+class Covariances:
+    """The blocks of the update's Gram matrix at a layer's neurons S: ``lambda``'s C0_SS from the session's
+    statistics, and Cprev_SS from its sequential state plus the active variants' terms."""
+
+    def __init__(self, model: nn.Module, tok: Any, hparams: Any, session: EditSession,
+                 variants: list[EditVariant]) -> None:
+        self.model, self.tok, self.hparams, self.session, self.variants = model, tok, hparams, session, variants
+
+    def c0(self, name: str, idx: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
+        if not self.hparams.mom2_adjustment:
+            return None
+        return self.session.statistics.masked(self.model, self.tok, name, self.hparams, idx, device, torch.float64)
+
+    def cprev(self, name: str, idx: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
+        block = None
+        if self.hparams.carry_keys:  # else MEMIT's sequential form: earlier edits are protected by C0 alone
+            block = self.session.state.cprev_masked(name, idx, device, torch.float64)
+        for variant in self.variants:
+            term = variant.gram_term(name, idx, device)
+            if term is not None:
+                block = term if block is None else block + term
+        return block
+
+
+def stage_batch(
+    session: EditSession,
+    keys: dict[str, torch.Tensor],
+    writes: list[LayerWrite],
+    w_outs: list[WOut],
+    variants: list[EditVariant],
+    n_edits: int,
+) -> None:
+    """Stage the batch's keys (with the variants' carried keys) and the neurons it wrote into the sequential
+    state, which commits them at the next call only if the weights still hold this write."""
+    carried: dict[str, torch.Tensor] = {}
+    fading: dict[str, torch.Tensor] = {}
+    decays: set[float] = set()
+    for name, k in keys.items():
+        rows = [k]  # one key per row, [n, d_ff]; the state holds keys as columns
+        for variant in variants:
+            extra = variant.carried_keys(name)
+            if extra is None:
+                continue
+            if extra.decay < 1.0:
+                fading[name] = extra.keys if name not in fading else torch.cat([fading[name], extra.keys], 1)
+                decays.add(extra.decay)
+            else:
+                rows.append(extra.keys.t().to(k.device))
+        carried[name] = torch.cat(rows, 0).t() if len(rows) > 1 else k.t()
+    if len(decays) > 1:
+        raise RuntimeError(f"the active variants fade carried keys at different rates {sorted(decays)}; the state "
+                           "holds one fading moment")
+    written = {w.name + ".weight": (w.idx, w.post, wo.axis, w.pre) for w, wo in zip(writes, w_outs)}
+    session.state.stage(carried, written, n_edits, protected=fading or None, decay=decays.pop() if decays else 1.0)
 
 
 def _trace(
@@ -294,7 +340,6 @@ def _trace(
                 scores=ScoreSummary.of(att.batch_score),
                 residual_norm=wr.residual_norm,
                 update_norm=wr.update_norm,
-                drift_norm=wr.drift_norm,
             )
         )
     cluster_info = clusters.to_dict()

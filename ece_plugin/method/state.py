@@ -28,21 +28,13 @@ of a GPT-2 ``Conv1D`` weight ``[d_ff, d_model]`` (axis 0). ``written`` values ar
 ``neuron_values(weight, idx, axis=...)`` returns; the axis may be given explicitly (third tuple element,
 or :class:`WrittenNeurons`), otherwise it is taken from the owning module's class at reconcile time.
 
-Carried values (``carry_values``, a departure; off in the paper's form). A batch staged with ``values`` (the
-outputs ``V = W_t K`` its layer gave at its keys right after it was written, ``[d_model, n]``) also adds
-``M += V K^T`` (``[d_model, d_ff]``, float64). Then :meth:`SequentialState.drift_masked` gives
-``M[:, S] - W Cprev[:, S] = sum_j (v_j - W k_j) k_{j,S}^T``: how far later writes moved the earlier edits' outputs,
-the term the update needs to keep them. A layer whose Cprev holds edits without values starts its M from the
-weights it has then (:meth:`SequentialState.start_values`: those edits' outputs as they are now become their
-targets); a batch committed without values drops the layer's M (warned), so M always matches Cprev.
+Fading keys (for a variant's keys staged with a decay gamma < 1, e.g. ``prompt_keys_decay``; see
+``variants/``). A batch may stage ``protected`` keys beside its own: they go to a dense moment of their own,
+``P <- gamma P + K_P K_P^T`` at each commit, and :meth:`cprev` / :meth:`cprev_masked` return ``K K^T + P``. Keys a
+variant carries at full weight are staged among the edits' keys instead.
 
-Fading prompt keys (``prompt_keys_decay`` gamma < 1, a departure; see ``prompt_keys.py``). A batch may stage
-``protected`` keys beside its own: they go to a dense moment of their own, ``P <- gamma P + K_P K_P^T`` at each
-commit, and :meth:`cprev` / :meth:`cprev_masked` return ``K K^T + P``. With gamma = 1 the editor puts the prompt
-keys among the edits' keys instead (the same sum, and the state of the earlier runs).
-
-File format (:meth:`save`): one safetensors file; tensors ``"{layer}::keys"`` or ``"{layer}::dense"``,
-``"{layer}::values"`` where values are carried and ``"{layer}::protected"`` where prompt keys fade;
+File format (:meth:`save`): one safetensors file; tensors ``"{layer}::keys"`` or ``"{layer}::dense"``, and
+``"{layer}::protected"`` where keys fade;
 the header metadata key ``ece_state`` holds JSON (format version, layer names, kinds, d_ff, n, n_edits,
 model fingerprint). Written atomically.
 """
@@ -125,8 +117,7 @@ class _Pending:
     keys: dict[str, torch.Tensor]
     written: dict[str, WrittenNeurons]
     n_edits: int
-    values: Optional[dict[str, torch.Tensor]] = None  # [d_model, n] per layer (carry_values)
-    protected: Optional[dict[str, torch.Tensor]] = None  # [d_ff, m] per layer (prompt_keys_decay < 1)
+    protected: Optional[dict[str, torch.Tensor]] = None  # [d_ff, m] per layer, fading by decay
     decay: float = 1.0
 
 
@@ -135,8 +126,7 @@ class _LayerMoment:
     d_ff: int
     keys: Optional[torch.Tensor] = None  # [d_ff, n]
     dense: Optional[torch.Tensor] = None  # [d_ff, d_ff]
-    values: Optional[torch.Tensor] = None  # M = sum v k^T, [d_model, d_ff] float64 (carry_values)
-    protected: Optional[torch.Tensor] = None  # P = sum_b gamma^(age b) K_P K_P^T, [d_ff, d_ff] (prompt_keys_decay)
+    protected: Optional[torch.Tensor] = None  # P = sum_b gamma^(age b) K_P K_P^T, [d_ff, d_ff] (fading keys)
 
     @property
     def n(self) -> int:
@@ -146,21 +136,9 @@ class _LayerMoment:
     def empty(self) -> bool:
         return self.keys is None and self.dense is None
 
-    def cprev_columns(self, idx: torch.Tensor) -> torch.Tensor:
-        """``Cprev[:, idx]`` (``[d_ff, |idx|]``, float64, on the state's device)."""
-        if self.dense is not None:
-            out = self.dense.index_select(1, idx.to(self.dense.device)).double()
-        else:
-            assert self.keys is not None
-            k = self.keys.double()
-            out = k @ k.index_select(0, idx.to(k.device)).T
-        if self.protected is not None:
-            out = out + self.protected.index_select(1, idx.to(self.protected.device)).to(out)
-        return out
-
     def nbytes(self) -> int:
         total = 0
-        for t in (self.keys, self.dense, self.values, self.protected):
+        for t in (self.keys, self.dense, self.protected):
             if t is not None:
                 total += t.numel() * t.element_size()
         return total
@@ -252,41 +230,6 @@ class SequentialState:
             block = block + layer.protected.index_select(0, sel).index_select(1, sel).to(device=device, dtype=dtype)
         return block
 
-    def carries_values(self, layer_name: str) -> bool:
-        layer = self._layers.get(layer_name)
-        return layer is not None and layer.values is not None
-
-    def start_values(self, layer_name: str, weight: torch.Tensor) -> None:
-        """Carry values for a layer from now on: ``M = W Cprev`` for ``weight`` ``[d_model, d_ff]`` as it is
-        now (the earlier edits' current outputs become their targets). No-op when values are already carried
-        or nothing was committed there."""
-        layer = self._layers.get(layer_name)
-        if layer is None or layer.values is not None or layer.empty:
-            return
-        cprev = self.cprev(layer_name)
-        assert cprev is not None
-        w = weight.detach().to(device=cprev.device, dtype=torch.float64)
-        # replaced, never changed in place: a checkpoint taken before still holds the old layer
-        self._layers[layer_name] = dataclasses.replace(layer, values=w @ cprev)
-
-    def drift_masked(
-        self,
-        layer_name: str,
-        idx: torch.Tensor,
-        weight: torch.Tensor,
-        device: Union[str, torch.device],
-    ) -> Optional[torch.Tensor]:
-        """``E_S = M[:, S] - W Cprev[:, S] = sum_j (v_j - W k_j) k_{j,S}^T`` (``[d_model, |S|]``, float64) for
-        ``weight`` ``[d_model, d_ff]``: the carried edits' drift; None when the layer carries no values."""
-        layer = self._layers.get(layer_name)
-        if layer is None or layer.values is None:
-            return None
-        idx = torch.as_tensor(idx, dtype=torch.long)
-        m = layer.values
-        w = weight.detach().to(device=m.device, dtype=torch.float64)
-        drift = m.index_select(1, idx.to(m.device)) - w @ layer.cprev_columns(idx)
-        return drift.to(device)
-
     # -------------------------------------------------------------------------------- writing
     def _place(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach().to(self.dtype)
@@ -297,13 +240,12 @@ class SequentialState:
         keys: dict[str, torch.Tensor],
         written: dict[str, Any],
         n_edits: int,
-        values: Optional[dict[str, torch.Tensor]] = None,
         protected: Optional[dict[str, torch.Tensor]] = None,
         decay: float = 1.0,
     ) -> None:
-        """Hold one batch's keys (``[d_ff, n]`` per layer), and with ``values`` the outputs its layers gave at
-        them after the write (``[d_model, n]``), until :meth:`reconcile` sees the model. ``protected`` keys
-        (``[d_ff, m]``, already scaled) go to the fading moment P, which the commit first multiplies by ``decay``."""
+        """Hold one batch's keys (``[d_ff, n]`` per layer) until :meth:`reconcile` sees the model. ``protected``
+        keys (``[d_ff, m]``, already scaled) go to the fading moment P, which the commit first multiplies by
+        ``decay``."""
         if self._pending is not None:
             raise StateError("a staged batch is pending: call reconcile(model) before staging another")
         if n_edits < 1:
@@ -316,36 +258,22 @@ class SequentialState:
             if layer is not None and layer.d_ff != k.shape[0]:
                 raise StateError(f"keys for {name}: d_ff {k.shape[0]} != {layer.d_ff} of earlier edits")
             placed[name] = self._place(k).clone()
-        placed_values: Optional[dict[str, torch.Tensor]] = None
-        if values is not None:
-            if set(values) != set(keys):
-                raise StateError(f"values for layers {sorted(values)} but keys for {sorted(keys)}")
-            placed_values = {}
-            for name, v in values.items():
-                if v.dim() != 2 or v.shape[1] != keys[name].shape[1]:
-                    raise StateError(
-                        f"values for {name}: expected [d_model, {keys[name].shape[1]}], got {tuple(v.shape)}"
-                    )
-                placed_values[name] = v.detach().to(torch.float64).clone()
-        placed_protected = self._check_protected(protected, keys, decay, values is not None)
+        placed_protected = self._check_protected(protected, keys, decay)
         self._pending = _Pending(
             keys=placed,
             written={w: WrittenNeurons.coerce(v) for w, v in written.items()},
             n_edits=int(n_edits),
-            values=placed_values,
             protected=placed_protected,
             decay=float(decay),
         )
 
     def _check_protected(
-        self, protected: Optional[dict[str, torch.Tensor]], keys: dict[str, torch.Tensor], decay: float, values: bool
+        self, protected: Optional[dict[str, torch.Tensor]], keys: dict[str, torch.Tensor], decay: float
     ) -> Optional[dict[str, torch.Tensor]]:
         if not (0.0 < decay <= 1.0):
             raise StateError(f"decay must lie in (0, 1], got {decay}")
         if protected is None:
             return None
-        if values:
-            raise StateError("protected keys cannot be staged with values (carry_values)")
         placed: dict[str, torch.Tensor] = {}
         for name, kp in protected.items():
             if name not in keys:
@@ -357,7 +285,6 @@ class SequentialState:
 
     def _commit(self, pending: _Pending) -> None:
         for name, k in pending.keys.items():
-            self._commit_values(name, k, None if pending.values is None else pending.values[name])
             layer = self._layers.setdefault(name, _LayerMoment(d_ff=int(k.shape[0])))
             if layer.dense is not None:
                 kd = k.to(layer.dense.device, torch.float64)
@@ -386,24 +313,6 @@ class SequentialState:
                 add = (kd @ kd.T).to(self.dtype)
                 old = add if old is None else old + add.to(old.device)
             layer.protected = old  # out of place: a checkpoint taken before this commit still holds the old tensor
-
-    def _commit_values(self, name: str, k: torch.Tensor, v: Optional[torch.Tensor]) -> None:
-        """``M += V K^T`` before the keys join Cprev (a new layer starts its M here; see the module doc)."""
-        layer = self._layers.get(name)
-        if v is None:
-            if layer is not None and layer.values is not None:
-                logger.warning("sequential state %s: a batch without values was committed; its values are no "
-                               "longer carried", name)
-                self._layers[name] = dataclasses.replace(layer, values=None)
-            return
-        if layer is not None and layer.values is None:
-            return  # earlier edits without values: start_values() starts M from the weights, not this commit
-        m_new = v.to(k.device) @ k.to(torch.float64).T
-        if layer is None:
-            self._layers[name] = _LayerMoment(d_ff=int(k.shape[0]), values=m_new)
-        else:
-            assert layer.values is not None
-            self._layers[name] = dataclasses.replace(layer, values=layer.values + m_new.to(layer.values.device))
 
     def reconcile(self, model: nn.Module) -> str:
         """Commit or discard the staged batch by looking at W_out; returns what happened.
@@ -475,9 +384,6 @@ class SequentialState:
             assert tensor is not None
             tensors[f"{name}::{kind}"] = tensor.detach().cpu().contiguous().clone()
             layers_meta[name] = {"kind": kind, "d_ff": layer.d_ff, "n": layer.n}
-            if layer.values is not None:
-                tensors[f"{name}::values"] = layer.values.detach().cpu().contiguous().clone()
-                layers_meta[name]["values"] = True
             if layer.protected is not None:
                 tensors[f"{name}::protected"] = layer.protected.detach().cpu().contiguous().clone()
                 layers_meta[name]["protected"] = True
@@ -523,23 +429,13 @@ class SequentialState:
             if count_nonfinite(tensor):
                 raise StateError(f"{path}: layer {name!r} ({kind}): {describe_nonfinite(tensor)}")
             placed = state._place(tensor)
-            values = None
-            if info.get("values"):
-                values = tensors.get(f"{name}::values")
-                if values is None:
-                    raise StateError(f"{path}: carried values for layer {name!r} missing")
-                if values.dim() != 2 or values.shape[1] != d_ff:
-                    raise StateError(f"{path}: layer {name!r} values shape {tuple(values.shape)} != [d_model, {d_ff}]")
-                if count_nonfinite(values):
-                    raise StateError(f"{path}: layer {name!r} (values): {describe_nonfinite(values)}")
-                values = values.to(device=placed.device, dtype=torch.float64)
             protected = None
             if info.get("protected"):
                 protected = tensors.get(f"{name}::protected")
                 if protected is None:
-                    raise StateError(f"{path}: prompt-key moment for layer {name!r} missing")
+                    raise StateError(f"{path}: fading-key moment for layer {name!r} missing")
                 if tuple(protected.shape) != (d_ff, d_ff):
-                    raise StateError(f"{path}: layer {name!r} prompt-key moment shape {tuple(protected.shape)} "
+                    raise StateError(f"{path}: layer {name!r} fading-key moment shape {tuple(protected.shape)} "
                                      f"!= ({d_ff}, {d_ff})")
                 if count_nonfinite(protected):
                     raise StateError(f"{path}: layer {name!r} (protected): {describe_nonfinite(protected)}")
@@ -548,7 +444,6 @@ class SequentialState:
                 d_ff=d_ff,
                 keys=placed if kind == "keys" else None,
                 dense=placed if kind == "dense" else None,
-                values=values,
                 protected=protected,
             )
         if model is not None:
@@ -600,8 +495,6 @@ def _read_meta(path: Path, text: str) -> dict[str, Any]:
         for key in ("kind", "d_ff"):
             if key not in info:
                 raise StateError(f"{path}: metadata of layer {name!r} lacks key {key!r}")
-        if not isinstance(info.get("values", False), bool):
-            raise StateError(f"{path}: layer {name!r}: key 'values' must be true or false, got {info['values']!r}")
         if info["kind"] not in ("keys", "dense"):
             raise StateError(f"{path}: layer {name!r}: key 'kind' must be 'keys' or 'dense', got {info['kind']!r}")
         d_ff = info["d_ff"]

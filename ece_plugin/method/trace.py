@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 
@@ -68,7 +68,6 @@ class LayerTrace:
     scores: ScoreSummary
     residual_norm: float = float("nan")
     update_norm: float = float("nan")
-    drift_norm: Optional[float] = None  # ||E_S||, the carried edits' drift (carry_values only)
 
 
 @dataclass

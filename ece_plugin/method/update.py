@@ -4,17 +4,9 @@ For each edited layer l (in order) with batch neuron set S, keys K (``[d_ff, n]`
 layers changed), targets z and current z-layer outputs, MEMIT's residual spread ``R = (z - cur) / (L - i)``
 (``[d_model, n]``) is written into the neurons S only:
 
-    Delta_S = (R K_S^T + E_S) (lambda C0_SS + Cprev_SS + K_S K_S^T + ridge I)^{-1}
+    Delta_S = R K_S^T (lambda C0_SS + Cprev_SS + K_S K_S^T)^{-1}
 
-(``E_S`` is 0 in the paper's form. With ``carry_values`` it is ``sum_j (v_j - W k_j) k_{j,S}^T`` over earlier edits
-j, ``v_j`` the output W gave at key ``k_j`` right after edit j was written: the least squares then asks that W keep
-those outputs rather than assuming no later write moved them. See :meth:`SequentialState.drift_masked`.)
-
-(``ridge`` is ``update_ridge``, 0 in the paper's form: ENCORE's norm constraint ``ridge ||Delta||_F^2`` added to
-the least-squares objective, which keeps each write, and so the weights' norm, from growing in directions the
-covariance does not cover.)
-
-solved in float64 (Cholesky; LU if that fails; minimum-norm least squares if the matrix is singular, which can
+(the editor passes ``Cprev_SS`` with the terms of the active variants added, ``variants/``), solved in float64 (Cholesky; LU if that fails; minimum-norm least squares if the matrix is singular, which can
 only happen with ``mom2_adjustment: false`` and no carried keys), never with an explicit inverse. The neurons
 outside S are not written at all, so they stay bit-identical. With S = all neurons and Cprev = 0 this is
 exactly MEMIT's update ``R K^T (lambda C0 + K K^T)^{-1}``.
@@ -41,17 +33,14 @@ def masked_gram(
     c0_ss: Optional[torch.Tensor],
     cprev_ss: Optional[torch.Tensor],
     lam: float,
-    ridge: float = 0.0,
 ) -> torch.Tensor:
-    """``lambda C0_SS + Cprev_SS + K_S K_S^T + ridge I`` (float64) for ``keys_s`` ``[|S|, n]``."""
+    """``lambda C0_SS + Cprev_SS + K_S K_S^T`` (float64) for ``keys_s`` ``[|S|, n]``."""
     k = keys_s.double()
     a = k @ k.t()
     if c0_ss is not None:
         a = a + lam * c0_ss.to(device=a.device, dtype=torch.float64)
     if cprev_ss is not None:
         a = a + cprev_ss.to(device=a.device, dtype=torch.float64)
-    if ridge:
-        a = a + ridge * torch.eye(a.shape[0], device=a.device, dtype=a.dtype)
     return a
 
 
@@ -75,24 +64,14 @@ def masked_update(
     c0_ss: Optional[torch.Tensor],
     cprev_ss: Optional[torch.Tensor],
     lam: float,
-    ridge: float = 0.0,
-    drift_s: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``Delta_S = (R K_S^T + E_S) A^{-1}`` (``[d_model, |S|]``, float64) for ``keys_s`` ``[|S|, n]``, ``resid``
-    ``[d_model, n]`` and the carried edits' drift ``drift_s`` ``[d_model, |S|]`` (None: 0): computed as
-    ``R (A^{-1} K_S)^T`` like MEMIT (n right-hand sides), plus ``(A^{-1} E_S^T)^T`` (A is symmetric)."""
+    """``Delta_S = R K_S^T A^{-1}`` (``[d_model, |S|]``, float64) for ``keys_s`` ``[|S|, n]`` and ``resid``
+    ``[d_model, n]``: computed as ``R (A^{-1} K_S)^T`` like MEMIT (n right-hand sides; A is symmetric)."""
     if keys_s.shape[1] != resid.shape[1]:
         raise ValueError(f"keys {tuple(keys_s.shape)} and residuals {tuple(resid.shape)} disagree on n")
-    a = masked_gram(keys_s, c0_ss, cprev_ss, lam, ridge)
-    rhs = keys_s.double().to(a.device)
-    n = rhs.shape[1]
-    if drift_s is not None:
-        if drift_s.shape != (resid.shape[0], keys_s.shape[0]):
-            raise ValueError(f"drift {tuple(drift_s.shape)} != ({resid.shape[0]}, {keys_s.shape[0]})")
-        rhs = torch.cat([rhs, drift_s.double().to(a.device).t()], dim=1)
-    sol = spd_solve(a, rhs)
-    delta = resid.double().to(a.device) @ sol[:, :n].t()
-    return delta if drift_s is None else delta + sol[:, n:].t()
+    a = masked_gram(keys_s, c0_ss, cprev_ss, lam)
+    sol = spd_solve(a, keys_s.double().to(a.device))
+    return resid.double().to(a.device) @ sol.t()
 
 
 # ------------------------------------------------------------------------------------------ layers loop
@@ -111,7 +90,6 @@ class LayerWrite:
     post: torch.Tensor  # after the edit, native layout
     residual_norm: float  # mean ||z - cur|| over the batch before this layer
     update_norm: float  # ||Delta_S||_F
-    drift_norm: Optional[float] = None  # ||E_S||_F, the carried edits' drift (carry_values only)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -124,12 +102,10 @@ def write_layers(
     cprev_block: BlockFn,
     lam: float,
     journal: Optional[list[LayerWrite]] = None,
-    ridge: float = 0.0,
-    drift_block: Optional[BlockFn] = None,
 ) -> list[LayerWrite]:
     """Write the masked update into each layer in order; ``read(i)`` gives (keys ``[n, d_ff]``, current
-    z-layer outputs ``[n, d_model]``) of layer i on the model as it is then; ``drift_block`` (carry_values)
-    gives the carried edits' drift ``E_S`` of a layer as its weights are just before it is written.
+    z-layer outputs ``[n, d_model]``) of layer i on the model as it is then; ``c0_block`` and ``cprev_block`` give
+    a layer's ``C0_SS`` and ``Cprev_SS`` blocks (None: none).
 
     Every layer's record (with its pre-edit values) enters ``journal`` (a new list when not given) BEFORE the
     layer is written, so a caller holding the journal can always undo. On any exception (``KeyboardInterrupt``
@@ -150,9 +126,8 @@ def write_layers(
             keys_s = keys.to(dev).index_select(1, idx_dev).t()
             c0 = c0_block(wo.name, idx, dev)
             cprev = cprev_block(wo.name, idx, dev)
-            drift = None if drift_block is None else drift_block(wo.name, idx, dev)
             t2 = time.perf_counter()
-            delta = masked_update(keys_s, resid, c0, cprev, lam, ridge, drift)
+            delta = masked_update(keys_s, resid, c0, cprev, lam)
             record = LayerWrite(
                 layer=wo.layer,
                 name=wo.name,
@@ -161,7 +136,6 @@ def write_layers(
                 post=torch.empty(0),
                 residual_norm=float(diff.norm(dim=1).mean()),
                 update_norm=float(delta.norm()),
-                drift_norm=None if drift is None else float(drift.norm()),
             )
             writes.append(record)  # before the write: an interrupt during it is undone too
             wo.add_to_neurons(idx_dev, delta)
@@ -169,7 +143,7 @@ def write_layers(
             record.seconds = {"keys": t1 - t0, "statistics": t2 - t1, "solve": time.perf_counter() - t2}
             if count_nonfinite(record.post):
                 inputs = {"keys": keys_s, "targets z": z, "current outputs": cur, "C0 block": c0,
-                          "Cprev block": cprev, "carried drift": drift, "solved update": delta}
+                          "Cprev block": cprev, "solved update": delta}
                 bad = [name for name, t in inputs.items() if count_nonfinite(t)]
                 why = (f"non-finite {', '.join(bad)}" if bad
                        else f"the update overflows the weights' dtype {wo.weight.dtype}")

@@ -1,1 +1,38 @@
-"""Departures from the paper, kept out of the method's core."""
+"""Departures from the paper, kept out of the method's core behind one mechanism (as PEFT keeps DoRA out of LoRA).
+
+The editor (``editor.py``) runs the paper's steps and calls the active variants' hooks at fixed points only; with
+no variant active (every hparams at its paper value) a batch is exactly the paper's. A variant is an
+:class:`EditVariant` subclass built for one batch from the hparams. The hook points, in the order they run:
+
+* ``begin(model, key_rows)``: after the keys of the unedited model were read (step 1);
+* ``before_write(model, w_out_name)``: in the update (step 5), just before a layer is written, the model holding
+  the writes of the layers before it;
+* ``gram_term(w_out_name, idx, device)``: the update's Gram matrix at the batch's neurons S becomes
+  ``lambda C0_SS + Cprev_SS + sum_variants term + K_S K_S^T``;
+* ``carried_keys(w_out_name)``: after the batch is written, keys staged into the sequential state beside the
+  batch's own (:class:`CarriedKeys`: at full weight, or fading by a decay; the state holds one fading moment, so
+  the active variants must agree on its decay).
+
+Adding a variant: one module here with an :class:`EditVariant` subclass, its hparams fields (default: the
+paper's form) and their checks in ``hparams.py``, and one entry in :data:`VARIANTS`. A new kind of departure that
+needs another point of the batch adds one no-op hook to :class:`EditVariant` and one call in the editor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import CarriedKeys, EditVariant
+from .prompt_keys import PromptKeys
+
+__all__ = ["VARIANTS", "CarriedKeys", "EditVariant", "active_variants"]
+
+#: Every variant the editor knows, by name, in the order their hooks run.
+VARIANTS: dict[str, type[EditVariant]] = {
+    PromptKeys.name: PromptKeys,
+}
+
+
+def active_variants(hparams: Any) -> list[EditVariant]:
+    """The variants ``hparams`` switch on, built for one batch (none in the paper's form)."""
+    return [cls(hparams) for cls in VARIANTS.values() if cls.is_active(hparams)]

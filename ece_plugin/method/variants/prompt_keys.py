@@ -20,11 +20,47 @@ total weight stays below ``mu / (1 - gamma)`` batches while the edits' own keys 
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import torch
 from torch import nn
 
 from ..architecture import StopForward, get_module
-from ..keys import EncodedRows
+from ..keys import EncodedRows, KeyRows
+from .base import CarriedKeys, EditVariant
+
+
+class PromptKeys(EditVariant):
+    """``prompt_keys_weight`` mu > 0: ``mu K_P K_P^T`` joins the Gram matrix of each layer's update and (with
+    ``carry_prompt_keys``) the carried keys, fading by ``prompt_keys_decay`` when that is below 1."""
+
+    name = "prompt_keys"
+
+    def __init__(self, hparams: Any) -> None:
+        super().__init__(hparams)
+        self.rows: Optional[EncodedRows] = None
+        self.scaled: dict[str, torch.Tensor] = {}  # sqrt(mu) K_P per layer, [m, d_ff]
+
+    @classmethod
+    def is_active(cls, hparams: Any) -> bool:
+        return bool(hparams.prompt_keys_weight)
+
+    def begin(self, model: nn.Module, key_rows: KeyRows) -> None:
+        rows = key_rows.rows
+        self.rows = rows.select(key_rows.plain_rows.to(rows.input_ids.device))
+
+    def before_write(self, model: nn.Module, w_out_name: str) -> None:
+        assert self.rows is not None, "begin() runs first"
+        self.scaled[w_out_name] = prompt_keys(model, self.rows, w_out_name) * self.hparams.prompt_keys_weight**0.5
+
+    def gram_term(self, w_out_name: str, idx: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
+        kp = self.scaled[w_out_name].to(device).index_select(1, idx.to(device)).double()
+        return kp.t() @ kp
+
+    def carried_keys(self, w_out_name: str) -> Optional[CarriedKeys]:
+        if not self.hparams.carry_prompt_keys:
+            return None
+        return CarriedKeys(self.scaled[w_out_name].t(), float(self.hparams.prompt_keys_decay))
 
 
 @torch.no_grad()
