@@ -1,0 +1,351 @@
+"""Render every results table of README.md and docs/*.md from the data under results/.
+
+Each reported experiment is a folder ``results/<name>/`` holding ``experiment.json`` (what was run: title,
+testbed, data, protocol, commands, hparams, and the tables it gives), its data as CSV (one row per method,
+setting and checkpoint; metrics in %, as the tables show them) and its figures. A document asks for a table
+between two markers::
+
+    <!-- results:NAME -->
+    ...rendered here...
+    <!-- /results:NAME -->
+
+``python -m ece_plugin.lab.results`` rewrites what sits between the markers; ``--check`` writes nothing and exits
+1 when a document differs from what it would render. Every table states its protocol: *scored after all* (every
+edit evaluated after the last batch, as AlphaEdit, NSE and NAS report), *scored immediately* (each batch right
+after its own edit, as the ECE paper's script and EasyEdit's ``batch_edit`` report) or one batch (the two agree).
+
+A table in ``experiment.json``::
+
+    "tables": {"NAME": {"file": "rows.csv", "caption": "...", "where": {"column": ["value", ...]},
+                        "order": {"column": ["value", ...]},
+                        "columns": [["Eff.", "{efficacy} ± {efficacy_sem}"], ...], "figure": "curve.png",
+                        "join": {"experiment": "other", "file": "rows.csv", "on": "setting", "prefix": "bench_"}}}
+
+A column is a header and one or more templates of the row's fields (``str.format`` syntax, numbers as numbers,
+so ``{n_edits:,}`` gives 2,000): a cell shows the first template whose fields are all filled in that row (a
+template without fields, such as ``"-"``, always is), else nothing. ``protocol`` (``after_all``, ``immediate``, ``both`` or ``one_batch``) may be set per table;
+otherwise the experiment's applies. The table ``hparams`` is not from results/: it lists the fields of
+``ECEHyperParams`` with the descriptions below, and fails when a field has none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import os
+import re
+import string
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+from ..method.atomic import write_text
+from ..resources import REPO_ROOT
+
+logger = logging.getLogger(__name__)
+
+PROTOCOLS = {
+    "after_all": "scored after all (every edit evaluated after the last batch, as AlphaEdit, NSE and NAS report)",
+    "immediate": "scored immediately (each batch evaluated right after its own edit, as the ECE paper's script "
+                 "and EasyEdit's batch_edit report)",
+    "both": "both protocols, each row labelled: scored after all (every edit after the last batch) and scored "
+            "immediately (each batch right after its own edit)",
+    "one_batch": "one batch, scored right after its edit (with one batch, immediate and after all are the same)",
+}
+MARKER = re.compile(r"<!-- results:(?P<name>[A-Za-z0-9_.-]+) -->\n(?P<body>.*?)<!-- /results:(?P=name) -->",
+                    re.DOTALL)
+OPEN_MARKER = re.compile(r"<!-- results:([A-Za-z0-9_.-]+) -->")
+HPARAMS_TABLE = "hparams"
+
+# One line per ECEHyperParams field: what it does, with the paper's symbol where it has one. A field without an
+# entry stops the render (and fails tests/test_results.py); an entry for a field that no longer exists is ignored.
+HPARAM_DOC: dict[str, str] = {
+    "model_name": "Hugging Face name or folder of the model to edit",
+    "layers": "the MLP layers whose output weights W_out are edited (MEMIT's critical layers)",
+    "attribution": "neuron attribution of step 1: `AS` activation score, `WI` weight importance, `RS` residual "
+                   "sensitivity",
+    "neuron_threshold": "p: keep the smallest set of top neurons holding this share of the attribution score; "
+                        "1.0 edits every neuron (no selection)",
+    "clustering": "step 3: cluster the edits by the Jaccard distance of their neuron sets (false: every edit is "
+                  "its own cluster, z as MEMIT's)",
+    "n_clusters": "fixed number of clusters; empty: ceil(cluster_ratio x edits in the batch)",
+    "cluster_ratio": "clusters per edit when n_clusters is empty",
+    "v_num_grad_steps": "z steps per edit when clustering is off (MEMIT's z budget)",
+    "z_early_stop": "when an edit's z stops early: `loss` (MEMIT's, loss < 5e-2) or `most_probable` (also once every "
+                    "rewriting prompt predicts the target greedily)",
+    "shared_grad_steps": "step 4, phase 1: z steps on each cluster's anchor",
+    "per_edit_grad_steps": "step 4, phase 2: per-edit z steps from the cluster's shared delta",
+    "v_lr": "learning rate of the z steps",
+    "v_loss_layer": "layer whose output the z loss reads; -1: the model's last layer",
+    "v_weight_decay": "weight decay on the z delta (MEMIT's form, ||delta|| / ||h||^2)",
+    "clamp_norm_factor": "the z delta is clamped to this multiple of ||h||",
+    "kl_factor": "weight of the KL term that keeps the subject's other predictions (0 skips its prompt)",
+    "fact_token": "where the key is read: `subject_last`, `last`, `subject_first`, `subject_first_after_last`",
+    "z_prefix_cache": "run each prompt's tokens before the fact token once per batch (exact, faster)",
+    "layer_replay": "do not re-run layers no change can reach, in z steps and key re-reads (exact, faster)",
+    "z_loss_positions_only": "run the loss layer's MLP only at the positions the z loss reads (exact, faster)",
+    "z_cache_mb": "memory bound of the prefix cache in MiB; more edits run in blocks, with the same result",
+    "context_template_length_params": "MEMIT's context templates: [[length, count], ...]",
+    "mom2_adjustment": "use the key covariance C0 in the update (MEMIT's mom2 adjustment)",
+    "mom2_update_weight": "lambda: weight of C0 in the update's Gram matrix",
+    "carry_keys": "carry the keys of earlier edits into later updates (Cprev, the paper's sequential form); false "
+                  "gives MEMIT's update, which carries nothing",
+    "carry_values": "departure, off: carry the outputs earlier edits wrote at their keys and keep them in the "
+                    "least squares",
+    "prompt_keys_weight": "departure, 0 in the paper's form: mu, the weight of the keys at the other tokens of the "
+                          "rewrite prompts in the update's covariance (docs/departures.md)",
+    "carry_prompt_keys": "those prompt keys also join the carried keys",
+    "prompt_keys_decay": "gamma: with < 1 the carried prompt keys fade by this factor per batch; 1: they never fade",
+    "update_ridge": "departure, 0: r I added to the update's Gram matrix (ENCORE's norm constraint)",
+    "mom2_dataset": "name of the statistics set (the cache path's `{name}_stats`); `wikitext-2-raw` is bundled, a "
+                    "model folder's `<name>.txt` is read for it, any other name needs its cache file",
+    "mom2_corpus": "text file or folder to compute C0 from; empty: the set mom2_dataset names",
+    "mom2_fallback_corpus": "a corpus (bundled name or path) to compute C0 from, cached under its own name, when "
+                            "mom2_dataset's statistics cannot be had; empty: no fallback, a clear error",
+    "mom2_n_samples": "chunks of the corpus for C0 (as EasyEdit's layer_stats counts texts)",
+    "mom2_dtype": "dtype of the statistics pass",
+    "stats_dir": "cache folder of the statistics (EasyEdit's layout)",
+    "rewrite_module_tmp": "module name template of W_out (`{}` = layer)",
+    "layer_module_tmp": "module name template of a decoder layer",
+    "mlp_module_tmp": "module name template of a layer's MLP",
+    "attn_module_tmp": "module name template of a layer's attention",
+    "ln_f_module": "name of the final norm",
+    "lm_head_module": "name of the output head",
+    "alg_name": "always `ECE` (EasyEdit's method key)",
+    "device": "device index or name (`cpu`, `cuda:0`)",
+    "batch_size": "EasyEdit's batch size for batch_edit",
+    "max_length": "EasyEdit's maximum generation length in its evaluation",
+    "model_parallel": "EasyEdit's model-parallel flag",
+    "state_device": "where the sequential state lives: `cpu` or `model` (each layer's device)",
+    "seed": "seed of the context templates and clustering ties",
+}
+
+
+class ResultsError(ValueError):
+    """results/ or a document is malformed; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Table:
+    """One table of an experiment, as ``experiment.json`` declares it."""
+
+    name: str
+    experiment: str
+    spec: dict[str, Any]
+    meta: dict[str, Any]
+
+
+def _number(text: str) -> Union[int, float, str]:
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """A CSV's rows as strings (empty cells are empty strings)."""
+    if not path.is_file():
+        raise ResultsError(f"{path}: no such data file")
+    with open(path, newline="") as f:
+        return [dict(row) for row in csv.DictReader(f)]
+
+
+def load_tables(root: Path) -> dict[str, Table]:
+    """Every table of every ``results/<name>/experiment.json``; a name declared twice is an error."""
+    tables: dict[str, Table] = {}
+    for meta_path in sorted(root.glob("*/experiment.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ResultsError(f"{meta_path}: not valid JSON: {exc}") from exc
+        for key in ("title", "protocol", "commands", "tables"):
+            if key not in meta:
+                raise ResultsError(f"{meta_path}: missing {key!r}")
+        for name, spec in meta["tables"].items():
+            if name in tables or name == HPARAMS_TABLE:
+                raise ResultsError(f"{meta_path}: table {name!r} is declared twice")
+            protocol = spec.get("protocol", meta["protocol"])
+            if protocol not in PROTOCOLS:
+                raise ResultsError(f"{meta_path}: table {name!r}: protocol {protocol!r} is not one of {list(PROTOCOLS)}")
+            tables[name] = Table(name, meta_path.parent.name, spec, meta)
+    return tables
+
+
+def _fields(template: str) -> list[str]:
+    return [field for _, field, _, _ in string.Formatter().parse(template) if field]
+
+
+def _cell(templates: Sequence[str], row: dict[str, str], where: str) -> str:
+    for template in templates:
+        fields = _fields(template)
+        absent = [f for f in fields if f not in row]
+        if absent:
+            raise ResultsError(f"{where}: no column {absent} in the data (columns: {sorted(row)})")
+        if all(row[f] != "" for f in fields):
+            try:
+                return template.format(**{f: _number(row[f]) for f in fields})
+            except ValueError as exc:
+                raise ResultsError(f"{where}: template {template!r} on {[row[f] for f in fields]}: {exc}") from exc
+    return ""
+
+
+def _joined(root: Path, table: Table, rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    join = table.spec.get("join")
+    if not join:
+        return rows
+    other = read_rows(root / join["experiment"] / join["file"])
+    key, prefix = join["on"], join.get("prefix", "")
+    by_key = {r[key]: r for r in other}
+    names = [c for c in (other[0] if other else {}) if c != key]
+    out = []
+    for row in rows:
+        match = by_key.get(row.get(key, ""), {})
+        out.append({**row, **{prefix + c: match.get(c, "") for c in names}})
+    return out
+
+
+def _selected(rows: list[dict[str, str]], where: dict[str, Any], source: str) -> list[dict[str, str]]:
+    for column, wanted in where.items():
+        values = {str(v) for v in (wanted if isinstance(wanted, list) else [wanted])}
+        if rows and column not in rows[0]:
+            raise ResultsError(f"{source}: 'where' names column {column!r}, which the data lacks")
+        rows = [r for r in rows if r[column] in values]
+    return rows
+
+
+def _ordered(rows: list[dict[str, str]], order: dict[str, list[Any]], source: str) -> list[dict[str, str]]:
+    """Rows sorted by the position of their value in each ``order`` list (stable; unlisted values last)."""
+    for column, values in reversed(list(order.items())):
+        if rows and column not in rows[0]:
+            raise ResultsError(f"{source}: 'order' names column {column!r}, which the data lacks")
+        rank = {str(v): i for i, v in enumerate(values)}
+        rows = sorted(rows, key=lambda r: rank.get(r[column], len(rank)))
+    return rows
+
+
+def _relative(target: Path, doc: Path) -> str:
+    return Path(os.path.relpath(target, doc.parent)).as_posix()
+
+
+def render_table(root: Path, table: Table, doc: Path) -> str:
+    """The Markdown of one table (caption with its protocol, the table, its figure), links relative to ``doc``."""
+    spec, where = table.spec, f"results/{table.experiment}/experiment.json, table {table.name!r}"
+    folder = root / table.experiment
+    rows = _joined(root, table, read_rows(folder / spec.get("file", "rows.csv")))
+    rows = _ordered(_selected(rows, spec.get("where", {}), where), spec.get("order", {}), where)
+    if not rows:
+        raise ResultsError(f"{where}: no rows selected")
+    columns = spec["columns"]
+    protocol = PROTOCOLS[spec.get("protocol", table.meta["protocol"])]
+    caption = spec.get("caption", table.meta["title"]).rstrip(".")
+    lines = [f"{caption}. Protocol: {protocol}. Data: [`results/{table.experiment}/`]({_relative(folder, doc)}/).", "",
+             "| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [_cell(c[1:], row, where) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    figure = spec.get("figure")
+    if figure:
+        if not (folder / figure).is_file():
+            raise ResultsError(f"{where}: figure {figure!r} is not in results/{table.experiment}/")
+        lines += ["", f"![{spec.get('figure_alt', caption)}]({_relative(folder / figure, doc)})"]
+    return "\n".join(lines) + "\n"
+
+
+def render_hparams() -> str:
+    """The reference table of ECEHyperParams: every field, its type, default and description."""
+    from ..method.hparams import ECEHyperParams
+
+    lines = ["| Key | Type | Default | What it does |", "|---|---|---|---|"]
+    missing = []
+    for f in dataclasses.fields(ECEHyperParams):
+        if f.name not in HPARAM_DOC:
+            missing.append(f.name)
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f"`{f.default!r}`"
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f"`{f.default_factory()!r}`"
+        else:
+            default = "required"
+        kind = str(f.type).replace("|", "or")
+        lines.append(f"| `{f.name}` | `{kind}` | {default} | {HPARAM_DOC[f.name]} |")
+    if missing:
+        raise ResultsError(f"ECEHyperParams field(s) {missing} have no description in HPARAM_DOC "
+                           f"(ece_plugin/lab/results.py)")
+    return "\n".join(lines) + "\n"
+
+
+def render_document(text: str, doc: Path, renderers: dict[str, Callable[[Path], str]]) -> str:
+    """``text`` with every marked block re-rendered; an unknown or unclosed marker is an error naming it."""
+    opened = OPEN_MARKER.findall(text)
+    closed = [m.group("name") for m in MARKER.finditer(text)]
+    if sorted(opened) != sorted(closed):
+        unclosed = sorted(set(opened) - set(closed)) or opened
+        raise ResultsError(f"{doc}: marker(s) {unclosed} without their <!-- /results:NAME --> close")
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group("name")
+        if name not in renderers:
+            raise ResultsError(f"{doc}: no table {name!r} in results/ (known: {sorted(renderers)})")
+        return f"<!-- results:{name} -->\n{renderers[name](doc)}<!-- /results:{name} -->"
+
+    return MARKER.sub(replace, text)
+
+
+def documents(repo: Path) -> list[Path]:
+    """README.md and every Markdown file under docs/."""
+    return [p for p in [repo / "README.md", *sorted((repo / "docs").rglob("*.md"))] if p.is_file()]
+
+
+def renderers_for(root: Path) -> dict[str, Callable[[Path], str]]:
+    tables = load_tables(root)
+    out: dict[str, Callable[[Path], str]] = {name: (lambda doc, t=t: render_table(root, t, doc))
+                                             for name, t in tables.items()}
+    out[HPARAMS_TABLE] = lambda doc: render_hparams()
+    return out
+
+
+def render_all(repo: Path, root: Optional[Path] = None, write: bool = True,
+               docs: Optional[Sequence[Path]] = None) -> list[Path]:
+    """Render every document; return those whose text differs from what was rendered (written when ``write``)."""
+    renderers = renderers_for(root or repo / "results")
+    changed = []
+    for doc in docs if docs is not None else documents(repo):
+        text = doc.read_text()
+        new = render_document(text, doc, renderers)
+        if new != text:
+            changed.append(doc)
+            if write:
+                write_text(doc, new)
+                logger.info("rendered %s", doc)
+    return changed
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ece_plugin.lab.results", description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a document is out of date")
+    parser.add_argument("--repo", type=Path, default=REPO_ROOT, help="repository root (default %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        changed = render_all(args.repo, write=not args.check)
+    except ResultsError as exc:
+        logger.error("error: %s", exc)
+        return 2
+    if args.check and changed:
+        logger.error("out of date (run python -m ece_plugin.lab.results): %s",
+                     ", ".join(str(p.relative_to(args.repo)) for p in changed))
+        return 1
+    logger.info("%s: %d document(s) %s", "check" if args.check else "render", len(changed),
+                "differ" if args.check else "rewritten")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
