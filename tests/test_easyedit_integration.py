@@ -422,12 +422,12 @@ def test_main_layer_stats_reads_the_bundled_statistics() -> None:
     model, tok = load_model_and_tokenizer(TESTBED, device="cpu")
     layer = "model.layers.0.mlp.down_proj"
     stats_dir = REPO / "data" / "stats"
-    npz = stats_dir / "testbed-llama" / "wikipedia_stats" / f"{layer}_float32_mom2_1000.npz"
+    npz = stats_dir / "testbed-llama" / "wikitext-2-raw_stats" / f"{layer}_float32_mom2_1000.npz"
 
     class HP:  # what EasyEdit's get_cov passes along
         device = "cpu"
 
-    stat = layer_stats(model, tok, layer, str(stats_dir), "wikipedia", to_collect=["mom2"], sample_size=1000,
+    stat = layer_stats(model, tok, layer, str(stats_dir), "wikitext-2-raw", to_collect=["mom2"], sample_size=1000,
                        precision="float32", hparams=HP())
     with np.load(npz) as data:
         expected = torch.from_numpy(data["mom2.mom2"] / float(data["mom2.count"]))

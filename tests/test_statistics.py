@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from ece_plugin import statistics as st
+from ece_plugin.method import statistics as st
 from ece_plugin.method.statistics import (
     StatisticsCache,
     StatisticsError,
@@ -88,7 +88,7 @@ def tok(corpus: Path) -> PreTrainedTokenizerFast:
     return make_tokenizer(corpus.read_text().splitlines())
 
 
-def _spec(tmp_path: Path, corpus: Path, n: int = 1000, **kw: object) -> StatsSpec:
+def _spec(tmp_path: Path, corpus: Path, n: int = 30, **kw: object) -> StatsSpec:
     return StatsSpec(n_samples=n, ds_name="tinytext", stats_dir=str(tmp_path / "stats"), corpus=str(corpus), **kw)
 
 
@@ -108,10 +108,10 @@ def _direct_llama(model: LlamaForCausalLM, chunks: list[list[int]], layer: int) 
 
 def test_second_moment_equals_direct_computation_llama(tmp_path: Path, corpus: Path, tok) -> None:
     model = make_llama(len(tok))
-    spec = _spec(tmp_path, corpus)
+    spec = _spec(tmp_path, corpus, n=40)
     _, chunks = st.collect_chunks(tok, spec, st.model_max_length(model))
     assert max(len(c) for c in chunks) == 64  # long lines were cut at the context length
-    assert len(chunks) < spec.n_samples  # the tiny corpus runs out: every chunk is used
+    assert len(chunks) == spec.n_samples
     result = compute_statistics(model, tok, ["model.layers.1.mlp.down_proj"], spec, write=False, progress=False)
     stats = result["model.layers.1.mlp.down_proj"]
     assert stats.count == sum(len(c) for c in chunks)
@@ -153,22 +153,24 @@ def test_gpt2_conv1d_input_is_the_dff_dim(tmp_path: Path, corpus: Path, tok) -> 
 
 def test_cache_written_in_easyedit_layout_and_reused(tmp_path: Path, corpus: Path, tok) -> None:
     model = make_llama(len(tok))
-    spec = _spec(tmp_path, corpus, n=500)
+    spec = _spec(tmp_path, corpus, n=25)
     layer = "model.layers.0.mlp.down_proj"
     cache = StatisticsCache()
     c0 = cache.second_moment(model, tok, layer, spec)
-    paths = easyedit_stats_paths(spec.stats_dir, "tiny/llama-test", "tinytext", layer, "float32", 500)
-    assert paths.main == tmp_path / "stats" / "llama-test" / "tinytext_stats" / f"{layer}_float32_mom2_500.npz"
-    assert paths.pypi == tmp_path / "stats" / "tiny_llama-test" / "tinytext_stats" / f"{layer}_float32_mom2_500.npz"
+    paths = easyedit_stats_paths(spec.stats_dir, "tiny/llama-test", "tinytext", layer, "float32", 25)
+    assert paths.main == tmp_path / "stats" / "llama-test" / "tinytext_stats" / f"{layer}_float32_mom2_25.npz"
+    assert paths.pypi == tmp_path / "stats" / "tiny_llama-test" / "tinytext_stats" / f"{layer}_float32_mom2_25.npz"
     assert paths.main.is_file() and paths.pypi.is_file()
     with np.load(paths.main) as data:
         assert {"mom2.constructor", "mom2.count", "mom2.mom2", "sample_size"} <= set(data.files)
-        assert int(data["sample_size"]) == 500
+        assert int(data["sample_size"]) == 25
         assert data["mom2.mom2"].dtype == np.float32
         torch.testing.assert_close(torch.from_numpy(data["mom2.mom2"]).double() / int(data["mom2.count"]),
                                    c0.double(), rtol=1e-5, atol=1e-7)
         meta = json.loads(str(data[st.METADATA_KEY]))
-    assert meta["layer_name"] == layer and meta["d_ff"] == 48 and meta["n_samples"] == 500
+    assert meta["layer_name"] == layer and meta["d_ff"] == 48 and meta["n_samples"] == meta["n_chunks"] == 25
+    assert (meta["stats_set"], meta["corpus"], meta["fallback"]) == ("tinytext", str(corpus.resolve()), False)
+    assert meta["n_tokens"] == int(np.load(paths.main)["mom2.count"]) > 25
     # a fresh cache object reads the file instead of recomputing
     def boom(*_a: object, **_k: object) -> None:
         raise AssertionError("recomputed although the cache file exists")
@@ -196,7 +198,7 @@ def test_cache_loadable_by_easyedit_layer_stats(tmp_path: Path, corpus: Path, to
 
     layer_stats = import_easyedit("easyeditor.models.rome.layer_stats").layer_stats
     model = make_llama(len(tok))
-    spec = _spec(tmp_path, corpus, n=300)
+    spec = _spec(tmp_path, corpus, n=35)
     layer = "model.layers.1.mlp.down_proj"
     c0 = StatisticsCache().second_moment(model, tok, layer, spec)
 
@@ -204,7 +206,7 @@ def test_cache_loadable_by_easyedit_layer_stats(tmp_path: Path, corpus: Path, to
         device = "cpu"
         stats_dir = spec.stats_dir
 
-    stat = layer_stats(model, tok, layer, spec.stats_dir, "tinytext", to_collect=["mom2"], sample_size=300,
+    stat = layer_stats(model, tok, layer, spec.stats_dir, "tinytext", to_collect=["mom2"], sample_size=35,
                        precision="float32", hparams=HP())
     torch.testing.assert_close(stat.mom2.moment().float(), c0, rtol=1e-5, atol=1e-7)
 
@@ -326,9 +328,10 @@ def test_model_folder_corpus_is_used_for_its_dataset_name(tmp_path: Path, corpus
     folder = tmp_path / "tiny-llama"
     folder.mkdir()
     model = make_llama(len(tok), name=str(folder))
-    spec = StatsSpec(n_samples=1000, ds_name="factworld", stats_dir=str(tmp_path / "stats"))
-    # no <model>/factworld.txt: the bundled WikiText-2, as before
-    assert st.resolve_corpus(spec, model)[0] == st.BUNDLED_CORPUS_LABEL
+    spec = StatsSpec(n_samples=20, ds_name="factworld", stats_dir=str(tmp_path / "stats"))
+    # no <model>/factworld.txt: nothing stands in for it unasked
+    with pytest.raises(st.StatisticsUnavailableError, match="'factworld'"):
+        st.resolve_corpus(spec, model)
     lines = _corpus_lines()[:40]
     (folder / "factworld.txt").write_text("\n".join(lines) + "\n")
     label, files = st.resolve_corpus(spec, model)
@@ -342,7 +345,8 @@ def test_model_folder_corpus_is_used_for_its_dataset_name(tmp_path: Path, corpus
     assert own.metadata["corpus"] == label
     # 'wikipedia' never reads a model-folder file; an explicit mom2_corpus wins over it
     (folder / "wikipedia.txt").write_text("x" * 200 + "\n")
-    assert st.resolve_corpus(dataclasses.replace(spec, ds_name="wikipedia"), model)[0] == st.BUNDLED_CORPUS_LABEL
+    with pytest.raises(st.StatisticsUnavailableError, match="cannot compute 'wikipedia' itself"):
+        st.resolve_corpus(dataclasses.replace(spec, ds_name="wikipedia"), model)
     assert st.resolve_corpus(dataclasses.replace(spec, corpus=str(corpus)), model)[1] == [corpus]
     # the cache is bound to the corpus text: other text in the file is refused, not silently reused
     (folder / "factworld.txt").write_text("\n".join(lines[::-1]) + "\n")
@@ -353,9 +357,117 @@ def test_model_folder_corpus_is_used_for_its_dataset_name(tmp_path: Path, corpus
 
     from ece_plugin.lab.study.baselines import ensure_statistics
 
-    hp = SimpleNamespace(mom2_n_samples=1000, mom2_dataset="factworld", stats_dir=str(tmp_path / "stats"),
+    hp = SimpleNamespace(mom2_n_samples=20, mom2_dataset="factworld", stats_dir=str(tmp_path / "stats"),
                          mom2_dtype="float32", rewrite_module_tmp="model.layers.{}.mlp.down_proj", layers=[0])
     with pytest.raises(StatisticsMismatchError, match=r"corpus 'model:tiny-llama/factworld.txt@sha256:"):
         ensure_statistics(model, tok, hp, progress=False)
     (folder / "factworld.txt").write_text("\n".join(lines) + "\n")  # the text the cache was made from
     assert ensure_statistics(model, tok, hp, progress=False) == []  # accepted, nothing recomputed
+
+
+# ------------------------------------------------------------------ honest names: what a file is computed from
+def _wiki_spec(tmp_path: Path, **kw: object) -> StatsSpec:
+    return StatsSpec(n_samples=100000, ds_name="wikipedia", stats_dir=str(tmp_path / "stats"), **kw)  # type: ignore[arg-type]
+
+
+def test_a_set_that_cannot_be_had_is_an_error_naming_how_to_supply_it(tmp_path: Path, tok) -> None:
+    model = make_llama(len(tok))
+    layer = "model.layers.0.mlp.down_proj"
+    with pytest.raises(st.StatisticsUnavailableError) as info:
+        StatisticsCache().second_moment(model, tok, layer, _wiki_spec(tmp_path))
+    text = str(info.value)
+    where = tmp_path / "stats" / "llama-test" / "wikipedia_stats" / f"{layer}_float32_mom2_100000.npz"
+    assert str(where) in text and "mom2_n_samples 100000" in text
+    assert "precomputed" in text and "mom2_corpus" in text and "mom2_fallback_corpus: wikitext-2-raw" in text
+    assert not (tmp_path / "stats").exists()  # nothing written
+
+
+
+def test_a_local_corpus_is_never_filed_under_easyedits_names(tmp_path: Path, corpus: Path, tok) -> None:
+    """mom2_dataset 'wikipedia' (the default) with mom2_corpus tiny.txt: filed as 'tiny', read back from there."""
+    model = make_llama(len(tok))
+    layer = "model.layers.0.mlp.down_proj"
+    spec = StatsSpec(n_samples=20, ds_name="wikipedia", stats_dir=str(tmp_path / "stats"), corpus=str(corpus))
+    c0 = StatisticsCache().second_moment(model, tok, layer, spec)
+    model_dir = tmp_path / "stats" / "llama-test"
+    assert sorted(p.name for p in model_dir.iterdir()) == ["tiny_stats"]
+    again = StatisticsCache().second_moment(model, tok, layer, spec)
+    torch.testing.assert_close(again, c0)
+    assert len(list((model_dir / "tiny_stats").iterdir())) == 1
+
+
+def test_a_short_corpus_is_an_error_unless_fallback_is_asked_for(tmp_path: Path, corpus: Path, tok) -> None:
+    model = make_llama(len(tok))
+    layer = "model.layers.0.mlp.down_proj"
+    _, every = st.collect_chunks(tok, _spec(tmp_path, corpus, n=10**6, fallback="x"), 64)
+    with pytest.raises(st.StatisticsUnavailableError, match=rf"holds {len(every)} samples .* fewer than mom2_n_samples 1000000"):
+        compute_statistics(model, tok, [layer], _spec(tmp_path, corpus, n=10**6), progress=False)
+    # asked for: every chunk is used and the file is named after the count used
+    spec = _spec(tmp_path, corpus, n=10**6, fallback=str(corpus))
+    stats = compute_statistics(model, tok, [layer], spec, progress=False)[layer]
+    assert stats.n_chunks == len(every) and stats.metadata["n_samples"] == len(every)
+    assert stats.metadata["requested_n_samples"] == 10**6 and stats.metadata["fallback"] is True
+    names = sorted(p.name for p in (tmp_path / "stats" / "llama-test" / "tinytext_stats").iterdir())
+    assert names == [f"{layer}_float32_mom2_{len(every)}.npz"]
+
+
+def test_fallback_is_filed_under_its_own_name_and_reused(tmp_path: Path, corpus: Path, tok, monkeypatch) -> None:
+    model = make_llama(len(tok))
+    layer = "model.layers.0.mlp.down_proj"
+    standin = tmp_path / "standin.txt"
+    standin.write_text(corpus.read_text())
+    spec = _wiki_spec(tmp_path, fallback=str(standin))
+    c0 = StatisticsCache().second_moment(model, tok, layer, spec)
+    model_dir = tmp_path / "stats" / "llama-test"
+    assert not (model_dir / "wikipedia_stats").exists()  # never under the name asked for
+    (written,) = (model_dir / "standin_stats").iterdir()
+    with np.load(written) as data:
+        meta = json.loads(str(data[st.METADATA_KEY]))
+        n = int(data["sample_size"])
+    assert written.name == f"{layer}_float32_mom2_{n}.npz" and n == meta["n_chunks"] < 100000
+    assert (meta["stats_set"], meta["requested_ds_name"], meta["requested_n_samples"]) == ("standin", "wikipedia", 100000)
+    assert meta["corpus"] == str(standin.resolve()) and meta["n_tokens"] > n
+    # a later session finds the stand-in without recomputing
+    monkeypatch.setattr(st, "compute_statistics", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    torch.testing.assert_close(StatisticsCache().second_moment(model, tok, layer, spec), c0)
+    monkeypatch.undo()
+    # without the fallback key the request is still refused: the stand-in is never taken for Wikipedia
+    with pytest.raises(st.StatisticsUnavailableError):
+        StatisticsCache().second_moment(model, tok, layer, dataclasses.replace(spec, fallback=None))
+
+
+def test_bundled_corpus_by_its_own_name(tmp_path: Path) -> None:
+    corpus = st.local_corpus(StatsSpec(ds_name="wikitext-2-raw"))
+    assert corpus is not None and corpus.label == st.BUNDLED_CORPUS_LABEL
+    assert [p.name for p in corpus.files] == ["wiki.valid.raw", "wiki.test.raw"]
+    assert st.fallback_corpus("wikitext-2-raw").name == "wikitext-2-raw"
+    with pytest.raises(StatisticsError, match="neither a bundled corpus"):
+        st.fallback_corpus(str(tmp_path / "absent"))
+
+
+def test_a_mislabelled_file_of_an_earlier_version_is_refused(tmp_path: Path, corpus: Path, tok) -> None:
+    """wikipedia_stats/..._mom2_100000.npz computed from WikiText-2 (format 1): ECE and the baselines' check refuse
+    it, so EasyEdit's MEMIT and AlphaEdit never read it as Wikipedia."""
+    model = make_llama(len(tok))
+    layer = "model.layers.0.mlp.down_proj"
+    made = compute_statistics(model, tok, [layer], _spec(tmp_path, corpus, n=20), progress=False)[layer]
+    legacy = {k: v for k, v in made.metadata.items() if k not in ("stats_set", "requested_ds_name",
+                                                                  "requested_n_samples", "fallback")}
+    legacy.update(format="ece-plugin-mom2/1", corpus=st.BUNDLED_CORPUS_LABEL, ds_name="wikipedia", n_samples=100000)
+    spec = _wiki_spec(tmp_path)
+    path = st.stats_paths_for(model, layer, spec).main
+    path.parent.mkdir(parents=True)
+    with open(path, "wb") as f:
+        np.savez(f, **{"mom2.constructor": np.array("x"), "mom2.count": np.array(made.count),
+                       "mom2.mom2": made.mom2_sum.numpy(), "sample_size": np.array(100000),
+                       st.METADATA_KEY: np.array(json.dumps(legacy))})
+    with pytest.raises(StatisticsMismatchError, match="not from 'wikipedia'.*computed from 20 samples, not the 100000"):
+        StatisticsCache().second_moment(model, tok, layer, spec)
+    from types import SimpleNamespace
+
+    from ece_plugin.lab.study.baselines import ensure_statistics
+
+    hp = SimpleNamespace(mom2_n_samples=100000, mom2_dataset="wikipedia", stats_dir=spec.stats_dir,
+                         mom2_dtype="float32", rewrite_module_tmp="model.layers.{}.mlp.down_proj", layers=[0])
+    with pytest.raises(StatisticsMismatchError, match="earlier ece-plugin"):
+        ensure_statistics(model, tok, hp, progress=False)

@@ -147,8 +147,8 @@ def test_stats_command_writes_easyedit_layout(world: World, tmp_path: Path, caps
     rc, out, err = _run(capsys, "stats", "--model", str(world.model_dir), "--hparams", str(world.hparams),
                         "--out", str(tmp_path / "st"), "--device", "cpu")
     assert rc == 0, err
-    files = sorted(p.name for p in (world.stats_dir / "tiny-llama" / "wikipedia_stats").glob("*.npz"))
-    assert files == [f"model.layers.{i}.mlp.down_proj_float32_mom2_200.npz" for i in (0, 1)]
+    files = sorted(p.name for p in (world.stats_dir / "tiny-llama" / "corpus_stats").glob("*.npz"))
+    assert files == [f"model.layers.{i}.mlp.down_proj_float32_mom2_50.npz" for i in (0, 1)]
     assert json.loads((tmp_path / "st" / "stats.json").read_text())["stats_dir"] == str(world.stats_dir)
 
 

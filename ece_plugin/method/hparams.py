@@ -122,7 +122,10 @@ class ECEHyperParams(_HyperParamsBase):  # type: ignore[misc,valid-type]
     # ridge on the update (ENCORE's norm constraint): lambda C0 + Cprev + K K^T + update_ridge * I; 0: the paper's
     update_ridge: float = 0.0
     mom2_dataset: str = "wikipedia"  # name of the statistics set in the cache path ({name}_stats)
-    mom2_corpus: Optional[str] = None  # text file or folder; None -> the bundled WikiText-2
+    # text file or folder; None -> the set mom2_dataset names (wikitext-2-raw: bundled; else a cache file)
+    mom2_corpus: Optional[str] = None
+    # a corpus (bundled name or path) to compute C0 from, cached under ITS name, when mom2_dataset's cannot be had
+    mom2_fallback_corpus: Optional[str] = None
     mom2_n_samples: int = 100000
     mom2_dtype: str = "float32"
     stats_dir: str = "./data/stats"

@@ -4,21 +4,32 @@ The keys ``k`` are the input of the MLP down/out projection ``hparams.rewrite_mo
 (Llama ``mlp.down_proj``, an ``nn.Linear``; GPT-2 ``mlp.c_proj``, a ``Conv1D``): the ``d_ff``-dimensional
 hidden activations. The second moment is averaged over every (non-padding) token of the corpus.
 
-Corpus. ``hparams.mom2_corpus`` when set: a text file, or a folder whose ``*.txt`` / ``*.raw`` files are read in
-sorted order. Else the model's own corpus ``<model folder>/<mom2_dataset>.txt`` when the model folder holds one
-(a testbed's statistics corpus, ``ece-plugin stats-corpus``; EasyEdit's ROME / MEMIT / AlphaEdit name their cache
-folder after ``mom2_dataset`` too, so they read the same statistics). Else the bundled WikiText-2
-(``data/wikitext-2-raw/wiki.valid.raw`` then ``wiki.test.raw``), standing in for EasyEdit's Wikipedia. A text
-unit is one line with at least :data:`MIN_LINE_CHARS` characters that is not a WikiText heading (``= Title =``). Each unit is tokenised (with the tokenizer's special tokens) and cut into chunks
-of at most ``min(model context length, MAX_CHUNK_TOKENS)`` tokens.
+Corpus: the statistics set ``mom2_dataset`` names, and nothing else.
+
+* ``mom2_corpus`` set: that text file, or the ``*.txt`` / ``*.raw`` files of that folder in sorted order, cached
+  under the name ``mom2_dataset`` gives it, except EasyEdit's own corpus names (``wikipedia``, ``wikitext``:
+  :data:`EASYEDIT_DATASETS`), which a local text is never filed under (EasyEdit would read it as theirs): then
+  under the file's stem or the folder's name.
+* ``mom2_dataset: wikitext-2-raw``: the bundled WikiText-2 (``data/wikitext-2-raw/wiki.valid.raw`` then
+  ``wiki.test.raw``), :data:`BUNDLED_CORPORA`.
+* ``<model folder>/<mom2_dataset>.txt`` when the model folder holds one (a testbed's corpus, ``ece-plugin
+  stats-corpus``).
+* Else (``wikipedia``, EasyEdit's default) ECE cannot compute the set itself: it reads the cache file EasyEdit
+  computed or shipped, and without one stops with :class:`StatisticsUnavailableError`, which says where the file
+  goes and how to supply it. Only ``mom2_fallback_corpus`` (a bundled corpus name or a path) makes it compute
+  from another corpus, and that result is cached under the FALLBACK's name and sample count, so that no reader,
+  EasyEdit's MEMIT and AlphaEdit included, takes it for the set asked for.
+
+A text unit is one line with at least :data:`MIN_LINE_CHARS` characters that is not a WikiText heading
+(``= Title =``). Each unit is tokenised (with the tokenizer's special tokens) and cut into chunks of at most
+``min(model context length, MAX_CHUNK_TOKENS)`` tokens.
 
 Samples. ``mom2_n_samples`` counts SAMPLES, as in EasyEdit's ``layer_stats``: there a sample is one
 dataset text truncated to the model's context length; here it is one chunk (a token sequence of at most
 256 tokens). The sums run over every token of the first ``n_samples`` chunks; ``mom2.count`` is the
-number of TOKENS. WikiText-2 (valid + test) holds a few thousand chunks, far fewer than EasyEdit's default
-100,000 Wikipedia articles: when the corpus runs out, every chunk is used, a warning says so, and the
-cache metadata records the chunks and tokens actually seen. The file name keeps the requested
-``n_samples`` so that EasyEdit finds the file under the name it computes.
+number of TOKENS. A corpus with fewer chunks than ``mom2_n_samples`` is an error naming how many it holds; only
+with ``mom2_fallback_corpus`` set is every chunk used, and the file is then named after the chunks used
+(``..._mom2_<used>.npz``, ``sample_size`` = used), never after the count asked for.
 
 Precision. Each batch's ``K^T K`` is computed in float32 (float64 when ``mom2_dtype`` is float64) on the
 module's device and added to a float64 running sum, so that long corpora add up without drift while the
@@ -32,18 +43,21 @@ Cache layout (identical to EasyEdit's ``models/rome/layer_stats.py`` + ``util/ru
 Keys: ``mom2.constructor``, ``mom2.count`` (tokens), ``mom2.mom2`` (the SUM of k k^T, in ``dtype``;
 float16/bfloat16 are stored as float32 because the sum overflows half precision), ``sample_size`` (the
 requested ``n``, checked by EasyEdit's loader), and ``ece.metadata`` (JSON: model fingerprint, layer,
-d_ff, corpus, chunks and tokens used). EasyEdit's loader reads only the ``mom2.`` keys and
+d_ff, corpus, the statistics set it is filed under (``stats_set``), chunks and tokens used, and what was asked
+for: ``requested_ds_name``, ``requested_n_samples``, ``fallback``). EasyEdit's loader reads only the ``mom2.`` keys and
 ``sample_size``, so the extra key is harmless. Both paths are written (a hard link, or a copy, for the
 second), each atomically (temporary file + ``os.replace``), so EasyEdit's own ROME, MEMIT and AlphaEdit
 find the same statistics offline.
 
 A file whose metadata names another model (config hash, hidden size, embeddings), another layer, another
-shape, sample count or corpus is refused with :class:`StatisticsMismatchError`; a file written by
-EasyEdit itself (no ECE metadata) is accepted after the shape and sample-count checks.
+shape, sample count, corpus or statistics set is refused with :class:`StatisticsMismatchError` (so is a file an
+earlier version wrote under a name its corpus was not: ``wikipedia_stats`` computed from WikiText-2); a file
+written by EasyEdit itself (no ECE metadata) is accepted after the shape and sample-count checks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -69,9 +83,16 @@ MAX_CHUNK_TOKENS = 256
 MIN_LINE_CHARS = 20
 CHUNK_BATCH_SIZE = 16
 METADATA_KEY = "ece.metadata"
-METADATA_FORMAT = "ece-plugin-mom2/1"
+METADATA_FORMAT = "ece-plugin-mom2/2"
+#: The bundled corpus: its statistics-set name (``mom2_dataset``) and the label its cache metadata carries.
+BUNDLED_CORPUS_NAME = "wikitext-2-raw"
 BUNDLED_CORPUS_LABEL = "bundled:wikitext-2-raw"
 _BUNDLED_FILES = ("wiki.valid.raw", "wiki.test.raw")
+#: Corpora that come with ece-plugin, by statistics-set name: (folder under data/, files in order).
+BUNDLED_CORPORA = {BUNDLED_CORPUS_NAME: ("wikitext-2-raw", _BUNDLED_FILES)}
+#: Statistics-set names EasyEdit's ``layer_stats`` computes from its own Hugging Face datasets (Wikipedia
+#: 20200501.en, WikiText-103): ECE never files anything it computed under them.
+EASYEDIT_DATASETS = ("wikipedia", "wikitext")
 _CONSTRUCTOR = "easyeditor.util.runningstats.SecondMoment()"
 _CONFIG_KEYS = (
     "model_type",
@@ -97,6 +118,10 @@ class StatisticsMismatchError(StatisticsError):
     """A cache file exists but belongs to another model, layer, shape, sample count or corpus."""
 
 
+class StatisticsUnavailableError(StatisticsError):
+    """The statistics asked for (corpus, sample count) are neither cached nor computable here."""
+
+
 # --------------------------------------------------------------------------------------------- specs
 @dataclass(frozen=True)
 class StatsSpec:
@@ -106,7 +131,8 @@ class StatsSpec:
     ds_name: str = "wikipedia"
     stats_dir: str = "./data/stats"
     dtype: str = "float32"
-    corpus: Optional[str] = None  # None -> the bundled WikiText-2
+    corpus: Optional[str] = None  # None -> the corpus ds_name names (bundled, model folder) or a cache file
+    fallback: Optional[str] = None  # a corpus to use, under its own name, when ds_name's cannot be had
     max_chunk_tokens: int = MAX_CHUNK_TOKENS
     batch_size: int = CHUNK_BATCH_SIZE
 
@@ -120,13 +146,15 @@ class StatsSpec:
 
     @classmethod
     def from_hparams(cls, hparams: Any, **overrides: Any) -> StatsSpec:
-        """Read ``mom2_n_samples``, ``mom2_dataset``, ``stats_dir``, ``mom2_dtype``, ``mom2_corpus``."""
+        """Read ``mom2_n_samples``, ``mom2_dataset``, ``stats_dir``, ``mom2_dtype``, ``mom2_corpus``,
+        ``mom2_fallback_corpus``."""
         values: dict[str, Any] = {
             "n_samples": int(getattr(hparams, "mom2_n_samples", cls.n_samples)),
             "ds_name": str(getattr(hparams, "mom2_dataset", cls.ds_name)),
             "stats_dir": str(getattr(hparams, "stats_dir", cls.stats_dir)),
             "dtype": str(getattr(hparams, "mom2_dtype", cls.dtype)),
             "corpus": getattr(hparams, "mom2_corpus", None),
+            "fallback": getattr(hparams, "mom2_fallback_corpus", None),
         }
         values.update(overrides)
         return cls(**values)
@@ -268,9 +296,10 @@ def corpus_files(corpus: Optional[str]) -> tuple[str, list[Path]]:
 
 
 def model_corpus_file(model: Optional[nn.Module], ds_name: str) -> Optional[Path]:
-    """``<model folder>/<ds_name>.txt`` when the model was loaded from a folder holding it (never for 'wikipedia')."""
+    """``<model folder>/<ds_name>.txt`` when the model was loaded from a folder holding it (never for EasyEdit's
+    own set names, :data:`EASYEDIT_DATASETS`)."""
     name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
-    if not name or ds_name == "wikipedia" or "/" in ds_name:
+    if not name or ds_name in EASYEDIT_DATASETS or "/" in ds_name:
         return None
     path = Path(name) / f"{ds_name}.txt"
     return path if path.is_file() else None
@@ -287,13 +316,97 @@ def _file_digest(path: Path) -> str:
 MODEL_CORPUS_PREFIX = "model:"  # label of a corpus file in the model's folder: model:<dir>/<name>.txt@sha256:...
 
 
+@dataclass(frozen=True)
+class Corpus:
+    """A corpus statistics can be computed from, and the statistics-set name its cache files carry."""
+
+    name: str  # {name}_stats in the cache path
+    label: str  # what the cache metadata records (bundled name, absolute path, model-folder file + digest)
+    files: tuple[Path, ...]
+    fallback: bool = False  # a stand-in the user allowed for a set that could not be had
+
+
+def _bundled_corpus(name: str) -> Corpus:
+    folder, names = BUNDLED_CORPORA[name]
+    from ..resources import repo_path
+
+    files = tuple(repo_path("data", folder, n) for n in names)
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise StatisticsError(f"bundled corpus {name!r} missing: {missing}; reinstall ece-plugin or set mom2_corpus")
+    return Corpus(name, f"bundled:{name}", files)
+
+
+def local_corpus(spec: StatsSpec, model: Optional[nn.Module] = None) -> Optional[Corpus]:
+    """The corpus ``spec`` names when it can be read here (``mom2_corpus``, a bundled set, a model-folder
+    file); None for a set only EasyEdit computes (``wikipedia``)."""
+    if spec.corpus is not None:
+        label, files = corpus_files(spec.corpus)
+        return Corpus(_local_name(spec.ds_name, Path(spec.corpus).expanduser()), label, tuple(files))
+    if spec.ds_name in BUNDLED_CORPORA:
+        return _bundled_corpus(spec.ds_name)
+    own = model_corpus_file(model, spec.ds_name)
+    if own is not None:
+        label = f"{MODEL_CORPUS_PREFIX}{own.parent.name}/{own.name}@sha256:{_file_digest(own)}"
+        return Corpus(spec.ds_name, label, (own,))
+    return None
+
+
+def _local_name(ds_name: str, path: Path) -> str:
+    """The set name statistics from the local corpus ``path`` are filed under: ``mom2_dataset``, unless that is
+    one of EasyEdit's own corpora (``wikipedia``, the default): then the file's stem or the folder's name, so
+    that EasyEdit's MEMIT and AlphaEdit never read a local text as their Wikipedia."""
+    if ds_name not in EASYEDIT_DATASETS:
+        return ds_name
+    name = path.stem if path.is_file() else path.name
+    return f"{name}-local" if name in EASYEDIT_DATASETS or not name else name
+
+
+def fallback_corpus(value: str) -> Corpus:
+    """The corpus ``mom2_fallback_corpus`` names: a bundled set (``wikitext-2-raw``) or a text file / folder,
+    filed under the bundled name or the file's stem / folder's name."""
+    if value in BUNDLED_CORPORA:
+        return dataclasses.replace(_bundled_corpus(value), fallback=True)
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise StatisticsError(
+            f"mom2_fallback_corpus: {value!r} is neither a bundled corpus ({sorted(BUNDLED_CORPORA)}) nor a "
+            "file or folder"
+        )
+    name = _local_name("wikipedia", path)
+    label, files = corpus_files(value)
+    return Corpus(name, label, tuple(files), fallback=True)
+
+
+def unavailable_message(spec: StatsSpec, where: Path) -> str:
+    """What is missing for ``spec`` and the three ways to supply it."""
+    return (
+        f"no statistics for mom2_dataset {spec.ds_name!r} with mom2_n_samples {spec.n_samples} (expected at "
+        f"{where}), and ece-plugin cannot compute {spec.ds_name!r} itself. Supply them: put EasyEdit's "
+        "precomputed file there (or run EasyEdit's MEMIT once with this stats_dir); or compute them from a local "
+        "corpus with mom2_corpus: <text file or folder> and mom2_dataset: <its name> (mom2_dataset: "
+        f"{BUNDLED_CORPUS_NAME} for the bundled WikiText-2); or accept a stand-in, cached under its own name, "
+        f"with mom2_fallback_corpus: {BUNDLED_CORPUS_NAME}"
+    )
+
+
+def choose_corpus(spec: StatsSpec, model: Optional[nn.Module] = None, where: Optional[Path] = None) -> Corpus:
+    """The corpus statistics for ``spec`` are computed from: its own, else the fallback the user allowed, else
+    :class:`StatisticsUnavailableError`."""
+    own = local_corpus(spec, model)
+    if own is not None:
+        return own
+    if spec.fallback:
+        return fallback_corpus(spec.fallback)
+    target = where if where is not None else Path(spec.stats_dir) / "<model>" / f"{spec.ds_name}_stats"
+    raise StatisticsUnavailableError(unavailable_message(spec, target))
+
+
 def resolve_corpus(spec: StatsSpec, model: Optional[nn.Module] = None) -> tuple[str, list[Path]]:
-    """The label (stored in the cache metadata) and files of the corpus ``spec`` asks for on ``model``."""
-    if spec.corpus is None:
-        own = model_corpus_file(model, spec.ds_name)
-        if own is not None:
-            return f"{MODEL_CORPUS_PREFIX}{own.parent.name}/{own.name}@sha256:{_file_digest(own)}", [own]
-    return corpus_files(spec.corpus)
+    """The label (stored in the cache metadata) and files of the corpus ``spec`` is computed from on ``model``
+    (:func:`choose_corpus`)."""
+    corpus = choose_corpus(spec, model)
+    return corpus.label, list(corpus.files)
 
 
 def iter_corpus_lines(files: Sequence[Path], min_chars: int = MIN_LINE_CHARS) -> Iterator[str]:
@@ -338,25 +451,34 @@ def iter_chunks(tok: Any, lines: Iterator[str], max_len: int, block: int = 256) 
 
 
 def collect_chunks(
-    tok: Any, spec: StatsSpec, max_len: int, model: Optional[nn.Module] = None
+    tok: Any, spec: StatsSpec, max_len: int, model: Optional[nn.Module] = None, corpus: Optional[Corpus] = None
 ) -> tuple[str, list[list[int]]]:
-    label, files = resolve_corpus(spec, model)
+    """The label and the first ``n_samples`` chunks of the corpus (``corpus``, else :func:`choose_corpus`). A
+    corpus holding fewer is an error, unless it is the user's fallback: then every chunk is used."""
+    if corpus is None:
+        corpus = choose_corpus(spec, model)
     chunks: list[list[int]] = []
-    for chunk in iter_chunks(tok, iter_corpus_lines(files), max_len):
+    for chunk in iter_chunks(tok, iter_corpus_lines(corpus.files), max_len):
         chunks.append(chunk)
         if len(chunks) >= spec.n_samples:
             break
     if not chunks:
-        raise StatisticsError(f"corpus {label} yielded no text (lines need >= {MIN_LINE_CHARS} characters)")
+        raise StatisticsError(f"corpus {corpus.label} yielded no text (lines need >= {MIN_LINE_CHARS} characters)")
     if len(chunks) < spec.n_samples:
+        tokens = sum(len(c) for c in chunks)
+        if not (corpus.fallback or spec.fallback):
+            raise StatisticsUnavailableError(
+                f"corpus {corpus.label} holds {len(chunks)} samples (chunks of <= {max_len} tokens; {tokens} tokens), "
+                f"fewer than mom2_n_samples {spec.n_samples}: set mom2_n_samples to {len(chunks)} or less, supply "
+                "a larger corpus (mom2_corpus), or set mom2_fallback_corpus to use every chunk (the cache is then "
+                "named after the samples used)"
+            )
         logger.warning(
-            "corpus %s holds %d chunks of <= %d tokens, fewer than mom2_n_samples=%d: using all of them",
-            label,
-            len(chunks),
-            max_len,
-            spec.n_samples,
+            "corpus %s holds %d samples (%d tokens), fewer than mom2_n_samples=%d: using all of them, as "
+            "mom2_fallback_corpus allows; cached as mom2_%d",
+            corpus.label, len(chunks), tokens, spec.n_samples, len(chunks),
         )
-    return label, chunks
+    return corpus.label, chunks
 
 
 # ------------------------------------------------------------------------------------------- computing
@@ -405,7 +527,9 @@ def compute_statistics(
     modules = {name: _get_module(model, name) for name in names}
     dims = {name: module_input_dim(m) for name, m in modules.items()}
     max_len = model_max_length(model, spec.max_chunk_tokens)
-    label, chunks = collect_chunks(tok, spec, max_len, model)
+    corpus = choose_corpus(spec, model, stats_paths_for(model, names[0], spec).main)
+    label, chunks = collect_chunks(tok, spec, max_len, model, corpus)
+    filed = filed_spec(spec, corpus, len(chunks))
 
     # per-batch products in float32 (fast everywhere; float64 when mom2_dtype asks for it), running sums
     # over batches in float64, so that millions of tokens add up without float32 drift
@@ -477,19 +601,29 @@ def compute_statistics(
             "embedding": emb,
             "layer_name": name,
             "d_ff": dims[name],
-            "n_samples": spec.n_samples,
+            "n_samples": filed.n_samples,
             "n_chunks": len(chunks),
             "n_tokens": counts[name],
             "max_chunk_tokens": max_len,
             "corpus": label,
             "dtype": spec.dtype,
-            "ds_name": spec.ds_name,
+            "ds_name": filed.ds_name,
+            "stats_set": filed.ds_name,
+            "requested_ds_name": spec.ds_name,
+            "requested_n_samples": spec.n_samples,
+            "fallback": filed != spec,
         }
         stats = LayerStatistics(name, acc.cpu(), counts[name], len(chunks), meta)
         results[name] = stats
         if write:
-            write_stats_file(stats_paths_for(model, name, spec), stats, spec)
+            write_stats_file(stats_paths_for(model, name, filed), stats, filed)
     return results
+
+
+def filed_spec(spec: StatsSpec, corpus: Corpus, n_chunks: int) -> StatsSpec:
+    """The statistics set and sample count a result from ``corpus`` is filed under: the corpus's own name and
+    the chunks actually used (the request's when nothing fell back)."""
+    return dataclasses.replace(spec, ds_name=corpus.name, n_samples=min(n_chunks, spec.n_samples))
 
 
 # ------------------------------------------------------------------------------------------ npz files
@@ -624,9 +758,12 @@ def check_stats_file(
             problems.append(f"layer {meta.get('layer_name')!r} != {layer_name!r}")
         if meta.get("d_ff") != d_ff:
             problems.append(f"d_ff {meta.get('d_ff')} != {d_ff}")
-        label = corpus if corpus is not None else resolve_corpus(spec, model)[0]
-        if meta.get("corpus") != label:
-            problems.append(f"corpus {meta.get('corpus')!r} != {label!r}")
+        if corpus is None:
+            own = local_corpus(spec, model)
+            corpus = own.label if own is not None else None
+        if corpus is not None and meta.get("corpus") != corpus:
+            problems.append(f"corpus {meta.get('corpus')!r} != {corpus!r}")
+        problems.extend(_filing_problems(meta, spec, sample_size))
         ours = embedding_fingerprint(model)
         stored = meta.get("embedding") or []
         if ours and stored:
@@ -640,7 +777,73 @@ def check_stats_file(
         )
 
 
+def _filing_problems(meta: dict[str, Any], spec: StatsSpec, sample_size: int) -> list[str]:
+    """Is an ECE-written file filed under what it was computed from (set name, sample count)? Files of
+    ``ece-plugin-mom2/1`` carry no ``stats_set``: one computed from the bundled WikiText-2 under another name, or
+    from fewer chunks than its name says, was a silent fallback and is refused."""
+    problems: list[str] = []
+    label = str(meta.get("corpus", ""))
+    filed_as = meta.get("stats_set")
+    if filed_as is None:  # format 1
+        if label == BUNDLED_CORPUS_LABEL and spec.ds_name != BUNDLED_CORPUS_NAME:
+            problems.append(
+                f"computed from {label}, not from {spec.ds_name!r} (filed under another corpus's name by an "
+                "earlier ece-plugin)"
+            )
+    elif filed_as != spec.ds_name:
+        problems.append(f"statistics set {filed_as!r} != mom2_dataset {spec.ds_name!r}")
+    used = meta.get("n_chunks")
+    if isinstance(used, int) and used < sample_size:
+        problems.append(f"computed from {used} samples, not the {sample_size} its name says")
+    return problems
+
+
 # ----------------------------------------------------------------------------------------------- cache
+def _read_cached(
+    model: nn.Module,
+    layer_name: str,
+    spec: StatsSpec,
+    d_ff: int,
+    paths: Sequence[Path],
+    fallback: Optional[Corpus] = None,
+) -> Optional[torch.Tensor]:
+    """E[k k^T] from the first of ``paths`` that exists, after checking it (against the set and corpus
+    ``fallback`` names when given); None when none exists."""
+    for path in paths:
+        if not path.is_file():
+            continue
+        mom2, count, sample_size, meta = read_stats_file(path)
+        if fallback is not None:
+            corpus = fallback
+            filed = dataclasses.replace(spec, ds_name=corpus.name, n_samples=sample_size)
+            check_stats_file(path, model, layer_name, filed, d_ff, tuple(mom2.shape), sample_size, meta, corpus.label)
+        else:
+            check_stats_file(path, model, layer_name, spec, d_ff, tuple(mom2.shape), sample_size, meta)
+        if count <= 0:
+            raise StatisticsError(f"{path}: mom2.count is {count}")
+        logger.info("loaded statistics %s%s", path, " (the fallback corpus)" if fallback else "")
+        return moment_from_sum(mom2, count)
+    return None
+
+
+def fallback_files(model: nn.Module, layer_name: str, spec: StatsSpec, corpus: Corpus) -> list[Path]:
+    """Cache files of ``corpus``'s set for this layer computed for this request (the sample count asked for, or
+    all the corpus holds when fewer), found by reading each header's metadata."""
+    found: list[Path] = []
+    filed = dataclasses.replace(spec, ds_name=corpus.name)
+    for folder in dict.fromkeys(p.parent for p in stats_paths_for(model, layer_name, filed).all()):
+        for path in sorted(folder.glob(f"{layer_name}_{spec.dtype}_mom2_*.npz")):
+            try:
+                _, sample_size, meta = read_stats_header(path)
+            except StatisticsError:
+                continue
+            if meta is None or meta.get("corpus") != corpus.label:
+                continue
+            if sample_size == spec.n_samples or meta.get("requested_n_samples") == spec.n_samples:
+                found.append(path)
+    return found
+
+
 class StatisticsCache:
     """Per-session holder of E[k k^T] per layer (float32, CPU) and the last masked block per layer."""
 
@@ -666,17 +869,13 @@ class StatisticsCache:
         if key in self._moments:
             return self._moments[key]
         d_ff = module_input_dim(_get_module(model, layer_name))
-        paths = stats_paths_for(model, layer_name, spec)
-        moment: Optional[torch.Tensor] = None
-        for path in paths.all():
-            if path.is_file():
-                mom2, count, sample_size, meta = read_stats_file(path)
-                check_stats_file(path, model, layer_name, spec, d_ff, tuple(mom2.shape), sample_size, meta)
-                if count <= 0:
-                    raise StatisticsError(f"{path}: mom2.count is {count}")
-                moment = moment_from_sum(mom2, count)
-                logger.info("loaded statistics %s", path)
-                break
+        own = local_corpus(spec, model)
+        named = dataclasses.replace(spec, ds_name=own.name) if own is not None else spec  # the name it is filed under
+        moment = _read_cached(model, layer_name, named, d_ff, stats_paths_for(model, layer_name, named).all())
+        if moment is None and spec.fallback:  # a stand-in computed earlier for this request
+            corpus = choose_corpus(spec, model)
+            found = fallback_files(model, layer_name, spec, corpus)
+            moment = _read_cached(model, layer_name, spec, d_ff, found, corpus)
         if moment is None:
             stats = compute_statistics(model, tok, [layer_name], spec, write=True)[layer_name]
             if stats.count <= 0:

@@ -124,7 +124,8 @@ def ensure_statistics(model: torch.nn.Module, tok: Any, hparams: Any, progress: 
 
     spec = statistics.StatsSpec.from_hparams(hparams)
     layer_names = [hparams.rewrite_module_tmp.format(layer) for layer in hparams.layers]
-    current = statistics.resolve_corpus(spec, model)[0]
+    own = statistics.local_corpus(spec, model)  # None for a set only EasyEdit computes (wikipedia)
+    current = own.label if own is not None else None
     missing = []
     for name in layer_names:
         present = [path for path in statistics.stats_paths_for(model, name, spec).all() if path.is_file()]
