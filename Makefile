@@ -113,3 +113,8 @@ test: lint typecheck pytest pytest-main
 
 clean:
 	rm -rf $(VENV) $(VENV_MAIN) .venv-tf5 $(EASYEDIT_MAIN_CLONE) $(EASYEDIT_MAIN_CLONE).tmp build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# Every results table of README.md and docs/ rendered from results/ (`make render CHECK=--check` only checks).
+.PHONY: render
+render: $(VENV)/.stamp
+	$(VENV)/bin/python -m ece_plugin.lab.results $(CHECK)

@@ -1,0 +1,136 @@
+"""results/ renders every results table of README.md and docs/; the renderer on a tiny results folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from ece_plugin.lab import results
+from ece_plugin.lab.results import PROTOCOLS, ResultsError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_readme_and_docs_tables_equal_what_the_results_render() -> None:
+    stale = results.render_all(REPO, write=False)
+    assert stale == [], f"out of date, run `python -m ece_plugin.lab.results`: {stale}"
+
+
+def test_every_declared_table_is_in_a_document_and_states_its_protocol() -> None:
+    texts = {doc: doc.read_text() for doc in results.documents(REPO)}
+    tables = results.load_tables(REPO / "results")
+    assert {"demo", "headline"} <= set(tables)
+    readme = texts[REPO / "README.md"]
+    assert "<!-- results:demo -->" in readme and "<!-- results:headline -->" in readme
+    for name, table in tables.items():
+        where = [doc for doc, text in texts.items() if f"<!-- results:{name} -->" in text]
+        assert where, f"table {name!r} of results/{table.experiment}/ is in no document"
+        rendered = results.render_table(REPO / "results", table, where[0])
+        assert any(f"Protocol: {text}." in rendered for text in PROTOCOLS.values()), name
+
+
+def test_every_hparams_field_has_a_description_and_the_reference_lists_exactly_the_fields() -> None:
+    from ece_plugin.method.hparams import ECEHyperParams
+
+    fields = [f.name for f in dataclasses.fields(ECEHyperParams)]  # read now: fields come and go
+    assert [f for f in fields if f not in results.HPARAM_DOC] == []
+    listed = [line.split("`")[1] for line in results.render_hparams().splitlines()[2:]]
+    assert listed == fields
+
+
+def test_a_field_without_description_stops_the_hparams_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    doc = dict(results.HPARAM_DOC)
+    del doc["neuron_threshold"]
+    monkeypatch.setattr(results, "HPARAM_DOC", doc)
+    with pytest.raises(ResultsError, match="neuron_threshold"):
+        results.render_hparams()
+
+
+# ----- the renderer on a tiny results folder ---------------------------------------------------------------
+
+ROWS = "setting,method,efficacy,efficacy_sem,n_edits,key\npre,Pre-edited,0.8,0.2,0,\nb,ECE-AS,91.5,,2000,k1\na,MEMIT,60.8,1.1,2000,k2\n"
+
+
+def _tiny(tmp_path: Path, **table: object) -> Path:
+    """A repository with results/run/ (rows.csv, other.csv, fig.png) and README.md asking for table 'main'."""
+    folder = tmp_path / "results" / "run"
+    folder.mkdir(parents=True)
+    (folder / "rows.csv").write_text(ROWS)
+    (folder / "other.csv").write_text("key,seconds\nk1,55.7\nk2,243.2\n")
+    (folder / "fig.png").write_bytes(b"png")
+    spec = {"caption": "Tiny run.", "columns": [["Method", "{method}"], ["Edits", "{n_edits:,}"],
+                                                ["Eff.", "{efficacy} ± {efficacy_sem}", "{efficacy}"]]}
+    spec.update(table)
+    meta = {"title": "tiny", "protocol": "after_all", "commands": ["ece-plugin lifelong"], "tables": {"main": spec}}
+    (folder / "experiment.json").write_text(json.dumps(meta))
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text("# x\n\n<!-- results:main -->\nold\n<!-- /results:main -->\n\ntail\n")
+    return tmp_path
+
+
+def test_the_renderer_fills_the_markers_with_the_table_its_protocol_and_figure(tmp_path: Path) -> None:
+    repo = _tiny(tmp_path, where={"setting": ["pre", "a", "b"]}, order={"setting": ["pre", "a", "b"]},
+                 figure="fig.png", join={"experiment": "run", "file": "other.csv", "on": "key", "prefix": "o_"})
+    spec = json.loads((repo / "results/run/experiment.json").read_text())
+    spec["tables"]["main"]["columns"].append(["s/batch", "{o_seconds}", "-"])
+    (repo / "results/run/experiment.json").write_text(json.dumps(spec))
+    assert results.render_all(repo, write=False) == [repo / "README.md"]
+    assert results.main(["--repo", str(repo), "--check"]) == 1
+    assert results.main(["--repo", str(repo)]) == 0
+    text = (repo / "README.md").read_text()
+    assert f"Tiny run. Protocol: {PROTOCOLS['after_all']}. Data: [`results/run/`](results/run/)." in text
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table == ["| Method | Edits | Eff. | s/batch |",
+                     "| Pre-edited | 0 | 0.8 ± 0.2 | - |",  # no join match: the literal fallback
+                     "| MEMIT | 2,000 | 60.8 ± 1.1 | 243.2 |",  # ordered a before b
+                     "| ECE-AS | 2,000 | 91.5 | 55.7 |"]  # no standard error: the next template
+    assert "![Tiny run](results/run/fig.png)" in text and text.endswith("<!-- /results:main -->\n\ntail\n")
+    assert results.main(["--repo", str(repo), "--check"]) == 0
+    assert results.render_all(repo, write=False) == []
+
+
+def test_a_table_may_state_another_protocol_than_its_experiment(tmp_path: Path) -> None:
+    repo = _tiny(tmp_path, protocol="immediate")
+    results.render_all(repo)
+    assert f"Protocol: {PROTOCOLS['immediate']}." in (repo / "README.md").read_text()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"protocol": "sometimes"}, "protocol 'sometimes'"),
+    ({"columns": [["x", "{nope}"]]}, r"no column \['nope'\]"),
+    ({"where": {"setting": ["none"]}}, "no rows selected"),
+    ({"where": {"colour": ["red"]}}, "'colour'"),
+    ({"figure": "missing.png"}, "missing.png"),
+    ({"file": "absent.csv"}, "absent.csv"),
+])
+def test_bad_results_are_refused_naming_the_problem_before_anything_is_written(
+        tmp_path: Path, change: dict[str, object], message: str) -> None:
+    repo = _tiny(tmp_path, **change)
+    before = (repo / "README.md").read_text()
+    with pytest.raises(ResultsError, match=message):
+        results.render_all(repo)
+    assert results.main(["--repo", str(repo)]) == 2
+    assert (repo / "README.md").read_text() == before
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("<!-- results:nothing -->\n<!-- /results:nothing -->\n", "no table 'nothing'"),
+    ("<!-- results:main -->\nno close\n", "without their"),
+])
+def test_bad_markers_are_refused_naming_the_document(tmp_path: Path, text: str, message: str) -> None:
+    repo = _tiny(tmp_path)
+    (repo / "docs" / "page.md").write_text(text)
+    with pytest.raises(ResultsError, match=message):
+        results.render_all(repo)
+
+
+def test_a_table_name_declared_twice_is_refused(tmp_path: Path) -> None:
+    repo = _tiny(tmp_path)
+    twin = repo / "results" / "twin"
+    twin.mkdir()
+    (twin / "experiment.json").write_text((repo / "results/run/experiment.json").read_text())
+    with pytest.raises(ResultsError, match="declared twice"):
+        results.load_tables(repo / "results")
