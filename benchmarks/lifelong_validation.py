@@ -6,7 +6,6 @@ counterfact-val.json records 0-199, then counterfact-edit.json records 2000-2199
 retention is scored on zsRE records 0-99 (known facts of another data set, never edited here).
 
     python benchmarks/lifelong_validation.py --set neuron_threshold=1.0 --out runs/val-p10
-    python benchmarks/lifelong_validation.py --rewind-z --out runs/val-rewind
 
 ``--load N`` lengthens the sequence towards the reported 2,000 edits without touching a reported record: N
 "load" edits of CounterFact facts the testbed never trained (counterfact-edit.json records 2200 on; disjoint from
@@ -24,14 +23,7 @@ each method named by its label (a run stopped before its end: up to its last che
 
 ``--testbed testbed-llama-scale2`` runs the same sequence on the second scale testbed (it trained the same
 records) with its hparams. ``--set key=value`` overrides a key of the testbed's hparams/ECE/<testbed>.yaml (YAML
-value syntax). Two
-prototypes of the NSE authors' sequential mechanisms (Jiang et al. 2024), not part of ece_plugin, patch the
-editor for this process only:
-
-* ``--rewind-z``: z is computed on the edit layers' unedited W_out ("weights rewinding"); the residual written
-  is still z minus the current model's output;
-* ``--write-passes N``: the batch's update is written N times, each pass on the residual the previous left
-  (keys re-read), the journal merged so the carried state sees one write per layer.
+value syntax).
 """
 
 from __future__ import annotations
@@ -44,17 +36,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import ece_plugin.method.editor as editor  # noqa: E402
 import ece_plugin.lab.study.lifelong as lifelong  # noqa: E402
 from ece_plugin.lab.cli import main  # noqa: E402
-from ece_plugin.method.hparams import ECEHyperParams  # noqa: E402
 from ece_plugin.lab.study.baselines import default_baseline_hparams  # noqa: E402
+from ece_plugin.method.hparams import ECEHyperParams  # noqa: E402
 
 TESTBEDS = ("testbed-llama-scale", "testbed-llama-scale2")  # both trained the same CounterFact and zsRE records
 
@@ -154,51 +144,15 @@ def measure_only(positions: set[int]) -> None:
         return row
 
     lifelong.measure = patched  # type: ignore[assignment]
+    immediate = lifelong.measure_immediate
 
+    def patched_immediate(model: Any, tok: Any, probes: Any, config: Any, start: int, n_batch: int,
+                          pre_cases: Any) -> Any:
+        if start not in positions:  # a load batch: the immediate protocol, too, reads validation records only
+            return []
+        return immediate(model, tok, probes, config, start, n_batch, None)  # CounterFact: no zsRE reference
 
-def rewind_z() -> None:
-    """Compute z with the edit layers' W_out as they were before the first edit of this process."""
-    compute_z = editor.compute_z
-    unedited: dict[int, dict[str, torch.Tensor]] = {}
-
-    def patched(model: Any, tok: Any, requests: Any, templates: Any, hparams: Any, *a: Any, **k: Any) -> Any:
-        names = [hparams.rewrite_module_tmp.format(layer) for layer in hparams.layers]
-        mods = {name: model.get_submodule(name) for name in names}
-        first = unedited.setdefault(id(model), {n: m.weight.detach().clone() for n, m in mods.items()})
-        now = {n: m.weight.detach().clone() for n, m in mods.items()}
-        with torch.no_grad():
-            for n, m in mods.items():
-                m.weight.copy_(first[n])
-        try:
-            return compute_z(model, tok, requests, templates, hparams, *a, **k)
-        finally:
-            with torch.no_grad():
-                for n, m in mods.items():
-                    m.weight.copy_(now[n])
-
-    editor.compute_z = patched  # type: ignore[assignment]
-
-
-def write_passes(passes: int) -> None:
-    """Write each batch ``passes`` times (NSE's iterative editing, without its per-edit gate)."""
-    write_layers = editor.write_layers
-
-    def patched(
-        w_outs: Any, sets: Any, z: Any, read: Any, c0: Any, cprev: Any, lam: float, journal: Any = None, ridge: float = 0.0
-    ) -> Any:
-        journal = [] if journal is None else journal
-        write_layers(w_outs, sets, z, read, c0, cprev, lam, journal=journal, ridge=ridge)
-        n = len(w_outs)
-
-        def reread(i: int) -> Any:  # layer 0's keys are unchanged by any W_out write; its z-layer output is not
-            return (read(0)[0], read(1)[1]) if i == 0 and n > 1 else read(i)
-
-        for _ in range(passes - 1):
-            write_layers(w_outs, sets, z, reread, c0, cprev, lam, journal=journal, ridge=ridge)
-        journal[:] = [dataclasses.replace(a, post=b.post) for a, b in zip(journal[:n], journal[-n:])]
-        return journal
-
-    editor.write_layers = patched  # type: ignore[assignment]
+    lifelong.measure_immediate = patched_immediate  # type: ignore[assignment]
 
 
 PRE_EDIT_KEYS = ("edits", "retention")  # the unedited model's scores: equal exactly for the same sequence
@@ -260,12 +214,16 @@ def run(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="hparams override")
     p.add_argument("--method", default="ECE-AS")
-    p.add_argument("--rewind-z", action="store_true")
-    p.add_argument("--write-passes", type=int, default=1)
     p.add_argument("--load", type=int, default=0, metavar="N", help="never-trained load edits interleaved")
     p.add_argument("--testbed", default=TESTBEDS[0], help=f"one of {', '.join(TESTBEDS)} (default %(default)s)")
     p.add_argument("--reported", action="store_true", help="measure the reported records 0-1999 among the load edits")
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="K", help="measure every K edits")
+    p.add_argument("--n-validation", type=int, default=400, metavar="N",
+                   help="the first N of the 400 validation records (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=BATCH,
+                   help=f"edits per batch (default %(default)s; {BATCH} with --load)")
+    p.add_argument("--hparams", default=None, metavar="YAML",
+                   help="ECE hparams file instead of the testbed's (e.g. its -sequential.yaml); --set applies on top")
     p.add_argument("--out", required=True)
     p.add_argument("--merge", action="append", default=[], metavar="LABEL=RUN_FOLDER",
                    help="write one table and curve of runs of one sequence to --out (runs nothing)")
@@ -276,7 +234,15 @@ def run(argv: list[str]) -> int:
         paths = merge(Path(args.out), [_label_dir(item) for item in args.merge])
         sys.stdout.write(paths["md"].read_text())
         return 0
+    if not 1 <= args.n_validation <= 400:
+        p.error(f"--n-validation must be 1-400, got {args.n_validation}")
+    if args.batch_size < 1 or (args.load and args.batch_size != BATCH):
+        p.error(f"--batch-size must be >= 1 ({BATCH} with --load), got {args.batch_size}")
     model, hparams_path = testbed_paths(args.testbed)
+    if args.hparams:
+        hparams_path = Path(args.hparams)
+        if not hparams_path.is_file():
+            p.error(f"--hparams {args.hparams}: no such file")
     hparams = yaml.safe_load(hparams_path.read_text())
     known = {f.name for f in dataclasses.fields(ECEHyperParams)}
     for item in args.set:
@@ -284,11 +250,7 @@ def run(argv: list[str]) -> int:
         if key not in known:
             p.error(f"--set {item}: {key!r} is not an ECE hyperparameter")
         hparams[key] = yaml.safe_load(value)
-    if args.rewind_z:
-        rewind_z()
-    if args.write_passes > 1:
-        write_passes(args.write_passes)
-    records = reported_records() if args.reported else validation_records()
+    records = reported_records() if args.reported else validation_records()[: args.n_validation]
     if args.load:
         records, positions = interleaved(records, args.load)
         measure_only(positions)
@@ -304,7 +266,7 @@ def run(argv: list[str]) -> int:
         every = ["--checkpoint-every", str(args.checkpoint_every)] if args.checkpoint_every else []
         return main([
             "lifelong", "--model", str(model), "--device", "cpu", "--threads", "1", "--data", str(data),
-            "--n-edits", str(len(records)), "--batch-size", str(BATCH), *retention, "--hparams", str(hp),
+            "--n-edits", str(len(records)), "--batch-size", str(args.batch_size), *retention, "--hparams", str(hp),
             "--methods", args.method, "--out", args.out, *every,
         ])
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from ece_plugin import cli
+from ece_plugin.lab import cli
 from ece_plugin.evaluation import general
 from ece_plugin.lab.study.baselines import ECEMethod
 from ece_plugin.lab.study.common import StudyError
@@ -74,6 +74,15 @@ def test_lifelong_end_to_end_and_resume(tmp_path: Path, monkeypatch: pytest.Monk
     csv_lines = (whole / "lifelong.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + 1 + 2  # header, pre-edit, two checkpoints
     assert "| ECE-AS | 4 |" in (whole / "lifelong.md").read_text()
+    # both protocols: immediate (each batch right after its own edit) beside after all, in JSON, CSV and table
+    assert data["protocols"] == {"after_all": "edits", "immediate": "immediate"}
+    first, last = rows
+    assert first["immediate"] == first["edits"]  # one batch edited: the same model scores the same records
+    assert last["immediate"]["efficacy"]["n"] == 4 and last["edits"]["efficacy"]["n"] == 4
+    header = csv_lines[0].split(",")
+    assert {"immediate_efficacy", "immediate_efficacy_sem", "immediate_score"} <= set(header)
+    table = (whole / "lifelong.md").read_text()
+    assert "| ECE-AS | 4 | after all |" in table and "| ECE-AS | 4 | immediate |" in table
     assert (whole / "lifelong.png").stat().st_size > 0 and (whole / "lifelong_efficacy.png").is_file()
     # per-batch diagnostics of ECE's traces: first batch writes nothing that was written before
     diagnostics = data["methods"][0]["diagnostics"]
@@ -237,15 +246,16 @@ def test_ece_set_overrides_the_hparams_names_the_method_and_is_kept_on_resume(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "pk"
-    assert _run(out, "--ece-set", "prompt_keys_weight=1", "--ece-set", "carry_values=true") == 0
+    assert _run(out, "--ece-set", "prompt_keys_weight=1", "--ece-set", "v_num_grad_steps=3",
+                "--ece-set", "clustering=false") == 0
     data = json.loads((out / "lifelong.json").read_text())
-    name = "ECE-AS [prompt_keys_weight=1, carry_values=True]"
+    name = "ECE-AS [prompt_keys_weight=1, v_num_grad_steps=3, clustering=False]"
     assert [m["method"] for m in data["methods"]] == [name]
     assert f"| {name} | 4 |" in (out / "lifelong.md").read_text()
     stored = json.loads((out / "lifelong_config.json").read_text())
-    assert stored["ece_set"] == ["prompt_keys_weight=1", "carry_values=true"]  # what --resume reads back
-    # the override reached the edits: carried values show in the diagnostics of the second batch
-    assert data["methods"][0]["diagnostics"][1]["drift_norm"] is not None
+    assert stored["ece_set"] == ["prompt_keys_weight=1", "v_num_grad_steps=3", "clustering=false"]  # for --resume
+    # the overrides reached the edits: every batch's z had a budget of 3 per-edit steps
+    assert [d["z_step_budget"] for d in data["methods"][0]["diagnostics"]] == [3.0, 3.0]
     assert _run(tmp_path / "bad", "--ece-set", "no_such_key=1") == 1
     assert "--ece-set 'no_such_key=1': expected KEY=VALUE" in capsys.readouterr().err
     assert _run(tmp_path / "bad2", "--ece-set", "prompt_keys_weight=-2") == 1

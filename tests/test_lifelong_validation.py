@@ -50,6 +50,22 @@ def test_measurements_read_the_validation_records_only(lv: ModuleType, monkeypat
     assert seen[-1] == (["b", "d"], 0)
 
 
+def test_the_immediate_protocol_reads_the_validation_batches_only(lv: ModuleType,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    scored: list[tuple[int, int]] = []
+
+    def fake_immediate(model: Any, tok: Any, probes: Any, config: Any, start: int, n: int, pre: Any) -> list[Any]:
+        scored.append((start, n))
+        return [{"case_id": start}]
+
+    monkeypatch.setattr(lv.lifelong, "measure", lambda *a: {})
+    monkeypatch.setattr(lv.lifelong, "measure_immediate", fake_immediate)
+    lv.measure_only(set(range(100, 200)))
+    assert lv.lifelong.measure_immediate(None, None, None, None, 0, 100, None) == []  # a load batch
+    assert lv.lifelong.measure_immediate(None, None, None, None, 100, 100, None) == [{"case_id": 100}]
+    assert scored == [(100, 100)]
+
+
 def test_no_load_batch_repeats_a_prompt_and_the_shorter_sequences_are_unchanged(lv: ModuleType) -> None:
     raw = json.loads((REPO / "data" / "counterfact" / "counterfact-edit.json").read_text())
     assert lv.load_records(600) == raw[2200:2800]  # the sequence of the --load 600 rows, as measured

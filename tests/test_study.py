@@ -49,6 +49,12 @@ def test_bench_timing(world: World, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert ece["quality"]["efficacy"] is not None and ece["peak_memory"]["process_max_rss_mib"] > 0
     assert {"z", "attribution", "clustering", "keys", "solve"} <= set(data["ece_stage_seconds"])
     assert data["z_steps_per_edit"] == 4
+    steps = ece["z_steps"]  # the steps ECE's edits took, from its traces (round 1)
+    assert 1 <= steps["z_steps_mean"] <= steps["z_steps_max"] <= steps["z_step_budget"] == 4
+    assert 0.0 <= steps["z_converged"] <= 1.0
+    if steps["z_converged"] == 0.0:  # none left early: every edit took the whole budget
+        assert steps["z_steps_mean"] == 4
+    assert "z steps mean / max" in out and "z conv. %" in out
     full_depth = methods["ECE-AS (layer replay off)"]  # exact: the same edit, every layer run in every z step
     assert full_depth["available"] and full_depth["ratio_to_ece"] > 0
     for key in ("efficacy", "generalization", "specificity"):
@@ -111,6 +117,7 @@ def test_bench_tables_over_settings(world: World, tmp_path: Path, capsys: pytest
     assert {(r["setting_n_edits"], r["method"]) for r in rows} >= {("2", "ECE-RS"), ("4", "MEMIT-equivalent (project code)")}
     assert (out_dir / "bench-n2-b2.png").is_file() and (out_dir / "bench-n4-b2.png").is_file()
     assert out.count("| Pre-edited") == 2
+    assert "z steps per edit: ECE-RS mean" in out  # from ECE's traces; EasyEdit's baselines leave none
 
 
 def test_layer_sweep_names_best_layer(world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

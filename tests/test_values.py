@@ -100,19 +100,56 @@ def test_early_stop_freezes_an_edit(tok: Any) -> None:
     assert r.steps_per_edit[0] < 60 and r.final_loss[0] < 5e-2
 
 
-def test_most_probable_early_stop_stops_once_every_prompt_predicts_the_target(tok: Any) -> None:
+def test_converged_edits_leave_the_batch_and_the_rest_is_unchanged(tok: Any, monkeypatch: Any) -> None:
+    """Edits converge at different steps; each converged edit is evaluated no more and takes no part in a backward,
+    and every edit's z and step count equal its run alone (the batch it leaves does not move the others)."""
+    import ece_plugin.method.values as values
+
     model = make_gpt2(len(tok))
-    settings = dict(clustering=False, v_num_grad_steps=60, v_lr=1.0, kl_factor=0.0, v_weight_decay=0.0,
-                    clamp_norm_factor=20.0)
-    reqs = normalise_requests(FACTS[2:3])
-    templates = [["{}"], ["The. {}", "A. {}"]]
-    by_loss = compute_z(model, tok, reqs, templates, make_hparams("gpt2", **settings), [0], [0], False)
-    hp = make_hparams("gpt2", z_early_stop="most_probable", **settings)
-    by_rank = compute_z(model, tok, reqs, templates, hp, [0], [0], False)
-    assert by_rank.steps_per_edit[0] < by_loss.steps_per_edit[0] and by_rank.reached == [True]
-    assert by_rank.final_loss[0] > 5e-2  # stopped on ranks, before the loss threshold
-    assert by_loss.final_loss[0] < 5e-2
-    assert (by_rank.z - by_rank.h).norm() < (by_loss.z - by_loss.h).norm()  # a smaller move
+    hp = make_hparams("gpt2", clustering=False, v_num_grad_steps=60, v_lr=1.0, kl_factor=0.0, v_weight_decay=0.0,
+                      clamp_norm_factor=20.0)
+    reqs = normalise_requests(FACTS)
+    evaluated: list[list[int]] = []
+    evaluate = values._evaluate
+
+    def counting(plan: Any, *args: Any) -> Any:
+        evaluated.append(list(plan.edits))
+        return evaluate(plan, *args)
+
+    monkeypatch.setattr(values, "_evaluate", counting)
+    batched = compute_z(model, tok, reqs, PLAIN, hp, [0, 1, 2, 3], [0, 1, 2, 3], False)
+    assert any(batched.converged) and len(set(batched.steps_per_edit)) > 1  # they leave at different steps
+    for i in range(len(reqs)):
+        assert sum(i in edits for edits in evaluated) == batched.steps_per_edit[i]  # no forward after leaving
+    for i, req in enumerate(reqs):
+        single = compute_z(model, tok, [req], PLAIN, hp, [0], [0], False)
+        assert single.steps_per_edit == [batched.steps_per_edit[i]] and single.converged == [batched.converged[i]]
+        torch.testing.assert_close(batched.z[i], single.z[0], rtol=1e-4, atol=1e-4)
+    trace = batched.to_dict()
+    assert trace["steps"] == batched.steps_per_edit and trace["step_budget"] == 60
+    assert trace["converged"] == [loss < 5e-2 for loss in batched.final_loss]
+
+
+def test_a_converged_edit_takes_no_part_in_the_backward(tok: Any, monkeypatch: Any) -> None:
+    """The forward that finds an edit converged backpropagates the other edits' losses only."""
+    import ece_plugin.method.values as values
+
+    model = make_gpt2(len(tok))
+    hp = make_hparams("gpt2", clustering=False, v_num_grad_steps=60, v_lr=1.0, kl_factor=0.0, v_weight_decay=0.0,
+                      clamp_norm_factor=20.0)
+    backed: list[int] = []
+    evaluate = values._evaluate
+
+    def watching(plan: Any, *args: Any) -> Any:
+        ev = evaluate(plan, *args)
+        if ev.loss.requires_grad:
+            ev.loss.register_hook(lambda g: backed.append(int((g != 0).sum())))
+        return ev
+
+    monkeypatch.setattr(values, "_evaluate", watching)
+    r = compute_z(model, tok, normalise_requests(FACTS[2:3]), PLAIN, hp, [0], [0], False)
+    assert r.converged == [True] and r.steps_per_edit[0] < 60
+    assert len(backed) == r.steps_per_edit[0] - 1  # the converging forward runs no backward
 
 
 def test_problem_layout_follows_memit(tok: Any) -> None:

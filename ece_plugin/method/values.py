@@ -8,10 +8,8 @@ model predict ``target_new``: ``z_i = h_i + delta_i`` where h_i is the unedited 
   + v_weight_decay * ||delta_i|| / ||h_i||^2            (MEMIT's code: the norm, not its square)
 
 with Adam (``v_lr``), ``||delta_i|| <= clamp_norm_factor * ||h_i||`` after every step, and an early stop once
-the edit's loss is below 5e-2 (with ``z_early_stop: most_probable`` also once every rewriting prompt predicts
-every target token greedily: the most-probable early stopping of ENCORE, Gupta et al. 2025, which keeps z from
-being optimised past the point where the edit holds). As in MEMIT the loss is read through ``ln_f`` and the LM head from the output
-of ``max(v_loss_layer, z_layer)``.
+the edit's loss is below 5e-2 (MEMIT's criterion: the edit's z has converged). As in MEMIT the loss is read
+through ``ln_f`` and the LM head from the output of ``max(v_loss_layer, z_layer)``.
 
 ECE's two phases: (1) one shared delta U_c per cluster, optimised on the cluster's anchor request for
 ``shared_grad_steps`` steps; (2) per edit d_i from zero with U_c fixed, ``delta_i = U_c + d_i``, for
@@ -22,8 +20,11 @@ shared + per-edit steps = MEMIT's step count in forwards and in updates.
 
 Batched: all edits of a phase share every forward/backward (chunks of at most ``chunk_rows`` prompt rows of
 similar token width, whose gradients accumulate); each row adds its own edit's delta. Adam is per coordinate, so
-the batched run equals independent runs; an edit that stops early is frozen (its delta is restored after each
-later step) and leaves the batch.
+the batched run equals independent runs. An edit whose z has converged leaves the batched optimisation at the
+forward that finds it converged, as MEMIT's loop breaks before its backward: its loss takes no part in that
+backward, later chunks are re-formed from the remaining edits only (no forward, loss or gradient of it is
+computed again) and its delta is frozen. The steps each edit took and whether it converged are in
+:meth:`ZResult.to_dict`.
 
 Exact savings over MEMIT's recomputation (the same losses to float rounding): each row's tokens before its fact
 token run once per batch into a key/value cache and a step runs only the rest (prefix_cache.py; blocks of edits
@@ -55,10 +56,10 @@ from .architecture import (
     replace_hidden_state,
 )
 from .keys import ContextTemplates, EncodedRows, encode_rows
+from .requests import EditRequest, RequestError
 from .speed.prefix_cache import FullRows, PrefixCache, RowBatch, edit_blocks, key_value_bytes_per_token
 from .speed.read_positions import mlp_at_positions
 from .speed.replay import LayerReplay, decoder_layers
-from .requests import EditRequest, RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -320,7 +321,6 @@ class _Eval:
     nll: torch.Tensor
     target_prob: torch.Tensor  # mean over rewriting rows of exp(-nll_row)
     reached: torch.Tensor  # bool: the plain row predicts every target token greedily
-    reached_all: torch.Tensor  # bool: every rewriting row predicts every target token greedily
 
 
 def _evaluate(
@@ -356,7 +356,6 @@ def _evaluate(
     misses = torch.zeros(m, device=zdev).index_add(
         0, plan.owner[plan.plain], (~greedy_ok[plan.plain]).float()
     )
-    misses_all = torch.zeros(m, device=zdev).index_add(0, plan.owner, (~greedy_ok).float())
     loss = nll + hparams.v_weight_decay * total_disp.norm(dim=1) / h_norm**2
     if len(plan.kl_r):
         # KL row: sum p_cur (log p_cur - log p_init), one row per edit (MEMIT's batchmean over one row)
@@ -364,7 +363,7 @@ def _evaluate(
         kl_lp = torch.log_softmax(kl_logits, -1)
         kl = (kl_lp.exp() * (kl_lp - kl_init.to(kl_lp.device))).sum(-1).to(zdev)
         loss = loss + hparams.kl_factor * kl
-    return _Eval(loss=loss, nll=nll.detach(), target_prob=prob, reached=misses == 0, reached_all=misses_all == 0)
+    return _Eval(loss=loss, nll=nll.detach(), target_prob=prob, reached=misses == 0)
 
 
 MIN_CHUNK_SHARE = 2  # a chunk closes at a change of token width once it holds half its maximum rows
@@ -392,20 +391,22 @@ def _chunks(
 
 @dataclass
 class PhaseStats:
-    steps: list[int]
+    steps: list[int]  # forwards each edit took (MEMIT's step count)
     loss: list[float]
     target_prob: list[float]
     reached: list[bool]
+    converged: list[bool]  # loss < EARLY_STOP_LOSS: the edit left the optimisation
 
     @classmethod
     def empty(cls, n: int) -> PhaseStats:
-        return cls([0] * n, [float("nan")] * n, [0.0] * n, [False] * n)
+        return cls([0] * n, [float("nan")] * n, [0.0] * n, [False] * n, [False] * n)
 
     def put(self, positions: Sequence[int], part: PhaseStats) -> None:
         """Copy ``part`` (stats of the edits at ``positions``) into place."""
         for k, j in enumerate(positions):
             self.steps[j], self.loss[j] = part.steps[k], part.loss[k]
             self.target_prob[j], self.reached[j] = part.target_prob[k], part.reached[k]
+            self.converged[j] = part.converged[k]
 
 
 @dataclass
@@ -454,7 +455,6 @@ def _optimise(
     max_norm = hparams.clamp_norm_factor * h_norm
     position = {e: j for j, e in enumerate(edits)}
     with_kl = hparams.kl_factor > 0
-    most_probable = hparams.z_early_stop == "most_probable"
     rows_of = {e: problem.optimised_rows(e, with_kl) for e in edits}
     rows_per_edit = len(rows_of[edits[0]])
     width = {e: int(source.step_tokens(rows_of[e]).max()) for e in edits}
@@ -482,15 +482,17 @@ def _optimise(
                 ev = _evaluate(
                     plan, problem, mods, hidden, kl_init[plan.loc], total, h_norm[plan.loc], hparams
                 )
-                if not eval_only:
-                    ev.loss.sum().backward()
+                going = ev.loss.detach() >= EARLY_STOP_LOSS  # a converged edit leaves before the backward
+                if not eval_only and bool(going.any()):
+                    ev.loss[going.to(ev.loss.device)].sum().backward()
             for j, e in enumerate(plan.edits):
                 k = position[e]
                 stats.steps[k] = it + 1
                 stats.loss[k] = float(ev.loss[j].detach())
                 stats.target_prob[k] = float(ev.target_prob[j])
                 stats.reached[k] = bool(ev.reached[j])
-                if stats.loss[k] < EARLY_STOP_LOSS or (most_probable and bool(ev.reached_all[j])):
+                stats.converged[k] = not bool(going[j])
+                if stats.converged[k]:
                     active[k] = False
         if eval_only:
             break
@@ -581,9 +583,19 @@ class ZResult:
     initial_target_prob: list[float]
     reached: list[bool]
     seconds: dict[str, float] = field(default_factory=dict)
+    converged: list[bool] = field(default_factory=list)  # final phase: loss < EARLY_STOP_LOSS (left early)
+    step_budget: int = 0  # forwards an edit may take: shared + per-edit phase, or v_num_grad_steps
+
+    @property
+    def steps(self) -> list[int]:
+        """z steps (forwards) each edit took over both phases."""
+        return [a + b for a, b in zip(self.steps_shared, self.steps_per_edit)]
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "steps": self.steps,
+            "step_budget": self.step_budget,
+            "converged": self.converged,
             "steps_shared": self.steps_shared,
             "steps_per_edit": self.steps_per_edit,
             "final_loss": self.final_loss,
@@ -701,12 +713,18 @@ def compute_z(
         initial_target_prob=init_prob,
         reached=s2.reached,
         seconds={"z": time.perf_counter() - t0},
+        converged=s2.converged,
+        step_budget=(hparams.shared_grad_steps if clustering else 0) + n_fw,
     )
     logger.info(
-        "z: %d edits, mean final loss %.4f, %d/%d reach the target",
+        "z: %d edits, mean final loss %.4f, %d/%d reach the target, %d/%d converged, mean %.1f of %d steps",
         n,
         sum(s2.loss) / max(n, 1),
         sum(s2.reached),
         n,
+        sum(s2.converged),
+        n,
+        sum(result.steps) / max(n, 1),
+        result.step_budget,
     )
     return result

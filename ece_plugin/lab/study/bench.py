@@ -7,7 +7,8 @@ first, mean +- standard error, edit time per batch), written as JSON, CSV, Markd
 
 Timing: in one process, ECE and EasyEdit's MEMIT and AlphaEdit (same layers, same number of z steps per
 edit) edit the same records in the same batches; reported are seconds per batch, each baseline's ratio to
-ECE, the split of ECE's time over its stages (from the trace), peak memory and edit quality. Where EasyEdit
+ECE, the split of ECE's time over its stages (from the trace), the z steps each method's edits took (mean, max,
+share converged; from the trace, so ECE's methods only), peak memory and edit quality. Where EasyEdit
 cannot run a baseline on the device, ECE with clustering off and p = 1 stands in for MEMIT, labelled
 'MEMIT-equivalent (project code)'.
 """
@@ -28,6 +29,7 @@ import torch
 from ...method.hparams import ECEHyperParams
 from .baselines import MEMIT_EQUIVALENT_LABEL, EasyEditMethod, ECEMethod, ece_variant_hparams, variant_label
 from .common import StudyError, write_csv, write_json
+from .diagnostics import z_steps as z_step_summary
 from .plots import plot_method_bars
 from .runner import MethodRun, as_requests, run_methods, stage_seconds
 
@@ -114,8 +116,26 @@ def compare_methods(
         evaluation.format_table(comparison.results, title=title)
         + _fewer_records_note(runs, limits, len(records))
         + _via_note(runs)
+        + _z_steps_note(runs)
     )
     return comparison
+
+
+def run_z_steps(run: MethodRun) -> dict[str, Optional[float]]:
+    """:func:`~ece_plugin.lab.study.diagnostics.z_steps` over every batch a run's traces hold (all None for a
+    method without a trace, e.g. EasyEdit's)."""
+    return z_step_summary([t["z"] for t in run.traces if isinstance(t, dict) and isinstance(t.get("z"), dict)])
+
+
+def _z_steps_note(runs: Sequence[MethodRun]) -> str:
+    """One line with the z steps each traced method's edits took (empty when none has a trace)."""
+    parts = []
+    for run in runs:
+        steps = run_z_steps(run)
+        if run.available and steps["z_steps_mean"] is not None:
+            parts.append(f"{run.name} mean {steps['z_steps_mean']:.1f}, max {steps['z_steps_max']:.0f} of "
+                         f"{_fmt(steps['z_step_budget'], 0)}, {_fmt(steps['z_converged'], 1, 100)} % converged")
+    return ("\nz steps per edit: " + "; ".join(parts) + ".") if parts else ""
 
 
 def _fewer_records_note(runs: Sequence[MethodRun], limits: dict[str, int], n_records: int) -> str:
@@ -378,6 +398,7 @@ def run_timing(
                 "peak_memory": run.peak_memory.to_dict() if run.peak_memory else None,
                 "quality": _quality(None if result is None or result.error else result.summary),
                 "stage_seconds": _sum_stages(run.traces) or None,
+                "z_steps": run_z_steps(run),
             }
         )
     report.table = format_timing(report)
@@ -392,7 +413,7 @@ def format_timing(report: TimingReport) -> str:
     """A plain-text report: seconds per batch, ratio to ECE, memory and quality; then ECE's stage split."""
     flat = any(m.get("ratio_to_ece_clustering_off") is not None for m in report.methods)
     header = ["Method", "s/batch", "x ECE", *(["x ECE (clust. off)"] if flat else []), "Eff.", "Gen.", "Spe.",
-              "peak RSS MiB", "peak CUDA MiB"]
+              "z steps mean / max", "z conv. %", "peak RSS MiB", "peak CUDA MiB"]
     rows = []
     for m in report.methods:
         if not m["available"]:
@@ -400,6 +421,9 @@ def format_timing(report: TimingReport) -> str:
             continue
         mem = m["peak_memory"] or {}
         q = m["quality"]
+        zs = m.get("z_steps") or {}
+        steps = ("n/a" if zs.get("z_steps_mean") is None
+                 else f"{zs['z_steps_mean']:.1f} / {zs['z_steps_max']:.0f}")
         rows.append(
             [
                 m["method"],
@@ -409,6 +433,8 @@ def format_timing(report: TimingReport) -> str:
                 _fmt(q["efficacy"], scale=100),
                 _fmt(q["generalization"], scale=100),
                 _fmt(q["specificity"], scale=100),
+                steps,
+                _fmt(zs.get("z_converged"), 1, 100),
                 _fmt(mem.get("process_max_rss_mib"), 0),
                 _fmt(mem.get("cuda_max_allocated_mib"), 0),
             ]
@@ -438,6 +464,8 @@ def format_timing(report: TimingReport) -> str:
         lines.append("")
         lines.extend(f"Note: {n}" for n in report.notes)
     lines.append("Peak RSS is the process high-water mark after each method (methods run in turn).")
+    lines.append("z steps: forwards each edit's z took (round 1; of the budget above); z conv.: edits whose z loss "
+                 "fell below 5e-2 and left the optimisation early; n/a: the method leaves no trace.")
     return "\n".join(lines)
 
 
@@ -496,6 +524,7 @@ def write_timing(report: TimingReport, runs: Sequence[MethodRun], out_dir: Path,
                 "seconds_per_batch": m["median_seconds_per_batch"],
                 "ratio_to_ece": m["ratio_to_ece"],
                 **{f"{k}_mean": v for k, v in m["quality"].items()},
+                **(m.get("z_steps") or {}),
                 **mem,
             }
         )

@@ -6,6 +6,9 @@ For every batch of a lifelong run of an ECE method, :func:`batch_diagnostics` re
 * ``z_reached``: the share of edits whose z makes the model predict every target token (greedy);
 * ``z_clamped``: the share of edits whose ``||z - h||`` sits at the clamp ``clamp_norm_factor * ||h||``;
 * ``z_delta_ratio``: the mean ``||z - h|| / ||h||``, and ``z_final_loss``, the mean final z loss;
+* ``z_steps_mean`` / ``z_steps_max``: the z steps the batch's edits took (of ``z_step_budget``), and
+  ``z_converged``: the share whose z loss fell below MEMIT's 5e-2 and so left the optimisation early
+  (:func:`z_steps`);
 * per edited layer: the batch neuron set's size, the mean per-edit set size, the share of the batch set that
   earlier batches already wrote (``overlap``), the mean residual ``||z - cur||`` before the layer's write and the
   update's Frobenius norm.
@@ -35,6 +38,8 @@ PLOTTED: list[tuple[str, str, float]] = [
     ("z_reached", "z reaches its target (% of the batch)", 100.0),
     ("z_clamped", "z at the clamp (% of the batch)", 100.0),
     ("z_delta_ratio", "mean ||z - h|| / ||h||", 1.0),
+    ("z_steps_mean", "z steps per edit (mean of the batch)", 1.0),
+    ("z_converged", "z converged, left early (% of the batch)", 100.0),
     ("overlap", "batch neurons written before (%, mean of layers)", 100.0),
     ("residual_norm", "residual ||z - cur|| before the write (mean of layers)", 1.0),
     ("update_norm", "update norm ||Delta|| (mean of layers)", 1.0),
@@ -57,6 +62,20 @@ def weight_growth(model: torch.nn.Module, pristine: Mapping[str, torch.Tensor]) 
             base = w0.to(device=w.device, dtype=torch.float32)
             growth[name] = float((w - base).norm() / base.norm().clamp_min(1e-30))
     return growth
+
+
+def z_steps(z_traces: Sequence[Mapping[str, Any]]) -> dict[str, Optional[float]]:
+    """The z steps over the edits of the traces' z dicts (:meth:`ece_plugin.method.values.ZResult.to_dict`):
+    mean and max steps, the budget, and the share of edits whose z converged (None where a trace lacks them)."""
+    steps = [int(s) for z in z_traces for s in (z.get("steps") or [])]
+    converged = [bool(c) for z in z_traces for c in (z.get("converged") or [])]
+    budgets = [int(z["step_budget"]) for z in z_traces if z.get("step_budget")]
+    return {
+        "z_steps_mean": sum(steps) / len(steps) if steps else None,
+        "z_steps_max": float(max(steps)) if steps else None,
+        "z_step_budget": float(max(budgets)) if budgets else None,
+        "z_converged": sum(converged) / len(converged) if converged else None,
+    }
 
 
 def batch_diagnostics(
@@ -91,6 +110,7 @@ def batch_diagnostics(
         "z_clamped": clamped,
         "z_delta_ratio": _mean(ratios),
         "z_final_loss": _mean(z.get("final_loss") or []),
+        **z_steps([z]),
         "overlap": _mean([lay["overlap"] for lay in layers]),
         "residual_norm": _mean([lay["residual_norm"] for lay in layers]),
         "update_norm": _mean([lay["update_norm"] for lay in layers]),

@@ -1,5 +1,12 @@
 """``ece-plugin lifelong``: N sequential edits in batches of B, with a checkpoint every K edits.
 
+Two protocols are scored in the same run, side by side in every table, CSV and curve:
+
+* **immediate**: each batch's records right after its own edit, as the ECE paper's script and EasyEdit's
+  ``batch_edit`` score them (row key ``immediate``: the mean over every batch edited so far);
+* **after all**: every record edited so far, at each checkpoint, as AlphaEdit, NSE and NAS score them (row key
+  ``edits``).
+
 At every checkpoint (and before the first edit) the model is measured on
 
 * every record edited so far (the after-all protocol: ES / PS / NS or zsRE's token-level efficacy /
@@ -14,8 +21,10 @@ methods every batch also leaves diagnostics read from its trace (:mod:`ece_plugi
 reached their target or sit at the clamp, how much of the batch's neuron set earlier batches wrote, residual and
 update norms), written to ``lifelong_diagnostics.csv`` / ``.png``. Each
 checkpoint also saves the edited weights and the method's carried state
-(:mod:`ece_plugin.lab.study.checkpoint`) with a progress file written last, so an interrupted run resumes from
-its last checkpoint (``--resume``) with the same results as a run that was never interrupted: before batch i
+(:mod:`ece_plugin.lab.study.checkpoint`), which records how many edits it holds, the digests of its files and the
+rows measured so far, so an interrupted run resumes from its last checkpoint (``--resume``; the checkpoint, not
+the progress file written after it, says where the run stands) with the same results as a run that was never
+interrupted: before batch i
 the random generators are seeded with ``seed + i``, whatever ran before in the process.
 """
 
@@ -42,7 +51,13 @@ from ...evaluation.dispatch import evaluate_records, metric_kind
 from ...evaluation.report import summarize
 from ...evaluation.scoring import pad_token_id
 from .baselines import EditMethod
-from .checkpoint import forget_process_state, load_method_checkpoint, save_method_checkpoint, state_nbytes
+from .checkpoint import (
+    forget_process_state,
+    load_method_checkpoint,
+    read_checkpoint,
+    save_method_checkpoint,
+    state_nbytes,
+)
 from .common import (
     StudyError,
     restore_weights,
@@ -59,6 +74,9 @@ from .diagnostics import batch_diagnostics, flat_diagnostics, plot_diagnostics, 
 logger = logging.getLogger(__name__)
 
 PROTOCOL = "after_all"
+IMMEDIATE = "immediate"
+PROTOCOLS = {PROTOCOL: "edits", IMMEDIATE: IMMEDIATE}  # protocol -> the checkpoint row's key holding its summary
+PROTOCOL_LABELS = {PROTOCOL: "after all", IMMEDIATE: "immediate"}
 CONFIG_FILE = "lifelong_config.json"
 PROGRESS_FILE = "progress.json"
 EDIT_METRICS = {
@@ -167,6 +185,25 @@ def measure(
     return row if n_done else {**row, "cases": cases}
 
 
+def measure_immediate(
+    model: torch.nn.Module,
+    tok: Any,
+    probes: Probes,
+    config: LifelongConfig,
+    start: int,
+    n_batch: int,
+    pre_cases: Optional[list[dict[str, Any]]],
+) -> list[dict[str, Any]]:
+    """The immediate protocol: the cases of the batch of records ``start`` .. ``start + n_batch`` of the sequence,
+    scored right after that batch's edit (no generation, as :func:`measure`)."""
+    batch = probes.records[start : start + n_batch]
+    reference = None
+    if probes.kind == "zsre" and pre_cases is not None:
+        reference = pre_cases[start : start + n_batch]
+    return evaluate_records(model, tok, batch, kind=probes.kind, generation=False, details=False,
+                            reference=reference, batch_size=config.eval_batch_size)
+
+
 # ------------------------------------------------------------------------------------------------ progress
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "method"
@@ -184,6 +221,7 @@ class MethodProgress:
     reason: str = ""
     diagnostics: list[dict[str, Any]] = field(default_factory=list)  # per batch, ECE methods only
     written_neurons: dict[str, list[int]] = field(default_factory=dict)  # module -> neurons written so far
+    immediate_cases: list[dict[str, Any]] = field(default_factory=list)  # each batch's cases after its own edit
 
     def finished(self, config: LifelongConfig) -> bool:
         return not self.available or self.n_done >= config.n_edits
@@ -213,6 +251,28 @@ class RunFolder:
     def save_progress(self, progress: MethodProgress) -> None:
         atomic.write_text(self.progress_path(progress.method), json.dumps(dataclasses.asdict(progress)) + "\n")
 
+    def resume_point(self, method: str, n_edits: int) -> MethodProgress:
+        """Where ``method``'s sequence stands, from its checkpoint when there is one (the checkpoint records how
+        many edits it holds and the rows measured up to it; the progress file may lag behind it by one checkpoint
+        after an interrupt), else from the progress file of a finished or unavailable method, else the start.
+        What an interrupted write left beside the checkpoint is cleared first (an interrupted swap is undone)."""
+        checkpoint, path = self.checkpoint_dir(method), self.progress_path(method)
+        atomic.clean_stale(checkpoint)
+        atomic.clean_stale(path)
+        if checkpoint.is_dir():
+            manifest = read_checkpoint(checkpoint)
+            try:
+                progress = MethodProgress(**manifest["progress"])
+            except TypeError as exc:
+                raise StudyError(f"{checkpoint}: its progress does not fit this version ({exc})") from exc
+            logger.info("%s: the checkpoint holds %d edits", method, progress.n_done)
+            return progress
+        saved = self.load_progress(method)
+        if saved.available and 0 < saved.n_done < n_edits:
+            raise StudyError(f"{path}: says {saved.n_done} edits were done, but the checkpoint {checkpoint} is "
+                             "missing; start the run again in a new folder")
+        return saved
+
 
 # ------------------------------------------------------------------------------------------------ the run
 def _seed(config: LifelongConfig, batch_index: int) -> None:
@@ -234,7 +294,7 @@ class LifelongRun:
     def run_method(self, method: EditMethod) -> MethodProgress:
         """Run (or resume) one method's sequence; the model's edited weights are restored afterwards."""
         model, folder = self.model, self.folder
-        progress = folder.load_progress(method.name)
+        progress = folder.resume_point(method.name, self.config.n_edits)
         if progress.finished(self.config):
             logger.info("%s: already finished in %s", method.name, folder.path)
             return progress
@@ -270,15 +330,20 @@ class LifelongRun:
             progress.batch_seconds.append(outcome.seconds)
             if outcome.trace is not None:
                 self._diagnose(method, progress, outcome.trace)
+            progress.immediate_cases += measure_immediate(model, tok, self.probes, config, start, len(batch),
+                                                          self.pre_cases)
             n_done = start + len(batch)
             if n_done in checkpoints:
                 row = measure(model, tok, self.probes, config, n_done, self.pre_cases)
+                if progress.immediate_cases:
+                    row[IMMEDIATE] = summarize(progress.immediate_cases, kind=self.probes.kind)
                 row["seconds_per_batch"] = sum(progress.batch_seconds) / len(progress.batch_seconds)
                 row["state_bytes"] = state_nbytes(method, model)
                 row["weight_growth"] = weight_growth(model, pristine)
                 progress.rows.append(row)
                 progress.n_done = n_done
-                save_method_checkpoint(method, model, self.folder.checkpoint_dir(method.name))
+                save_method_checkpoint(method, model, self.folder.checkpoint_dir(method.name), n_done,
+                                       dataclasses.asdict(progress))
                 self.folder.save_progress(progress)
                 bar.set_postfix(ES=f"{100 * row['edits']['efficacy']['mean']:.1f}", n=n_done)
                 logger.info("%s: %d edits: %s", method.name, n_done, _brief(row))
@@ -325,12 +390,14 @@ class LifelongResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "protocol": PROTOCOL,
+            "protocols": PROTOCOLS,
             "kind": self.kind,
             "config": dataclasses.asdict(self.config),
             "meta": self.meta,
             "pre_edit": {k: v for k, v in self.pre.items() if k != "cases"},
             "methods": [
-                {k: v for k, v in dataclasses.asdict(m).items() if k != "written_neurons"} for m in self.methods
+                {k: v for k, v in dataclasses.asdict(m).items() if k not in ("written_neurons", "immediate_cases")}
+                for m in self.methods
             ],
         }
 
@@ -351,7 +418,11 @@ def run_lifelong(
     folder = RunFolder(out_dir)
     pre_path = out_dir / "pre_edit.json"
     if pre_path.is_file():
-        pre = json.loads(pre_path.read_text(encoding="utf-8"))
+        try:
+            pre = json.loads(pre_path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise StudyError(f"{pre_path}: unreadable JSON ({' '.join(str(exc).split())[:100]}); delete it to "
+                             "measure the unedited model again") from exc
     else:
         logger.info("measuring the unedited model")
         pre = measure(model, tok, probes, config, 0, None)
@@ -383,11 +454,16 @@ def _sem(summary: Optional[dict[str, Any]], key: str) -> Optional[float]:
 
 
 def flat_row(method: str, row: dict[str, Any], kind: str) -> dict[str, Any]:
-    """One CSV row (fractions, not percent) of a checkpoint."""
+    """One CSV row (fractions, not percent) of a checkpoint: the after-all protocol's metrics unprefixed (as
+    ``protocol`` says), the immediate protocol's beside them as ``immediate_<metric>`` (None for the pre-edit
+    row, where nothing was edited yet)."""
     out: dict[str, Any] = {"method": method, "n_edits": row["n_edits"], "protocol": PROTOCOL, "dataset": kind}
     for key in EDIT_METRICS[kind]:
         out[key] = _mean(row["edits"], key)
         out[f"{key}_sem"] = _sem(row["edits"], key)
+    for key in EDIT_METRICS[kind]:
+        out[f"{IMMEDIATE}_{key}"] = _mean(row.get(IMMEDIATE), key)
+        out[f"{IMMEDIATE}_{key}_sem"] = _sem(row.get(IMMEDIATE), key)
     for key in EDIT_METRICS[kind]:
         out[f"first_batch_{key}"] = _mean(row["first_batch"], key)
     retention = row.get("retention") or {}
@@ -417,33 +493,46 @@ def _cell(value: Optional[float], sem: Optional[float] = None, scale: float = 10
     return text + (f" ± {sem * scale:.{digits}f}" if sem is not None else "")
 
 
+def _table_cells(flat: dict[str, Any], kind: str, prefix: str) -> list[str]:
+    cells = [_cell(flat[f"{prefix}{k}"], flat[f"{prefix}{k}_sem"]) for k in ("efficacy", "generalization",
+                                                                             "specificity")]
+    return cells + ([_cell(flat[f"{prefix}score"])] if kind == "counterfact" else [])
+
+
 def final_table(result: LifelongResult) -> str:
-    """Markdown: each method's last checkpoint in the Table-1 layout, plus retention, perplexity, time."""
+    """Markdown: each method's last checkpoint in the Table-1 layout under both protocols (one row each, labelled),
+    plus retention, perplexity, time (the model's state at that checkpoint: on the after-all row)."""
     cfg = result.config
     dataset = {"counterfact": "CounterFact", "zsre": "zsRE"}[result.kind]
     ppl_names = list(result.pre.get("perplexity", {}))
-    head = ["Method", "Edits", "Eff.", "Gen.", "Spe."] + (["Score"] if result.kind == "counterfact" else [])
+    head = ["Method", "Edits", "Protocol", "Eff.", "Gen.", "Spe."] + (["Score"] if result.kind == "counterfact" else [])
     head += ["First batch Eff.", "Retention acc.", *[f"PPL {n}" for n in ppl_names], "Flu.", "s/batch",
              "State (MiB)"]
     lines = [
-        f"{dataset}: {cfg.n_edits} sequential edits in batches of {cfg.batch_size}, protocol {PROTOCOL} "
-        f"(every record edited so far, evaluated after the last batch); metrics in %, mean ± standard error; "
-        f"fluency = n-gram entropy x 100",
+        f"{dataset}: {cfg.n_edits} sequential edits in batches of {cfg.batch_size}, two protocols: "
+        f"*{PROTOCOL_LABELS[PROTOCOL]}* (every record edited so far, evaluated after the last batch) and "
+        f"*{PROTOCOL_LABELS[IMMEDIATE]}* (each batch evaluated right after its own edit, the mean over all "
+        f"batches); metrics in %, mean ± standard error; fluency = n-gram entropy x 100; the columns after the "
+        f"edit metrics measure the model after the last batch (on the after-all row)",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
+    n_rest = len(head) - 3 - len(_table_cells(flat_row("", result.pre, result.kind), result.kind, ""))
     for name, row in [("Pre-edited", result.pre)] + [(p.method, p.rows[-1]) for p in result.methods if p.rows]:
         flat = flat_row(name, row, result.kind)
-        cells = [name, str(row["n_edits"])]
-        cells += [_cell(flat[k], flat[f"{k}_sem"]) for k in ("efficacy", "generalization", "specificity")]
-        if result.kind == "counterfact":
-            cells.append(_cell(flat["score"]))
+        pre = name == "Pre-edited" and row is result.pre
+        cells = [name, str(row["n_edits"]), "unedited" if pre else PROTOCOL_LABELS[PROTOCOL]]
+        cells += _table_cells(flat, result.kind, "")
         cells += [_cell(flat["first_batch_efficacy"]), _cell(flat["retention_accuracy"])]
         cells += [_cell(flat.get(f"perplexity_{n}"), scale=1.0, digits=2) for n in ppl_names]
         cells += [_cell(flat["fluency"]), _cell(flat["seconds_per_batch"], scale=1.0, digits=2),
                   _cell(flat["state_mib"], scale=1.0, digits=2)]
         lines.append("| " + " | ".join(cells) + " |")
+        if not pre:
+            cells = [name, str(row["n_edits"]), PROTOCOL_LABELS[IMMEDIATE],
+                     *_table_cells(flat, result.kind, f"{IMMEDIATE}_"), *["·"] * n_rest]
+            lines.append("| " + " | ".join(cells) + " |")
     for progress in result.methods:
         if not progress.available:
             lines.append(f"\n{progress.method}: n/a: {progress.reason}")
@@ -451,9 +540,9 @@ def final_table(result: LifelongResult) -> str:
 
 
 PLOT_METRICS: list[tuple[str, str, float]] = [
-    ("efficacy", "Efficacy, all edits so far (%)", 100.0),
-    ("generalization", "Generalization, all edits so far (%)", 100.0),
-    ("specificity", "Specificity, all edits so far (%)", 100.0),
+    ("efficacy", "Efficacy (%): after all (solid), immediate (dashed)", 100.0),
+    ("generalization", "Generalization (%): after all (solid), immediate (dashed)", 100.0),
+    ("specificity", "Specificity (%): after all (solid), immediate (dashed)", 100.0),
     ("first_batch_efficacy", "Efficacy, first batch only (%)", 100.0),
     ("retention_accuracy", "Retention: true-answer token accuracy (%)", 100.0),
     ("fluency", "Fluency (n-gram entropy x 100)", 100.0),
@@ -478,11 +567,20 @@ def plot_curves(result: LifelongResult, out_dir: Path) -> list[Path]:
     metrics = [m for m in metrics if any(r.get(m[0]) is not None for r in rows)]
     methods = [p.method for p in result.methods if p.rows]
 
+    both = {"efficacy", "generalization", "specificity", "score"}  # metrics with an immediate series beside
+
     def draw(ax: Any, key: str, scale: float) -> None:
         for i, name in enumerate(methods):
-            points = [(r["n_edits"], r[key] * scale) for r in rows if r["method"] == name and r.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points), marker="o", markersize=3, label=name, color=series_color(i))
+            series = [(key, name)]
+            if key in both:
+                series = [(key, f"{name}, {PROTOCOL_LABELS[PROTOCOL]}"),
+                          (f"{IMMEDIATE}_{key}", f"{name}, {PROTOCOL_LABELS[IMMEDIATE]}")]
+            for column, label in series:
+                points = [(r["n_edits"], r[column] * scale) for r in rows
+                          if r["method"] == name and r.get(column) is not None]
+                if points:
+                    style = "--" if column.startswith(IMMEDIATE) else "-"
+                    ax.plot(*zip(*points), style, marker="o", markersize=3, label=label, color=series_color(i))
         if pre.get(key) is not None:
             ax.axhline(pre[key] * scale, linestyle="--", color="grey", label="pre-edit")
         if key.startswith("perplexity_"):
@@ -496,7 +594,8 @@ def plot_curves(result: LifelongResult, out_dir: Path) -> list[Path]:
         ax.legend(fontsize=7)
         paths.append(savefig(fig, out_dir / f"lifelong_{_slug(key)}.png"))
     cfg = result.config
-    title = f"{result.kind}: sequential edits in batches of {cfg.batch_size} ({PROTOCOL})"
+    title = (f"{result.kind}: sequential edits in batches of {cfg.batch_size} "
+             f"({PROTOCOL_LABELS[PROTOCOL]} solid, {PROTOCOL_LABELS[IMMEDIATE]} dashed)")
     paths.append(save_curve_grid(metrics, draw, title, out_dir / "lifelong.png"))
     return paths
 
