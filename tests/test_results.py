@@ -134,3 +134,59 @@ def test_a_table_name_declared_twice_is_refused(tmp_path: Path) -> None:
     (twin / "experiment.json").write_text((repo / "results/run/experiment.json").read_text())
     with pytest.raises(ResultsError, match="declared twice"):
         results.load_tables(repo / "results")
+
+
+# ----- adding a lifelong run ---------------------------------------------------------------------------------
+
+def _checkpoint(n: int, eff: float, immediate: bool) -> dict[str, object]:
+    cell = {"mean": eff, "sem": 0.01}
+    summary = {k: cell for k in ("efficacy", "generalization", "specificity", "score")}
+    return {"n_edits": n, "edits": summary, "immediate": summary if immediate else None, "first_batch": summary,
+            "retention": {"retention_accuracy": 0.5}, "perplexity": {"wiki.test": {"perplexity": 250.0}},
+            "fluency": 4.2, "seconds_per_batch": 3.0, "state_bytes": 2**20}
+
+
+def _lifelong_run(tmp_path: Path) -> Path:
+    """A run folder whose lifelong.csv is written by the lifelong study's own row writer."""
+    from ece_plugin.lab.study.common import write_csv
+    from ece_plugin.lab.study.lifelong import flat_row
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [flat_row("Pre-edited", _checkpoint(0, 0.01, False), "counterfact")]
+    rows += [flat_row("ECE-AS [neuron_threshold=1.0, clustering=False]", _checkpoint(n, e, True), "counterfact")
+             for n, e in ((100, 0.95), (200, 0.9))]
+    write_csv(run / "lifelong.csv", rows)
+    return run
+
+
+def test_a_lifelong_run_is_added_in_percent_with_both_protocols_and_never_twice(tmp_path: Path) -> None:
+    repo = _tiny(tmp_path)
+    folder = repo / "results" / "run"
+    (folder / "rows.csv").unlink()
+    run = _lifelong_run(tmp_path)
+    assert results.add_lifelong(run, folder, {"setting": "sequential"}) == (5, 3)
+    final = results.read_rows(folder / "rows.csv")
+    assert [(r["method"], r["n_edits"], r["protocol"], r["efficacy"]) for r in final] == [
+        ("Pre-edited", "0", "after_all", "1.0"), ("ECE-AS", "200", "after_all", "90.0"),
+        ("ECE-AS", "200", "immediate", "90.0")]
+    edited = final[1]
+    assert (edited["neuron_threshold"], edited["clustering"], edited["setting"]) == ("1.0", "False", "sequential")
+    assert (edited["retention_accuracy"], edited["perplexity"], edited["state_mib"]) == ("50.0", "250.00", "1.00")
+    assert len(results.read_rows(folder / "checkpoints.csv")) == 5
+    before = (folder / "rows.csv").read_text()
+    with pytest.raises(ResultsError, match="--force"):
+        results.add_lifelong(run, folder, {"setting": "sequential"})
+    assert (folder / "rows.csv").read_text() == before
+    results.add_lifelong(run, folder, {"setting": "sequential"}, force=True)
+    assert (folder / "rows.csv").read_text() == before
+
+
+def test_adding_needs_a_lifelong_csv_and_an_experiment(tmp_path: Path) -> None:
+    repo = _tiny(tmp_path)
+    with pytest.raises(ResultsError, match="no such data file"):
+        results.add_lifelong(tmp_path / "nowhere", repo / "results" / "run", {})
+    with pytest.raises(ResultsError, match="no experiment.json"):
+        results.add_lifelong(_lifelong_run(tmp_path), repo / "results" / "new", {})
+    with pytest.raises(ResultsError, match="key=value"):
+        results.method_and_overrides("ECE-AS [oops]")

@@ -24,7 +24,8 @@ A table in ``experiment.json``::
 A column is a header and one or more templates of the row's fields (``str.format`` syntax, numbers as numbers,
 so ``{n_edits:,}`` gives 2,000): a cell shows the first template whose fields are all filled in that row (a
 template without fields, such as ``"-"``, always is), else nothing. ``protocol`` (``after_all``, ``immediate``, ``both`` or ``one_batch``) may be set per table;
-otherwise the experiment's applies. The table ``hparams`` is not from results/: it lists the fields of
+otherwise the experiment's applies. ``--add-lifelong RUN --experiment NAME`` adds a ``lifelong`` run's checkpoints
+(its ``lifelong.csv``, both protocols) to ``results/NAME/`` as rows in %. The table ``hparams`` is not from results/: it lists the fields of
 ``ECEHyperParams`` with the descriptions below, and fails when a field has none.
 """
 
@@ -39,9 +40,10 @@ import os
 import re
 import string
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 from ..method.atomic import write_text
 from ..resources import REPO_ROOT
@@ -304,9 +306,12 @@ def documents(repo: Path) -> list[Path]:
 
 
 def renderers_for(root: Path) -> dict[str, Callable[[Path], str]]:
-    tables = load_tables(root)
-    out: dict[str, Callable[[Path], str]] = {name: (lambda doc, t=t: render_table(root, t, doc))
-                                             for name, t in tables.items()}
+    """The renderer of every table name: those of results/ and the hparams reference."""
+
+    def one(table: Table) -> Callable[[Path], str]:
+        return lambda doc: render_table(root, table, doc)
+
+    out = {name: one(table) for name, table in load_tables(root).items()}
     out[HPARAMS_TABLE] = lambda doc: render_hparams()
     return out
 
@@ -327,13 +332,128 @@ def render_all(repo: Path, root: Optional[Path] = None, write: bool = True,
     return changed
 
 
+# ----- adding a lifelong run to results/ ------------------------------------------------------------------
+
+LIFELONG_METRICS = ("efficacy", "generalization", "specificity", "score")
+LABEL = re.compile(r"^(?P<method>[^\[\s]+)(?: \[(?P<overrides>[^\]]*)\])?")
+
+
+def method_and_overrides(label: str) -> tuple[str, dict[str, str]]:
+    """``"ECE-AS [neuron_threshold=1.0, clustering=False]"`` -> ``("ECE-AS", {"neuron_threshold": "1.0", ...})``."""
+    match = LABEL.match(label.strip())
+    if not match:
+        raise ResultsError(f"method label {label!r}: expected 'METHOD' or 'METHOD [key=value, ...]'")
+    overrides = {}
+    for pair in filter(None, (match.group("overrides") or "").split(", ")):
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ResultsError(f"method label {label!r}: {pair!r} is not key=value")
+        overrides[key] = value
+    return match.group("method"), overrides
+
+
+def _percent(value: str, digits: int = 1) -> str:
+    return "" if value in ("", "None", "nan") else f"{float(value) * 100:.{digits}f}"
+
+
+def _plain(value: str, digits: int) -> str:
+    return "" if value in ("", "None", "nan") else f"{float(value):.{digits}f}"
+
+
+def lifelong_rows(flat: dict[str, str], fields: dict[str, str]) -> list[dict[str, str]]:
+    """One ``lifelong.csv`` row (fractions) as results rows in %: after all, and immediate where it was scored."""
+    method, overrides = method_and_overrides(flat["method"])
+    ppl = [k for k in flat if k.startswith("perplexity_")]
+    common = {**fields, "method": method, **overrides, "n_edits": flat["n_edits"], "dataset": flat.get("dataset", ""),
+              "first_batch_efficacy": _percent(flat.get("first_batch_efficacy", "")),
+              "retention_accuracy": _percent(flat.get("retention_accuracy", "")),
+              "perplexity": _plain(flat[ppl[0]], 2) if ppl else "", "fluency": _plain(flat.get("fluency", ""), 1),
+              "seconds_per_batch": _plain(flat.get("seconds_per_batch", ""), 2),
+              "state_mib": _plain(flat.get("state_mib", ""), 2),
+              "weight_growth_max": _plain(flat.get("weight_growth_max", ""), 2)}
+    out = []
+    for protocol, prefix in (("after_all", ""), ("immediate", "immediate_")):
+        metrics = {}
+        for key in LIFELONG_METRICS:
+            metrics[key] = _percent(flat.get(f"{prefix}{key}", ""))
+            metrics[f"{key}_sem"] = _percent(flat.get(f"{prefix}{key}_sem", ""))
+        if protocol == "after_all" or metrics["efficacy"]:
+            out.append({**common, "protocol": protocol, **metrics})
+    return out
+
+
+def _merge_csv(path: Path, new: list[dict[str, str]], key: Sequence[str], force: bool) -> None:
+    """Append ``new`` to the CSV at ``path`` (the union of columns); a row with the same key is refused unless
+    ``force``, which replaces it."""
+    old = read_rows(path) if path.is_file() else []
+    keys = {tuple(r.get(k, "") for k in key) for r in new}
+    clash = [r for r in old if tuple(r.get(k, "") for k in key) in keys]
+    if clash and not force:
+        raise ResultsError(f"{path}: already holds {len(clash)} of these rows (same {', '.join(key)}); "
+                           f"--force replaces them")
+    rows = [r for r in old if tuple(r.get(k, "") for k in key) not in keys] + new
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    lines = [columns] + [[row.get(c, "") for c in columns] for row in rows]
+    buffer = _csv_text(lines)
+    write_text(path, buffer)
+
+
+def _csv_text(lines: list[list[str]]) -> str:
+    import io
+
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(lines)
+    return out.getvalue()
+
+
+def add_lifelong(run: Path, folder: Path, fields: dict[str, str], force: bool = False) -> tuple[int, int]:
+    """Add the checkpoints of ``run/lifelong.csv`` to ``folder/checkpoints.csv`` and each method's last checkpoint
+    (with the pre-edit row) to ``folder/rows.csv``; return how many rows each got. Nothing is written when a
+    row is already there (unless ``force``) or the run is not a lifelong run."""
+    source = run / "lifelong.csv"
+    flat = read_rows(source)
+    if not flat or "n_edits" not in flat[0] or "method" not in flat[0]:
+        raise ResultsError(f"{source}: not a lifelong.csv (no method / n_edits columns)")
+    if not (folder / "experiment.json").is_file():
+        raise ResultsError(f"{folder}: no experiment.json; write what was run there first")
+    every = [row for f in flat for row in lifelong_rows(f, fields)]
+    last: dict[str, dict[str, str]] = {}
+    for f in flat:
+        if f["method"] not in last or int(f["n_edits"]) >= int(last[f["method"]]["n_edits"]):
+            last[f["method"]] = f
+    final = [row for f in last.values() for row in lifelong_rows(f, fields)]
+    overrides = sorted({k for f in flat for k in method_and_overrides(f["method"])[1]})
+    key = list(dict.fromkeys([*fields, "method", *overrides, "n_edits", "protocol"]))
+    _merge_csv(folder / "checkpoints.csv", every, key, force)
+    _merge_csv(folder / "rows.csv", final, key, force)
+    return len(every), len(final)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ece_plugin.lab.results", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a document is out of date")
     parser.add_argument("--repo", type=Path, default=REPO_ROOT, help="repository root (default %(default)s)")
+    parser.add_argument("--add-lifelong", type=Path, metavar="RUN",
+                        help="add this lifelong run's checkpoints to results/EXPERIMENT/ (then render)")
+    parser.add_argument("--experiment", help="with --add-lifelong: the folder under results/")
+    parser.add_argument("--field", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --add-lifelong: a column given to every added row, e.g. setting=sequential")
+    parser.add_argument("--force", action="store_true", help="with --add-lifelong: replace rows already there")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.add_lifelong and not args.experiment:
+        parser.error("--add-lifelong needs --experiment NAME")
+    bad = [pair for pair in args.field if "=" not in pair]
+    if bad:
+        parser.error(f"--field {bad[0]!r}: expected KEY=VALUE")
+    fields = dict(pair.partition("=")[::2] for pair in args.field)
     try:
+        if args.add_lifelong:
+            n_all, n_final = add_lifelong(args.add_lifelong, args.repo / "results" / args.experiment, fields,
+                                          args.force)
+            logger.info("results/%s: %d checkpoint rows, %d final rows added", args.experiment, n_all, n_final)
         changed = render_all(args.repo, write=not args.check)
     except ResultsError as exc:
         logger.error("error: %s", exc)
