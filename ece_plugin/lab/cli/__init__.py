@@ -36,6 +36,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Optional
 
+from ... import resources
 from . import apply, batch_study, bench, demo, edit, evaluate, explain, layer_sweep, lifelong, stats, testbed
 from .common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, CLIError, Parser
 
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="ECE (Explainable and Efficient Editing) for EasyEdit: demo, editing, benchmarks, studies.",
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {resources.version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in _PARSER_ADDERS:
         add(sub)

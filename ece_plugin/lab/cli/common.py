@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
-from ...resources import REPO_ROOT
+from ...resources import REPO_ROOT, ResourceNotFoundError, resolve_data, resolve_hparams, resolve_model
 
 logger = logging.getLogger("ece_plugin.lab.cli")
 
@@ -115,7 +115,10 @@ def default_testbed_dir() -> Optional[Path]:
 def model_dir(value: Optional[str]) -> Path:
     """``--model`` (or the bundled testbed), checked to be a model folder."""
     if value:
-        path = Path(value)
+        try:
+            path = resolve_model(value)  # a folder, or a bundled testbed's name (testbed-llama)
+        except ResourceNotFoundError as exc:
+            raise CLIError(f"--model: {exc}") from exc
     else:
         found = default_testbed_dir()
         if found is None:
@@ -134,10 +137,10 @@ def hparams_file(explicit: Optional[str], hparams_dir: Path, alg: str, model: Pa
     from ..study.baselines import default_baseline_hparams
 
     if explicit:
-        path = Path(explicit)
-        if not path.is_file():
-            raise CLIError(f"--hparams: file not found: {path}")
-        return path
+        try:
+            return resolve_hparams(explicit, alg)  # a file, or a bundled name (llama3-8b, testbed-llama)
+        except ResourceNotFoundError as exc:
+            raise CLIError(f"--hparams: {exc}") from exc
     path = default_baseline_hparams(hparams_dir, alg, model)
     if alg == "ECE" and not path.is_file():
         raise CLIError(f"no ECE hparams for {model.name} in {hparams_dir / 'ECE'}; pass --hparams")
@@ -198,7 +201,10 @@ def records(args: argparse.Namespace, default: Path = DEFAULT_DATA) -> list[Any]
     """The records of ``--data`` (``--kind``, ``--limit``, ``--offset``); none is an error."""
     from ...evaluation.data import load_records
 
-    path = Path(args.data) if getattr(args, "data", None) else default
+    try:
+        path = resolve_data(args.data) if getattr(args, "data", None) else default  # or a bundled file's name
+    except ResourceNotFoundError as exc:
+        raise CLIError(f"--data: {exc}") from exc
     loaded = load_records(path, kind=args.kind, limit=args.limit, offset=args.offset)
     if not loaded:
         raise CLIError(f"--data: no records in {path} (offset {args.offset}, limit {args.limit})")
