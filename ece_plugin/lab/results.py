@@ -1,4 +1,4 @@
-"""Render every results table of README.md and docs/*.md from the data under results/.
+"""Render every results table of README.md, testbed/README.md and docs/*.md from the data under results/.
 
 Each reported experiment is a folder ``results/<name>/`` holding ``experiment.json`` (what was run: title,
 testbed, data, protocol, commands, hparams, and the tables it gives), its data as CSV (one row per method,
@@ -301,8 +301,9 @@ def render_document(text: str, doc: Path, renderers: dict[str, Callable[[Path], 
 
 
 def documents(repo: Path) -> list[Path]:
-    """README.md and every Markdown file under docs/."""
-    return [p for p in [repo / "README.md", *sorted((repo / "docs").rglob("*.md"))] if p.is_file()]
+    """README.md, testbed/README.md and every Markdown file under docs/."""
+    pages = [repo / "README.md", repo / "testbed" / "README.md", *sorted((repo / "docs").rglob("*.md"))]
+    return [p for p in pages if p.is_file()]
 
 
 def renderers_for(root: Path) -> dict[str, Callable[[Path], str]]:
