@@ -102,6 +102,8 @@ HPARAM_DOC: dict[str, str] = {
                           "rewrite prompts in the update's covariance (docs/departures.md)",
     "carry_prompt_keys": "those prompt keys also join the carried keys",
     "prompt_keys_decay": "gamma: with < 1 the carried prompt keys fade by this factor per batch; 1: they never fade",
+    "norm_anchor_budget": "departure, 0: rho > 0 pulls each edited layer's drift back onto ||W - W0|| <= rho ||W0|| "
+                          "before every batch (bounded weight growth; variants/norm_anchor.py)",
     "update_ridge": "departure, 0: r I added to the update's Gram matrix (ENCORE's norm constraint)",
     "mom2_dataset": "name of the statistics set (the cache path's `{name}_stats`); `wikitext-2-raw` is bundled, a "
                     "model folder's `<name>.txt` is read for it, any other name needs its cache file",
