@@ -1,4 +1,4 @@
-"""Sequential-editing variants of ECE on a validation sequence of the scale testbed (issue 15).
+"""Sequential-editing settings of ECE on a validation sequence of the scale testbed.
 
 The validation sequence is 400 CounterFact facts the scale testbed trained on and no reported table uses:
 counterfact-val.json records 0-199, then counterfact-edit.json records 2000-2199 (the reported runs edit records
@@ -21,9 +21,9 @@ of issue 15, 2,000 known facts among 8,000 never-trained ones, a measurement onl
 ``--merge LABEL=RUN_FOLDER ... --out DIR`` writes one table and one set of curves of runs of the same sequence,
 each method named by its label (a run stopped before its end: up to its last checkpoint).
 
-``--testbed testbed-llama-scale2`` runs the same sequence on the second scale testbed (it trained the same
-records) with its hparams. ``--set key=value`` overrides a key of the testbed's hparams/ECE/<testbed>.yaml (YAML
-value syntax).
+The sequence runs on the scale testbed ``testbed-llama-scale2`` with its hparams; ``--set key=value`` overrides a
+key of hparams/ECE/testbed-llama-scale2.yaml (YAML value syntax), the variants' keys included (e.g.
+``--set prompt_keys_weight=1``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from ece_plugin.lab.cli import main  # noqa: E402
 from ece_plugin.lab.study.baselines import default_baseline_hparams  # noqa: E402
 from ece_plugin.method.hparams import ECEHyperParams  # noqa: E402
 
-TESTBEDS = ("testbed-llama-scale", "testbed-llama-scale2")  # both trained the same CounterFact and zsRE records
+TESTBEDS = ("testbed-llama-scale2",)  # the scale testbeds: each trained the CounterFact and zsRE records used here
 
 
 def testbed_paths(name: str) -> tuple[Path, Path]:

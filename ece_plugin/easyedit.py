@@ -433,6 +433,13 @@ _TEMPLATE_GLOBAL = "CONTEXT_TEMPLATES_CACHE"
 _ALPHAEDIT_CACHE = ("cache_c", "cache_c_new")
 
 
+def baseline_module(alg_name: str) -> ModuleType:
+    """The EasyEdit module that holds a baseline's main code and its process globals (ROME, MEMIT, AlphaEdit)."""
+    if alg_name not in _BASELINE_MODULES:
+        raise KeyError(f"no main module known for baseline {alg_name!r}; known: {sorted(_BASELINE_MODULES)}")
+    return import_easyedit(_BASELINE_MODULES[alg_name])
+
+
 def baseline_process_state(alg_name: str) -> tuple[Any, dict[str, torch.Tensor]]:
     """What a baseline carries between batches outside the weights, for a checkpoint: ``(templates,
     tensors)``: its cached context templates (JSON-safe, None before the first edit) and, for AlphaEdit, its

@@ -77,7 +77,7 @@ def test_no_load_batch_repeats_a_prompt_and_the_shorter_sequences_are_unchanged(
     assert load != raw[2200:3800]  # record 3044 repeats a prompt of its batch and is skipped
 
 
-@pytest.mark.parametrize("name", ["testbed-llama-scale", "testbed-llama-scale2"])
+@pytest.mark.parametrize("name", ["testbed-llama-scale2"])
 def test_each_scale_testbed_trained_the_validation_records_and_not_the_load_edits(lv: ModuleType, name: str) -> None:
     model, hparams = lv.testbed_paths(name)
     assert hparams.is_file() and (model / "config.json").is_file()
@@ -158,7 +158,7 @@ def test_merge_names_each_run_by_its_label_and_refuses_another_sequence(lv: Modu
     assert [(m["method"], m["rows"][-1]["edits"]["efficacy"]["mean"]) for m in merged["methods"]] == [("paper", 0.9), ("best", 0.6)]
     assert merged["meta"]["merged_from"] == {"paper": str(a), "best": str(b)}
     table = paths["md"].read_text()
-    assert "| paper | 200 | 90.0" in table and "| best | 200 | 60.0" in table
+    assert "| paper | 200 | after all | 90.0" in table and "| best | 200 | after all | 60.0" in table
     other = _finished_run(tmp_path / "c", "ECE-AS", 0.9, pre_efficacy=0.2)
     with pytest.raises(SystemExit, match="another sequence"):
         lv.merge(tmp_path / "out2", [("paper", a), ("other", other)])
@@ -179,3 +179,15 @@ def test_merge_names_each_run_by_its_label_and_refuses_another_sequence(lv: Modu
     assert lv._label_dir(f"ECE [mu=1]={a}") == ("ECE [mu=1]", a)  # a label may name an override
     with pytest.raises(SystemExit, match="LABEL=RUN_FOLDER"):
         lv.run(["--merge", str(a), "--out", str(tmp_path / "out4")])
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--set", "carry_values=true"], "'carry_values' is not an ECE hyperparameter"),  # removed: it did not help
+    (["--rewind-z"], "unrecognized arguments: --rewind-z"),  # the NSE prototypes are gone: they did not help
+    (["--write-passes", "2"], "unrecognized arguments: --write-passes"),
+])
+def test_removed_settings_are_refused_by_name(lv: ModuleType, capsys: pytest.CaptureFixture[str], argv: list[str],
+                                              message: str) -> None:
+    with pytest.raises(SystemExit):
+        lv.run([*argv, "--out", "unused"])
+    assert message in capsys.readouterr().err

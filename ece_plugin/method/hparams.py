@@ -1,4 +1,9 @@
-"""ECE hyperparameters: an EasyEdit ``HyperParams`` subclass read from YAML, validated key by key.
+"""ECE hyperparameters: a dataclass read from YAML, validated key by key.
+
+:class:`ECEHyperParams` offers the API EasyEdit's ``BaseEditor`` uses of its ``HyperParams`` (``from_hparams``,
+``from_json``, ``to_dict``, ``construct_float_from_scientific_notation``, and the attributes ``alg_name``,
+``model_name``, ``device``, ``batch_size``, ``model_parallel``, ``max_length``); EasyEdit checks no base class, so the
+method needs nothing from easyeditor.
 
 The field names follow EasyEdit's MEMIT/AlphaEdit hparams wherever the concept is the same (``layers``,
 ``v_num_grad_steps``, ``mom2_update_weight``, the module templates, ...), so a researcher can move a MEMIT
@@ -9,11 +14,9 @@ two z phases).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -28,43 +31,14 @@ logger = logging.getLogger(__name__)
 ATTRIBUTIONS = ("AS", "WI", "RS")
 FACT_TOKENS = ("subject_last", "last", "subject_first", "subject_first_after_last")
 MOM2_DTYPES = ("float32", "float64", "float16", "bfloat16")
-Z_EARLY_STOPS = ("loss", "most_probable")
 
 
 class HParamsError(ValueError):
     """A hyperparameter file or value is wrong; the message names the key."""
 
 
-def _easyedit_hyperparams_base() -> type:
-    """EasyEdit's ``HyperParams`` when easyeditor is importable, else a minimal stand-in with its API."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # timm's deprecation notices, via easyeditor
-            module = importlib.import_module("easyeditor.util.hparams")
-        return module.HyperParams  # type: ignore[no-any-return]
-    except Exception:  # noqa: BLE001 - any import failure means "no EasyEdit here"
-        logger.debug("easyeditor not importable; ECEHyperParams uses a local HyperParams base")
-
-        @dataclass
-        class HyperParams:
-            """Stand-in for ``easyeditor.util.hparams.HyperParams`` (same methods)."""
-
-            @classmethod
-            def from_json(cls, fpath: str) -> Any:
-                with open(fpath) as f:
-                    return cls(**json.load(f))
-
-            def to_dict(self) -> dict:
-                return dataclasses.asdict(self)
-
-        return HyperParams
-
-
-_HyperParamsBase = _easyedit_hyperparams_base()
-
-
 @dataclass
-class ECEHyperParams(_HyperParamsBase):  # type: ignore[misc,valid-type]
+class ECEHyperParams:
     """Hyperparameters of ECE (Explainable and Efficient Editing, Zhang et al., WWW 2025).
 
     Required keys have no default. ``p`` in the paper is ``neuron_threshold``; lambda is
@@ -83,9 +57,6 @@ class ECEHyperParams(_HyperParamsBase):  # type: ignore[misc,valid-type]
     cluster_ratio: float = 0.1
     # --- target values z (MEMIT's optimisation, in two phases) ---
     v_num_grad_steps: int = 25  # steps of every edit when clustering is off (MEMIT's z)
-    # when an edit's z stops early: "loss" (MEMIT's: loss < 5e-2) or "most_probable" (also once every
-    # rewriting prompt predicts every target token greedily: ENCORE's most-probable early stopping)
-    z_early_stop: str = "loss"
     shared_grad_steps: int = 20  # phase 1: steps on each cluster's anchor
     per_edit_grad_steps: int = 5  # phase 2: per-edit steps from the shared delta
     v_lr: float = 0.5
@@ -108,19 +79,6 @@ class ECEHyperParams(_HyperParamsBase):  # type: ignore[misc,valid-type]
     mom2_update_weight: float = 15000.0  # lambda
     # the keys of earlier edits enter the update's covariance (Cprev, the paper's sequential form); false: MEMIT's
     carry_keys: bool = True
-    # departure (off in the paper's form): the outputs earlier edits wrote at their keys are carried too, and the
-    # update's least squares keeps them (targets W_t k_j) instead of assuming no later write moved them
-    carry_values: bool = False
-    # departure (0 in the paper's form): mu K_P K_P^T joins the update's covariance and the carried keys, K_P the
-    # keys at the other tokens of the plain rewrite prompts (prompt_keys.py)
-    prompt_keys_weight: float = 0.0
-    carry_prompt_keys: bool = True  # those keys also join the carried keys (later batches keep them too)
-    # < 1: the carried prompt keys are kept in a moment of their own that each later batch multiplies by this
-    # factor (P <- gamma P + mu K_P K_P^T), so their total weight stays below mu / (1 - gamma) batches; 1: they
-    # join the edits' keys and never fade
-    prompt_keys_decay: float = 1.0
-    # ridge on the update (ENCORE's norm constraint): lambda C0 + Cprev + K K^T + update_ridge * I; 0: the paper's
-    update_ridge: float = 0.0
     mom2_dataset: str = "wikipedia"  # name of the statistics set in the cache path ({name}_stats)
     # text file or folder; None -> the set mom2_dataset names (wikitext-2-raw: bundled; else a cache file)
     mom2_corpus: Optional[str] = None
@@ -144,6 +102,15 @@ class ECEHyperParams(_HyperParamsBase):  # type: ignore[misc,valid-type]
     model_parallel: bool = False
     state_device: str = "cpu"  # where the sequential state lives: 'cpu' or 'model' (each layer's device)
     seed: int = 0
+    # --- departures from the paper (variants/; each off at its default, the paper's form) ---
+    # variants/prompt_keys.py: mu K_P K_P^T joins the update's covariance and the carried keys, K_P the keys at the
+    # other tokens of the plain rewrite prompts
+    prompt_keys_weight: float = 0.0
+    carry_prompt_keys: bool = True  # those keys also join the carried keys (later batches keep them too)
+    # < 1: the carried prompt keys are kept in a moment of their own that each later batch multiplies by this
+    # factor (P <- gamma P + mu K_P K_P^T), so their total weight stays below mu / (1 - gamma) batches; 1: they
+    # join the edits' keys and never fade
+    prompt_keys_decay: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -200,6 +167,17 @@ class ECEHyperParams(_HyperParamsBase):  # type: ignore[misc,valid-type]
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @staticmethod
+    def construct_float_from_scientific_notation(config: dict[str, Any]) -> dict[str, Any]:
+        """EasyEdit's helper of the same name: string values that read as numbers ('1e4') become floats, in place."""
+        for key, value in config.items():
+            if isinstance(value, str):
+                try:
+                    config[key] = float(value)
+                except ValueError:
+                    pass
+        return config
+
     # --------------------------------------------------------------- validation
     def validate(self, n_layers: Optional[int] = None) -> None:
         """Check every value; with ``n_layers`` (the model's depth) also check layer indices."""
@@ -243,18 +221,11 @@ class ECEHyperParams(_HyperParamsBase):  # type: ignore[misc,valid-type]
         for name in ("v_lr", "clamp_norm_factor"):
             if getattr(self, name) <= 0:
                 raise HParamsError(f"{name}: must be > 0, got {getattr(self, name)}")
-        if self.z_early_stop not in Z_EARLY_STOPS:
-            raise HParamsError(f"z_early_stop: must be one of {Z_EARLY_STOPS}, got {self.z_early_stop!r}")
-        for name in ("v_weight_decay", "kl_factor", "mom2_update_weight", "update_ridge", "prompt_keys_weight"):
+        for name in ("v_weight_decay", "kl_factor", "mom2_update_weight", "prompt_keys_weight"):
             if getattr(self, name) < 0:
                 raise HParamsError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not (0.0 < self.prompt_keys_decay <= 1.0):
             raise HParamsError(f"prompt_keys_decay: must lie in (0, 1], got {self.prompt_keys_decay}")
-        if self.carry_values and self.prompt_keys_decay < 1.0:
-            raise HParamsError("carry_values: cannot be combined with prompt_keys_decay < 1 (the carried values "
-                               "would keep targets for prompt keys whose weight has faded)")
-        if self.carry_values and not self.carry_keys:
-            raise HParamsError("carry_values: needs carry_keys (the values are carried with their keys)")
         if not self.z_cache_mb > 0:
             raise HParamsError(f"z_cache_mb: must be > 0, got {self.z_cache_mb}")
         if self.fact_token not in FACT_TOKENS:

@@ -365,7 +365,7 @@ class EasyEditMethod:
         """
         from ... import easyedit
 
-        module: Any = easyedit.import_easyedit("easyeditor.models.alphaedit.AlphaEdit_main")
+        module: Any = easyedit.baseline_module("AlphaEdit")
         if self._workdir is None:
             self._workdir = Path(tempfile.mkdtemp(prefix="ece-alphaedit-"))
             weakref.finalize(self, shutil.rmtree, str(self._workdir), True)
