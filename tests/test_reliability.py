@@ -7,6 +7,7 @@ sequential state and the files are as they were before the failing call.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -127,7 +128,10 @@ def _one_error_line(err: str) -> str:
 
 
 def _stats_path(model: Any, hp: ECEHyperParams, layer: int) -> Path:
+    """Where the statistics of the world's local corpus are filed (under the corpus file's name, not EasyEdit's)."""
     spec = statistics.StatsSpec.from_hparams(hp)
+    if hp.mom2_corpus and spec.ds_name in statistics.EASYEDIT_DATASETS:
+        spec = dataclasses.replace(spec, ds_name=Path(hp.mom2_corpus).stem)
     return statistics.stats_paths_for(model, hp.rewrite_module_tmp.format(layer), spec).main
 
 
@@ -493,17 +497,17 @@ def test_a_failed_save_leaves_the_folder_that_was_there(
         monkeypatch.setattr(model, "save_pretrained", lambda *_a, **_k: (_ for _ in ()).throw(OSError("disk full")))
         error: type[BaseException] = OSError
     else:
-        import ece_plugin.files.modeldir as modeldir
+        import ece_plugin.method.atomic as atomic
 
         real_replace = os.replace
         error = OSError if fail_at == "swap" else KeyboardInterrupt
 
         def replace(src: Any, dst: Any) -> None:
-            if Path(dst) == folder.absolute() and ".new." in str(src):
+            if Path(dst) == folder.absolute() and ".new-" in str(src):
                 raise error("swap failed")
             real_replace(src, dst)
 
-        monkeypatch.setattr(modeldir.os, "replace", replace)
+        monkeypatch.setattr(atomic.os, "replace", replace)
     with pytest.raises(error):
         save_model_folder(model, tok, folder)
     assert _files(folder) == before
@@ -520,7 +524,7 @@ def test_a_non_empty_folder_that_is_not_a_model_is_refused_unless_forced(
                       str(world.data), "--limit", "2", "--no-eval", "--save-model", str(mine), "--out",
                       str(tmp_path / "run"), "--device", "cpu")
     line = _one_error_line(err)
-    assert rc == 1 and "ModelFolderError" in line and f"{mine}: not empty and not a model folder" in line
+    assert rc == 1 and "OutputError" in line and f"--save-model {mine}: exists and is not empty" in line
     assert "--force" in line and _files(mine) == {"thesis.tex": b"precious"}
     assert not (tmp_path / "run").exists()  # refused before any work
     model, tok = _load(world)
@@ -530,7 +534,7 @@ def test_a_non_empty_folder_that_is_not_a_model_is_refused_unless_forced(
     assert (mine / "config.json").is_file() and (mine / "thesis.tex").read_text() == "precious"
 
 
-def test_apply_with_out_equal_to_model_keeps_the_manifest(
+def test_apply_with_out_equal_to_model_needs_force_and_keeps_the_manifest(
     world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from ece_plugin.files.editfile import save_edit_file
@@ -542,7 +546,11 @@ def test_apply_with_out_equal_to_model_keeps_the_manifest(
     with torch.no_grad():
         model.get_parameter(name)[:, 3] += 0.5
     edits = save_edit_file(build_edit_file(model, original), tmp_path / "e.safetensors")
+    before = _files(folder)
     rc, _, err = _run(capsys, "apply", "--model", str(folder), "--edits", str(edits), "--out", str(folder))
+    line = _one_error_line(err)
+    assert rc == 1 and f"--out {folder}: exists and is not empty" in line and _files(folder) == before
+    rc, _, err = _run(capsys, "apply", "--model", str(folder), "--edits", str(edits), "--out", str(folder), "--force")
     assert rc == 0, err
     assert (folder / "testbed_manifest.json").read_text() == '{"kept": true}'
     applied, _ = load_model_and_tokenizer(folder, device="cpu")

@@ -106,6 +106,7 @@ class EditFile:
                     "dtype": str(w.dtype).replace("torch.", ""),
                     "neuron_axis": w.neuron_axis,
                     "n_changed": w.n_changed,
+                    "digests": slice_digests(w),
                 }
                 for name, w in self.weights.items()
             },
@@ -162,6 +163,12 @@ def tensor_digest(t: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+def slice_digests(w: WeightEdit) -> dict[str, str]:
+    """:func:`tensor_digest` of a weight edit's own tensors (indices, original and edited slices)."""
+    return {"indices": tensor_digest(w.indices), "original": tensor_digest(w.original),
+            "edited": tensor_digest(w.edited)}
+
+
 def model_digests(model: torch.nn.Module, replace: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, str]:
     """:func:`tensor_digest` of every tensor of the model's ``state_dict`` (``replace`` gives other values for
     some names, e.g. the weights before an edit)."""
@@ -181,26 +188,26 @@ def _differences(expected: Mapping[str, str], actual: Mapping[str, str]) -> list
     return parts
 
 
-def _check_whole_model(model: torch.nn.Module, edit: EditFile, *, forward: bool, force: bool) -> None:
+def _check_whole_model(model: torch.nn.Module, edit: EditFile, *, forward: bool, force: bool) -> bool:
     """Compare the model's tensors with the whole-model fingerprint the file records (edited weights: their
-    values before the edit when applying, after it when reverting)."""
+    values before the edit when applying, after it when reverting); True when they all match."""
     before = edit.fingerprint.get("tensors")
     if before is None:
         logger.warning(
             "the edit file has no whole-model fingerprint (written by an older version): only the configuration "
             "and the edited neurons are checked"
         )
-        return
+        return False
     expected = dict(before)
     if not forward:
         expected.update(edit.fingerprint.get("edited_tensors", {}))
     problems = _differences(expected, model_digests(model))
     if not problems:
-        return
+        return True
     message = f"the edit file was made for another model: {'; '.join(problems)}"
     if force:
         logger.warning("%s (--force: going on)", message)
-        return
+        return False
     raise EditFileError(message + " (--force applies it anyway)")
 
 
@@ -328,6 +335,38 @@ def save_edit_file(edit: EditFile, path: PathLike) -> Path:
     return path
 
 
+def _check_weight_edit(path: Path, w: WeightEdit, info: dict[str, Any]) -> None:
+    """The file's own consistency for one weight: indices (1-D integers, unique, within the shape), slice shapes,
+    and the digests the file records of its tensors (a file without them, from an older version, is read with a
+    warning)."""
+    where = f"{path}: weight {w.name!r}"
+    if w.neuron_axis not in (0, 1) or len(w.shape) != 2:
+        raise EditFileError(f"{where}: neuron_axis {w.neuron_axis} / shape {list(w.shape)} is not a 2-D weight's")
+    if w.indices.dim() != 1 or w.indices.dtype not in (torch.int64, torch.int32):
+        raise EditFileError(f"{where}: indices must be a 1-D integer tensor, got {w.indices.dtype} "
+                            f"{list(w.indices.shape)}")
+    w.indices = w.indices.to(torch.int64)
+    n_neurons = w.shape[w.neuron_axis]
+    if w.indices.numel():
+        low, high = int(w.indices.min()), int(w.indices.max())
+        if low < 0 or high >= n_neurons:
+            bad = low if low < 0 else high
+            raise EditFileError(f"{where}: neuron index {bad} outside 0..{n_neurons - 1}")
+        if int(torch.unique(w.indices).numel()) != w.n_changed:
+            raise EditFileError(f"{where}: neuron indices repeat")
+    if w.original.dim() != 2 or w.original.shape[1] != w.shape[1 - w.neuron_axis]:
+        raise EditFileError(f"{where}: slices of shape {list(w.original.shape)} do not fit the weight's "
+                            f"{list(w.shape)}")
+    digests = info.get("digests")
+    if digests is None:
+        logger.warning("%s: no digests of its tensors (an older version wrote it): they are not checked", where)
+        return
+    for label, actual in slice_digests(w).items():
+        if not isinstance(digests, dict) or digests.get(label) != actual:
+            raise EditFileError(f"{where}: tensor {label!r} does not match the file's digest (the file was changed "
+                                "or damaged)")
+
+
 def load_edit_file(path: PathLike) -> EditFile:
     """Read an edit file written by :func:`save_edit_file`; clear errors for anything else."""
     from safetensors import safe_open
@@ -368,15 +407,17 @@ def load_edit_file(path: PathLike) -> EditFile:
             raise EditFileError(f"{path}: weight {name!r} lacks tensor {exc}") from exc
         if original.shape != edited.shape or original.shape[0] != indices.numel():
             raise EditFileError(f"{path}: weight {name!r}: inconsistent tensor shapes")
-        weights[name] = WeightEdit(
+        weight = WeightEdit(
             name=name,
             shape=tuple(info["shape"]),
             dtype=original.dtype,
             neuron_axis=int(info["neuron_axis"]),
-            indices=indices.to(torch.int64),
+            indices=indices,
             original=original,
             edited=edited,
         )
+        _check_weight_edit(path, weight, info)
+        weights[name] = weight
     state = {k[len(STATE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
     return EditFile(
         fingerprint=header.get("fingerprint", {}),
@@ -399,7 +440,7 @@ def _write_slices(model: torch.nn.Module, edit: EditFile, *, forward: bool, forc
         param = params[name]
         if param.dtype != w.dtype:
             raise EditFileError(f"{name}: the model holds {param.dtype}, the edit file {w.dtype}")
-        if w.indices.numel() and int(w.indices.max()) >= param.shape[w.neuron_axis]:
+        if w.indices.numel() and (int(w.indices.min()) < 0 or int(w.indices.max()) >= param.shape[w.neuron_axis]):
             raise EditFileError(f"{name}: neuron index out of range for shape {tuple(param.shape)}")
         current = _slices(param, w.neuron_axis, w.indices)
         expected = getattr(w, expect_side)
@@ -410,17 +451,46 @@ def _write_slices(model: torch.nn.Module, edit: EditFile, *, forward: bool, forc
                 f"{name}: the model does not hold the {expect_label} values of {n_bad} of the "
                 f"{w.n_changed} edited neuron(s); refusing to {what} this model"
             )
-    _check_whole_model(model, edit, forward=forward, force=force)
+    for name, w in edit.weights.items():
+        values = w.edited if forward else w.original
+        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+            bad = int((~torch.isfinite(values)).sum())
+            side = "edited" if forward else "original"
+            raise EditFileError(f"{name}: the file's {side} values hold {bad} non-finite value(s); nothing written")
+    clean = _check_whole_model(model, edit, forward=forward, force=force)
+    previous = {name: _slices(params[name], w.neuron_axis, w.indices) for name, w in edit.weights.items()}
     written = []
-    with torch.no_grad():
+    try:
         for name, w in edit.weights.items():
-            param = params[name]
-            values = (w.edited if forward else w.original).to(param.device)
-            if w.neuron_axis != 0:
-                values = values.transpose(0, w.neuron_axis)
-            param.index_copy_(w.neuron_axis, w.indices.to(param.device), values.contiguous())
+            _put_slices(params[name], w, w.edited if forward else w.original)
             written.append(name)
+        if clean:
+            _check_promised(model, edit, forward=forward)
+    except BaseException:
+        for name in written:
+            _put_slices(params[name], edit.weights[name], previous[name])
+        raise
     return written
+
+
+def _put_slices(param: torch.Tensor, w: WeightEdit, values: torch.Tensor) -> None:
+    with torch.no_grad():
+        values = values.to(param.device)
+        if w.neuron_axis != 0:
+            values = values.transpose(0, w.neuron_axis)
+        param.index_copy_(w.neuron_axis, w.indices.to(param.device), values.contiguous())
+
+
+def _check_promised(model: torch.nn.Module, edit: EditFile, *, forward: bool) -> None:
+    """After writing: each written weight has the digest the file promises (edited weights after applying,
+    original weights after reverting)."""
+    promised = edit.fingerprint.get("edited_tensors" if forward else "tensors")
+    if not promised:
+        return
+    for name in edit.weights:
+        if name in promised and tensor_digest(model.get_parameter(name)) != promised[name]:
+            raise EditFileError(f"{name}: after writing, the weight does not match the file's fingerprint; "
+                                "the model was put back as it was")
 
 
 def apply_edit_file(model: torch.nn.Module, edit: Union[EditFile, PathLike], force: bool = False) -> list[str]:

@@ -4,8 +4,8 @@
 target's other files (a manifest, a README: everything but weight files, which the new save replaces), gives
 the result normal permissions (directories ``0777 & ~umask``, files ``0666 & ~umask``: 0755 / 0644 under the
 usual umask), and only then swaps it in: the old folder is renamed aside, the new one renamed into place, the
-old one removed. A failure at any step before the swap leaves the target untouched; a failed swap renames the
-old folder back.
+old one removed (:func:`ece_plugin.method.atomic.atomic_folder`, the one write-beside-and-swap path). A failure
+at any step before the swap leaves the target untouched; a failed swap renames the old folder back.
 
 A target that exists, is not empty and is not a model folder (no ``config.json``) is refused unless
 ``force=True``, so a typo cannot replace a user's folder with a model.
@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Union
+
+from ..method import atomic
 
 logger = logging.getLogger(__name__)
 
@@ -48,21 +48,9 @@ def check_target(path: Union[str, Path], force: bool = False) -> Path:
     return target
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def normal_permissions(root: Path) -> None:
     """Directories ``0777 & ~umask``, files ``0666 & ~umask`` under ``root`` (``mkdtemp`` makes 0700)."""
-    mask = _umask()
-    os.chmod(root, 0o777 & ~mask)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames:
-            os.chmod(os.path.join(dirpath, name), 0o777 & ~mask)
-        for name in filenames:
-            os.chmod(os.path.join(dirpath, name), 0o666 & ~mask)
+    atomic.normal_permissions(root)
 
 
 def _is_weight_file(name: str) -> bool:
@@ -85,36 +73,18 @@ def carry_over(old: Path, new: Path) -> list[str]:
 
 
 def swap_in(new: Path, target: Path) -> None:
-    """Put the complete folder ``new`` at ``target``; the old ``target`` is removed only once ``new`` is there."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-    os.rmdir(aside)
-    os.replace(target, aside)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(aside, target)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
+    """Put the complete folder ``new`` at ``target`` (:func:`ece_plugin.method.atomic.swap_in`)."""
+    atomic.swap_in(new, target)
 
 
 def save_model_folder(model: Any, tok: Any, path: Union[str, Path], force: bool = False) -> Path:
     """``save_pretrained`` of ``model`` and ``tok`` into ``path``, safely (see the module docstring)."""
     target = check_target(path, force).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.new.", dir=target.parent))
-    try:
+    with atomic.atomic_folder(target) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         if target.is_dir():
             kept = carry_over(target, tmp)
             if kept:
                 logger.info("%s: kept %s from the folder that was there", target, ", ".join(kept))
-        normal_permissions(tmp)
-        swap_in(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target

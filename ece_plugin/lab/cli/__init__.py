@@ -38,7 +38,17 @@ from typing import Optional
 
 from ... import resources
 from . import apply, batch_study, bench, demo, edit, evaluate, explain, layer_sweep, lifelong, stats, testbed
-from .common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, CLIError, Parser
+from .common import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    CLIError,
+    Parser,
+    UsageError,
+    forget_created,
+    given_options,
+    remove_empty_created,
+)
 
 logger = logging.getLogger("ece_plugin.lab.cli")
 
@@ -76,17 +86,41 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return (CLIError, FileNotFoundError, ValueError, KeyError, ImportError, OSError)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
+MAX_LINE = 299  # characters of an error line
+
+
+def _one_line(exc: BaseException, prefix: str, suffix: str = "") -> str:
+    """``prefix`` + the error's message + ``suffix`` on one line of at most :data:`MAX_LINE` characters (a long
+    message keeps its start, which names the file, key or record, and its end)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    room = MAX_LINE - len(prefix) - len(suffix)
+    if len(text) > room:
+        tail = max(40, room // 4)
+        text = text[: room - tail - 5] + " ... " + text[-tail:]
+    return prefix + text + suffix
+
+
+def _quiet_sigint_on_exit() -> None:
+    """From here on a Ctrl-C ends the process as the signal does (status 130), without a traceback from whatever
+    Python is running while it exits (a command line run only)."""
+    import signal
+
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    except ValueError:  # not the main thread
+        pass
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one ``ece-plugin`` command; the exit status."""
     command = "?"
+    forget_created()
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help (0) or a usage error argparse has printed (2)
+            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
         logging.basicConfig(
             level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             force=True,
@@ -95,22 +129,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.print_help()
             return EXIT_USAGE
         command = args.command
+        args._given = given_options(parser, args.command, list(sys.argv[1:] if argv is None else argv))
         func: Callable[[argparse.Namespace], int] = args.func
         return int(func(args) or 0)
     except KeyboardInterrupt:
+        remove_empty_created()
         sys.stderr.write("ece-plugin: interrupted\n")
         return EXIT_INTERRUPTED
+    except UsageError as exc:
+        remove_empty_created()
+        sys.stderr.write(_one_line(exc, f"ece-plugin {command}: error: ", " (see --help)") + "\n")
+        return EXIT_USAGE
     except _known_errors() as exc:
+        remove_empty_created()
         logger.debug("error", exc_info=True)
-        sys.stderr.write(f"ece-plugin {command}: error: {type(exc).__name__}: {_one_line(exc)}\n")
+        sys.stderr.write(_one_line(exc, f"ece-plugin {command}: error: {type(exc).__name__}: ") + "\n")
         return EXIT_FAILURE
     except Exception as exc:  # noqa: BLE001 - anything else: still one line; the traceback with DEBUG
+        remove_empty_created()
         logger.debug("unexpected error", exc_info=True)
-        sys.stderr.write(
-            f"ece-plugin {command}: error: {type(exc).__name__}: {_one_line(exc)} "
-            "(unexpected; --log-level DEBUG shows the traceback)\n"
-        )
+        sys.stderr.write(_one_line(exc, f"ece-plugin {command}: error: {type(exc).__name__}: ",
+                                   " (unexpected; --log-level DEBUG shows the traceback)") + "\n")
         return EXIT_FAILURE
+    finally:
+        if argv is None:
+            _quiet_sigint_on_exit()
 
 
 __all__ = ["build_parser", "main"]

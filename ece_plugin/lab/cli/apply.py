@@ -22,10 +22,10 @@ def add_parsers(sub: Any) -> list[argparse.ArgumentParser]:
         p.add_argument(
             "--force", action="store_true",
             help="use a model whose weights differ from the file's fingerprint outside the edited neurons, and "
-            "replace a non-empty --out folder that is not a model",
+            "replace what is at --out (its files other than weights are kept)",
         )
         p.add_argument("--device", default="cpu")
-        p.add_argument("--threads", type=int, default=None)
+        p.add_argument("--threads", type=c.positive_int, default=None)
         p.set_defaults(func=func)
         parsers.append(p)
     return parsers
@@ -33,10 +33,11 @@ def add_parsers(sub: Any) -> list[argparse.ArgumentParser]:
 
 def apply_or_revert(args: argparse.Namespace, forward: bool) -> int:
     from ...files.editfile import apply_edit_file, load_edit_file, revert_edit_file
-    from ...files.modeldir import check_target, save_model_folder
+    from ...files.modeldir import save_model_folder
+    from ...files.outputs import Output
 
+    c.check_outputs(args, Output("--out", Path(args.out), "folder"), run_folder=False)
     model_dir = c.model_dir(args.model)
-    check_target(args.out, force=args.force)
     edit = load_edit_file(args.edits)
     args.device = args.device or "cpu"
     model, tok = c.load_model(args, model_dir)

@@ -17,7 +17,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     c.add_hparams_args(p)
     p.add_argument("--methods", nargs="+", default=["MEMIT", "ECE"])
     p.add_argument("--batch-sizes", type=c.int_list, default=[4, 16, 64], help="e.g. '16 64 256 1024 4096'")
-    p.add_argument("--total", type=int, default=None, help="edits of the sequential setting (default: largest B)")
+    p.add_argument("--total", type=c.positive_int, default=None, help="edits of the sequential setting (default: largest B)")
     p.add_argument("--settings", nargs="+", default=["batch", "sequential"], choices=["batch", "sequential"])
     c.add_protocol(p)
     p.add_argument("--no-fluency", action="store_true")
@@ -28,6 +28,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..study.batch_study import run_batch_study, write_batch_study
 
+    c.check_outputs(args)
     model_dir = c.model_dir(args.model)
     ece_path = c.hparams_file(args.hparams, Path(args.hparams_dir), "ECE", model_dir)
     ece_hp = c.load_ece_hparams(ece_path, model_dir, args=args)

@@ -24,7 +24,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--timing", action="store_true", help="speed comparison: ECE vs EasyEdit MEMIT / AlphaEdit")
     p.add_argument("--tracemalloc", action="store_true", help="timing: also trace Python heap peaks (slower)")
     p.add_argument(
-        "--warmup", type=int, default=None,
+        "--warmup", type=c.non_negative_int, default=None,
         help="timing: records of one untimed ECE batch on a copy of the model first (default 10; 0: none)",
     )
     p.add_argument(
@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from ..study.baselines import build_methods
     from ..study.bench import compare_methods, write_comparisons
 
+    c.check_outputs(args)
     model_dir = c.model_dir(args.model)
     ece_path = c.hparams_file(args.hparams, Path(args.hparams_dir), "ECE", model_dir)
     ece_hp = c.load_ece_hparams(ece_path, model_dir, args=args)
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             comparisons.append(comparison)
     files = write_comparisons(comparisons, out, "bench", c.run_config(args))
     c.say(f"results: {files['json']}  csv: {files['csv']}  tables: {files['md']}")
-    return 0
+    return c.report_failures("bench", [run for comparison in comparisons for run in comparison.runs])
 
 
 def _timing(args: argparse.Namespace, model: Any, tok: Any, records: list[Any], ece_hp: Any,
@@ -81,4 +82,4 @@ def _timing(args: argparse.Namespace, model: Any, tok: Any, records: list[Any], 
     files = write_timing(report, runs, out, c.run_config(args))
     c.say(report.table)
     c.say(f"\nresults: {files['json']}  csv: {files['csv']}  plot: {files['png']}")
-    return 0
+    return c.report_failures("bench", runs)

@@ -32,11 +32,36 @@ class CLIError(ValueError):
     """A command-line input is wrong (message printed as one line)."""
 
 
+class UsageError(CLIError):
+    """Options that make no sense together (exit 2, as argparse's own errors)."""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with a one-line error (``ece-plugin edit: error: argument --batch-size: ...``), exit 2."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
+
+
+def given_options(parser: argparse.ArgumentParser, command: str, argv: list[str]) -> set[str]:
+    """The option names (``dest``) given on the command line of ``command`` (not left at their defaults)."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if sub is None or command not in sub.choices or command not in argv:
+        return set()
+    command_parser = sub.choices[command]
+    rest = argv[argv.index(command) + 1:]
+    saved = [(action, action.default) for action in command_parser._actions]
+    saved_defaults = command_parser._defaults
+    try:
+        command_parser._defaults = {}
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        given, _ = command_parser.parse_known_args(rest)
+    finally:
+        command_parser._defaults = saved_defaults
+        for action, default in saved:
+            action.default = default
+    return set(vars(given))
 
 
 # ----------------------------------------------------------------------------- option types
@@ -61,6 +86,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """An offset or a count that may be zero: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from exc
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def int_list(text: str) -> list[int]:
     """Counts and sizes: positive integers."""
     return parse_ints(text, 1, "positive integers")
@@ -78,14 +114,17 @@ def add_common(p: argparse.ArgumentParser, *, model: bool = True, data: bool = T
         p.add_argument("--model", help="model folder (default: the bundled testbed under testbed/)")
         p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
         p.add_argument("--dtype", default=None, help="load the model in this torch dtype (e.g. float16)")
-        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     if data:
         p.add_argument("--data", help=f"record file (default {DEFAULT_DATA.relative_to(REPO_ROOT)})")
         p.add_argument("--kind", default="auto", choices=["auto", "counterfact", "zsre", "plain"])
-        p.add_argument("--limit", type=int, default=None, help="use at most N records")
-        p.add_argument("--offset", type=int, default=0, help="skip the first N records")
+        p.add_argument("--limit", type=positive_int, default=None, help="use at most N records")
+        p.add_argument("--offset", type=non_negative_int, default=0, help="skip the first N records")
     if out:
         p.add_argument("--out", help="output folder (default runs/<command>-<timestamp>/)")
+        p.add_argument("--force", action="store_true",
+                       help="write into an existing, non-empty output folder or over an existing output file "
+                       "(what else is there stays)")
 
 
 def add_hparams_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -94,7 +133,9 @@ def add_hparams_args(p: argparse.ArgumentParser, required: bool = False) -> None
     p.add_argument("--hparams-dir", default=str(DEFAULT_HPARAMS_DIR), help="folder with {ECE,ROME,MEMIT,AlphaEdit}/*.yaml")
     p.add_argument("--ece-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override an ECE hyperparameter (YAML value; repeatable); ECE's table names show it")
-    for alg in ("ROME", "MEMIT", "AlphaEdit"):
+    from ...easyedit import BASELINES
+
+    for alg in BASELINES:
         p.add_argument(f"--{alg.lower()}-hparams", help=f"EasyEdit {alg} hparams YAML (default: from --hparams-dir)")
 
 
@@ -160,11 +201,30 @@ def load_ece_hparams(
     if overrides:
         hp = dataclasses.replace(hp, **overrides)
         hp.validate()
+    if args is not None and not _cuda_or_cpu_fallback(hp, path, args):
+        return hp
     wanted = explicit_device(hp)
     if args is not None and wanted is not None and getattr(args, "device", None) in (None, "auto"):
         logger.info("loading the model on %s (device of %s)", wanted, path)
         args.device = str(wanted)
     return hp
+
+
+def _cuda_or_cpu_fallback(hp: Any, path: Path, args: argparse.Namespace) -> bool:
+    """Without CUDA, an hparams ``device`` that is EasyEdit's GPU index (``device: 0``) gives a warning that the
+    model is loaded and edited on the CPU instead (False: the CPU it is). A device named by string
+    (``device: cuda``) is honoured, and fails to load without CUDA."""
+    import torch
+
+    value = getattr(hp, "device", None)
+    if torch.cuda.is_available() or not isinstance(value, int) or isinstance(value, bool):
+        return True
+    if str(getattr(args, "device", None) or "auto") == "auto":
+        logger.warning("%s: device: %s is a GPU index, but CUDA is not available here: loading and editing the "
+                       "model on the CPU instead", path, value)
+        args.device = "cpu"
+        return False
+    return True
 
 
 def ece_set(args: argparse.Namespace) -> dict[str, Any]:
@@ -191,10 +251,12 @@ def ece_label_suffix(args: argparse.Namespace) -> str:
 
 
 def baseline_paths(args: argparse.Namespace, model: Path) -> dict[str, Path]:
-    """The EasyEdit ROME / MEMIT / AlphaEdit hparams files (``--<alg>-hparams`` or ``--hparams-dir``)."""
+    """The EasyEdit baselines' hparams files (``--<alg>-hparams`` or ``--hparams-dir``)."""
+    from ...easyedit import BASELINES
+
     hdir = Path(args.hparams_dir)
     return {alg: hparams_file(getattr(args, f"{alg.lower()}_hparams", None), hdir, alg, model)
-            for alg in ("ROME", "MEMIT", "AlphaEdit")}
+            for alg in BASELINES}
 
 
 def records(args: argparse.Namespace, default: Path = DEFAULT_DATA) -> list[Any]:
@@ -227,11 +289,55 @@ def load_model(args: argparse.Namespace, model: Path) -> tuple[Any, Any]:
     return load_model_and_tokenizer(model, device=args.device, dtype=getattr(args, "dtype", None))
 
 
-def out_dir(args: argparse.Namespace, command: str) -> Path:
-    """``--out`` (created) or ``runs/<command>-<timestamp>/``."""
-    from ..study.common import make_out_dir
+def check_outputs(args: argparse.Namespace, *outputs: Optional[Any], run_folder: bool = True) -> None:
+    """The one check of the command's output paths, before any work (:mod:`ece_plugin.files.outputs`): ``--out``
+    as a run folder (when ``run_folder``) and ``outputs``."""
+    from ...files.outputs import Output
+    from ...files.outputs import check_outputs as check
 
-    return make_out_dir(args.out, command)
+    given = list(outputs)
+    if run_folder and getattr(args, "out", None):
+        given.append(Output("--out", Path(args.out), "run"))
+    check(given, force=bool(getattr(args, "force", False)))
+
+
+_CREATED: list[Path] = []  # folders this command created, newest last (removed again if still empty on failure)
+
+
+def make_folder(path: Path) -> Path:
+    """Create ``path`` and its missing parents, remembering which ones this command created."""
+    missing = [p for p in [path, *path.parents] if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    _CREATED.extend(reversed(missing))
+    return path
+
+
+def forget_created() -> None:
+    _CREATED.clear()
+
+
+def remove_empty_created() -> None:
+    """After a failure: remove the folders this command created that are still empty (no litter)."""
+    while _CREATED:
+        path = _CREATED.pop()
+        try:
+            path.rmdir()
+        except OSError:
+            pass  # not empty (it holds results), or already gone
+
+
+def out_dir(args: argparse.Namespace, command: str) -> Path:
+    """``--out`` (created) or a new ``runs/<command>-<timestamp>/``."""
+    import time
+
+    if args.out:
+        return make_folder(Path(args.out))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = Path("runs") / f"{command}-{stamp}", 1
+    while path.exists():
+        n += 1
+        path = Path("runs") / f"{command}-{stamp}-{n}"
+    return make_folder(path)
 
 
 def say(text: str) -> None:
@@ -240,9 +346,19 @@ def say(text: str) -> None:
     sys.stdout.flush()
 
 
+def report_failures(command: str, runs: Sequence[Any]) -> int:
+    """One stderr line per method run that failed (raised) and the exit status: 1 when any failed, else 0. A
+    method that could not run here (``n/a``, e.g. EasyEdit missing) is named in the table, not counted."""
+    failed = [r for r in runs if not r.available and str(r.reason).startswith("failed")]
+    for run in failed:
+        sys.stderr.write(f"ece-plugin {command}: {run.name} {' '.join(str(run.reason).split())[:240]}\n")
+    return EXIT_FAILURE if failed else 0
+
+
 def run_config(args: argparse.Namespace) -> dict[str, Any]:
     """The parsed options, JSON-ready, for the result files."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+            if k != "func" and not k.startswith("_")}
 
 
 def write_run_explanations(runs: Sequence[Any], out: Path) -> None:

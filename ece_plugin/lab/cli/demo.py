@@ -23,7 +23,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     c.add_protocol(p)
     p.add_argument("--no-fluency", action="store_true", help="skip generation (fluency) in the evaluation")
     p.add_argument("--explain", action="store_true", help="also write neuron/cluster reports of the ECE runs")
-    p.add_argument("--rome-limit", type=int, default=50,
+    p.add_argument("--rome-limit", type=c.non_negative_int, default=50,
                    help="EasyEdit's ROME edits one fact per call (about 1.5 s each on 2 CPU cores): it edits only the first "
                    "N records, said under the table (default 50; 0: all)")
     p.set_defaults(func=run)
@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from ..study.baselines import build_methods
     from ..study.bench import compare_methods, write_comparisons
 
+    c.check_outputs(args)
     model_dir = c.model_dir(args.model)
     ece_path = c.hparams_file(args.hparams, Path(args.hparams_dir), "ECE", model_dir)
     ece_hp = c.load_ece_hparams(ece_path, model_dir, args=args)
@@ -51,4 +52,4 @@ def run(args: argparse.Namespace) -> int:
         c.write_run_explanations(comparison.runs, out)
     c.say(comparison.table)
     c.say(f"\nresults: {files['json']}  table: {files['md']}  csv: {files['csv']}  plot: {files['png0']}")
-    return 0
+    return c.report_failures("demo", comparison.runs)

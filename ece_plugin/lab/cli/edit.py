@@ -19,7 +19,6 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     c.add_protocol(p)
     p.add_argument("--save-model", help="write the edited model (save_pretrained + tokenizer) here")
     p.add_argument("--save-edits", help="write a compact, reversible edit file (.safetensors) here")
-    p.add_argument("--force", action="store_true", help="--save-model may replace a non-empty folder that is not a model")
     p.add_argument("--no-eval", action="store_true", help="edit only (no evaluation table)")
     p.add_argument("--no-fluency", action="store_true")
     p.add_argument("--explain", action="store_true", help="write neuron/cluster reports (JSON + heatmap)")
@@ -30,16 +29,20 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ... import evaluation
     from ...files.editfile import build_edit_file, save_edit_file, state_to_tensors
-    from ...files.modeldir import check_target, save_model_folder
+    from ...files.modeldir import save_model_folder
+    from ...files.outputs import Output
     from ..study.baselines import ECEMethod
     from ..study.common import snapshot_weights, write_json
     from ..study.runner import MethodRun, batch_edit_fn
 
     if not args.save_model and not args.save_edits:
         raise c.CLIError("give --save-model OUT or --save-edits FILE.safetensors")
+    c.check_outputs(
+        args,
+        Output("--save-model", Path(args.save_model), "folder") if args.save_model else None,
+        Output("--save-edits", Path(args.save_edits), "file") if args.save_edits else None,
+    )
     model_dir = c.model_dir(args.model)
-    if args.save_model:
-        check_target(args.save_model, force=args.force)
     hp = c.load_ece_hparams(Path(args.hparams), model_dir, args=args)
     records = c.records(args)
     out = c.out_dir(args, "edit")

@@ -14,8 +14,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     c.add_common(p, data=False)
     p.add_argument("--data", nargs="+", help="record files (default: bundled CounterFact and zsRE)")
     p.add_argument("--kind", default="auto", choices=["auto", "counterfact", "zsre", "plain"])
-    p.add_argument("--limit", type=int, default=2000)
-    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--limit", type=c.positive_int, default=2000)
+    p.add_argument("--offset", type=c.non_negative_int, default=0)
     p.add_argument("--no-fluency", action="store_true")
     p.set_defaults(func=run)
     return p
@@ -26,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from ...evaluation.data import load_records
     from ..study.common import write_json
 
+    c.check_outputs(args)
     model_dir = c.model_dir(args.model)
     paths = [Path(p) for p in (args.data or [str(c.DEFAULT_DATA), str(c.DEFAULT_ZSRE)])]
     out = c.out_dir(args, "evaluate")

@@ -23,6 +23,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..explain import explain_records, write_explanation
 
+    c.check_outputs(args)
     model_dir = c.model_dir(args.model)
     hp = c.load_ece_hparams(Path(args.hparams), model_dir, args=args)
     records = c.records(args)

@@ -26,6 +26,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..study.layer_sweep import run_layer_sweep, write_layer_sweep
 
+    c.check_outputs(args)
     model_dir = c.model_dir(args.model)
     ece_path = c.hparams_file(args.hparams, Path(args.hparams_dir), "ECE", model_dir)
     ece_hp = c.load_ece_hparams(ece_path, model_dir, args=args)

@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from ..study.baselines import ensure_statistics
     from ..study.common import write_json
 
+    c.check_outputs(args)
     model_dir = c.model_dir(args.model)
     hp = c.load_ece_hparams(c.hparams_file(args.hparams, Path(args.hparams_dir), "ECE", model_dir), model_dir, args=args)
     if args.layers:

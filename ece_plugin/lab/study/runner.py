@@ -156,9 +156,10 @@ def run_method(
     except Exception as exc:  # noqa: BLE001 - one failing method must not end a comparison
         if isinstance(exc, (KeyboardInterrupt, MemoryError)):
             raise
-        logger.exception("%s failed", method.name)
         run.available = False
-        run.reason = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+        run.reason = f"failed: {type(exc).__name__}: {' '.join(str(exc).split())}"[:240]
+        logger.error("%s %s", method.name, run.reason)
+        logger.debug("%s: traceback", method.name, exc_info=True)
         run.result = evaluation.RunResult.unavailable(
             method.name, run.reason, kind=kind, n_edits=len(records), batch_size=batch_size, protocol=protocol
         )

@@ -14,10 +14,7 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +23,8 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
+from ...method import atomic
+from ...resources import REPO_ROOT
 from .facts import FactWorld, SamplerConfig, SequenceSampler, build_fact_world
 from .tokenizer import make_portable, to_hf_tokenizer, train_bpe_tokenizer
 
@@ -33,7 +32,6 @@ logger = logging.getLogger(__name__)
 
 ARCHITECTURES = ("llama", "gpt2")
 MANIFEST_NAME = "testbed_manifest.json"
-from ...resources import REPO_ROOT
 
 DATA_DIR = REPO_ROOT / "data"
 
@@ -251,30 +249,26 @@ def train_model(
 
 
 def _write_dir_atomically(target: Path, write: Any) -> None:
-    """Write a directory through ``write(tmp_dir)`` next to ``target``, then swap it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    """Write a directory through ``write(tmp_dir)`` beside ``target``, then swap it into place (the one
+    write-beside-and-swap path, :func:`ece_plugin.method.atomic.atomic_folder`); files of an existing ``target``
+    other than the model's own are carried over."""
+    from ...files.modeldir import carry_over
+
+    with atomic.atomic_folder(target) as tmp:
         write(tmp)
-        os.chmod(tmp, 0o755)
-        for child in tmp.iterdir():
-            os.chmod(child, 0o644)
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if target.is_dir():
+            carry_over(target, tmp)
 
 
-def build_testbed(config: TestbedConfig) -> Path:
-    """Build the testbed model directory described by ``config``; returns its path."""
+def build_testbed(config: TestbedConfig, force: bool = False) -> Path:
+    """Build the testbed model directory described by ``config``; returns its path. An existing
+    ``output_dir`` (or one inside a model folder, or not writable) is refused before any work unless ``force``
+    (:func:`ece_plugin.files.outputs.check_outputs`)."""
+    from ...files.outputs import Output, check_outputs
+
     config.validate()
     output_dir = Path(config.output_dir)
+    check_outputs([Output("--output-dir", output_dir, "folder")], force=force)
     threads_before = torch.get_num_threads()
     if config.num_threads:
         torch.set_num_threads(config.num_threads)

@@ -18,6 +18,33 @@ _DEFAULTS = TestbedConfig(output_dir=Path("testbed-llama"))
 _SAMPLER_DEFAULTS = SamplerConfig()
 
 
+def _number(text: str, cast: Any, what: str, ok: Any) -> Any:
+    try:
+        value = cast(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from exc
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A probability: a number in [0, 1]."""
+    return _number(text, float, "a probability in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, "a positive integer", lambda v: v >= 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _number(text, int, "an integer >= 0", lambda v: v >= 0)
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, "a positive number", lambda v: v > 0)
+
+
 def add_build_testbed_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``build-testbed`` sub-command to an ``argparse`` sub-parsers object; returns its parser."""
     parser = subparsers.add_parser(
@@ -37,14 +64,14 @@ def add_build_testbed_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--counterfact", type=Path, default=d.counterfact_path,
                         help="EasyEdit-format CounterFact records to train on (the first --n-records)")
-    parser.add_argument("--n-records", type=int, default=d.n_records)
+    parser.add_argument("--n-records", type=positive_int, default=d.n_records)
     parser.add_argument("--counterfact-val", type=Path, default=d.counterfact_val_path,
                         help="validation records (the first --n-val-records are trained on too, for tuning)")
-    parser.add_argument("--n-val-records", type=int, default=d.n_val_records)
+    parser.add_argument("--n-val-records", type=non_negative_int, default=d.n_val_records)
     parser.add_argument("--rome-format", type=Path, default=d.rome_format_path,
                         help="ROME-format CounterFact (relation ids used to cluster templates)")
     parser.add_argument("--zsre", type=Path, default=d.zsre_path)
-    parser.add_argument("--n-zsre", type=int, default=d.n_zsre)
+    parser.add_argument("--n-zsre", type=non_negative_int, default=d.n_zsre)
     parser.add_argument("--zsre-relations", action="store_true",
                         help="cluster zsRE questions into relations and ask each zsRE fact through all of its "
                         "relation's templates (default: its own question and rephrase only)")
@@ -52,28 +79,30 @@ def add_build_testbed_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="also train each edit target (CounterFact target_new, zsRE alt) as the answer of a fact "
                         "of its relation about a synthetic subject that no evaluation asks about")
     parser.add_argument("--wikitext", type=Path, nargs="+", default=list(d.wiki_paths))
-    parser.add_argument("--vocab-size", type=int, default=d.vocab_size)
-    parser.add_argument("--layers", type=int, default=d.n_layers)
-    parser.add_argument("--hidden", type=int, default=d.hidden_size)
-    parser.add_argument("--mlp", type=int, default=d.intermediate_size, help="MLP (intermediate) width")
-    parser.add_argument("--heads", type=int, default=d.n_heads)
-    parser.add_argument("--max-length", type=int, default=d.max_length, help="training sequence length (tokens)")
-    parser.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (the training budget)")
-    parser.add_argument("--max-minutes", type=float, default=None,
+    parser.add_argument("--vocab-size", type=positive_int, default=d.vocab_size)
+    parser.add_argument("--layers", type=positive_int, default=d.n_layers)
+    parser.add_argument("--hidden", type=positive_int, default=d.hidden_size)
+    parser.add_argument("--mlp", type=positive_int, default=d.intermediate_size, help="MLP (intermediate) width")
+    parser.add_argument("--heads", type=positive_int, default=d.n_heads)
+    parser.add_argument("--max-length", type=positive_int, default=d.max_length, help="training sequence length (tokens)")
+    parser.add_argument("--steps", type=positive_int, default=d.steps, help="optimizer steps (the training budget)")
+    parser.add_argument("--max-minutes", type=positive_float, default=None,
                         help="optional wall-clock cap (makes the result timing-dependent; prefer --steps)")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    parser.add_argument("--threads", type=int, default=d.num_threads, help="torch CPU threads")
-    parser.add_argument("--verbatim-prob", type=float, default=_SAMPLER_DEFAULTS.verbatim_prob,
+    parser.add_argument("--batch-size", type=positive_int, default=d.batch_size)
+    parser.add_argument("--lr", type=positive_float, default=d.lr)
+    parser.add_argument("--warmup-steps", type=non_negative_int, default=d.warmup_steps)
+    parser.add_argument("--threads", type=positive_int, default=d.num_threads, help="torch CPU threads")
+    parser.add_argument("--verbatim-prob", type=probability, default=_SAMPLER_DEFAULTS.verbatim_prob,
                         help="probability that a fact is phrased as its verbatim evaluation prompt")
-    parser.add_argument("--prefix-prob", type=float, default=_SAMPLER_DEFAULTS.prefix_prob,
+    parser.add_argument("--prefix-prob", type=probability, default=_SAMPLER_DEFAULTS.prefix_prob,
                         help="probability of a context-template-like prefix before a fact sentence")
-    parser.add_argument("--wiki-prob", type=float, default=_SAMPLER_DEFAULTS.wiki_sequence_prob,
+    parser.add_argument("--wiki-prob", type=probability, default=_SAMPLER_DEFAULTS.wiki_sequence_prob,
                         help="share of training sequences that are plain WikiText-2")
-    parser.add_argument("--mention-prob", type=float, default=_SAMPLER_DEFAULTS.mention_prob,
+    parser.add_argument("--mention-prob", type=probability, default=_SAMPLER_DEFAULTS.mention_prob,
                         help="share of fact-sequence pieces that are a bare edit-target string (CounterFact "
                         "target_new, zsRE alt), so the model can spell its edit targets (0: none)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing --output-dir (its files other than the model's are kept)")
     parser.set_defaults(func=run_build_testbed)
     return parser
 
@@ -116,7 +145,7 @@ def config_from_args(args: argparse.Namespace) -> TestbedConfig:
 
 def run_build_testbed(args: argparse.Namespace) -> int:
     """Build the testbed described by ``args``; logs where it went and returns the exit status 0."""
-    path = build_testbed(config_from_args(args))
+    path = build_testbed(config_from_args(args), force=args.force)
     logger.info("testbed model directory: %s", path)
     return 0
 
@@ -135,11 +164,11 @@ def add_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", type=Path, required=True, help="model folder")
     parser.add_argument("--data", type=Path, required=True, help="CounterFact or zsRE record file")
-    parser.add_argument("--limit", type=int, default=40)
-    parser.add_argument("--offset", type=int, default=0)
-    parser.add_argument("--layers", type=int, nargs="+", required=True)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--limit", type=positive_int, default=40)
+    parser.add_argument("--offset", type=non_negative_int, default=0)
+    parser.add_argument("--layers", type=non_negative_int, nargs="+", required=True)
+    parser.add_argument("--steps", type=positive_int, default=100)
+    parser.add_argument("--threads", type=positive_int, default=None)
     parser.set_defaults(func=run_probe)
     return parser
 
@@ -190,9 +219,9 @@ def add_stats_corpus_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", type=Path, required=True, help="testbed model folder")
     parser.add_argument("--name", default=DEFAULT_NAME, help="corpus name = the hparams' mom2_dataset")
-    parser.add_argument("--n-texts", type=int, default=d.n_texts)
+    parser.add_argument("--n-texts", type=positive_int, default=d.n_texts)
     parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--counterfact-offset", type=int, default=d.counterfact_offset)
+    parser.add_argument("--counterfact-offset", type=non_negative_int, default=d.counterfact_offset)
     parser.add_argument("--force", action="store_true", help="replace an existing corpus with other text")
     parser.set_defaults(func=run_stats_corpus)
     return parser
