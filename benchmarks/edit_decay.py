@@ -1,4 +1,4 @@
-"""Why earlier edits stop holding over a sequence: where the first batch's edits are lost (issue 15, point 2).
+"""Why earlier edits stop holding over a sequence: where the first batch's edits are lost.
 
 ECE edits a sequence of batches; after every ``--every`` batches it reads, for the first batch's edits (the
 tracked edits), at the fact token of each rewrite prompt:
@@ -7,7 +7,7 @@ tracked edits), at the fact token of each rewrite prompt:
   far it has moved since, ``||h - h_ref|| / ||h_ref - h_0||``, split exactly into three parts:
 
   - **leak**: ``sum_l (W_l - W_l,ref) k_l,ref``, what later writes changed at the keys the edit was written at
-    (what the carried keys' covariance is meant to prevent, and what ``carry_values`` corrects);
+    (what the carried keys' covariance is meant to prevent);
   - **key drift**: ``sum_l W_l (k_l - k_l,ref)``, the edit's own keys moved by writes into the layers below;
   - **attention**: the rest (``h - h_ref`` minus the two), what the attention blocks now add at that token;
 
@@ -36,13 +36,9 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ece_plugin.method.architecture import input_device, w_out  # noqa: E402
-from ece_plugin.evaluation.data import EditRecord, load_records  # noqa: E402
 from ece_plugin import apply_ece_to_model  # noqa: E402
+from ece_plugin.evaluation.data import EditRecord, load_records  # noqa: E402
 from ece_plugin.evaluation.scoring import score_continuations  # noqa: E402
-from ece_plugin.method.hparams import ECEHyperParams  # noqa: E402
-from ece_plugin.method.keys import build_key_rows, lookup_indices, read_keys  # noqa: E402
-from ece_plugin.method.requests import fill, normalise_requests  # noqa: E402
 from ece_plugin.lab.study.common import (  # noqa: E402
     load_model_and_tokenizer,
     save_curve_grid,
@@ -50,6 +46,10 @@ from ece_plugin.lab.study.common import (  # noqa: E402
     write_csv,
     write_json,
 )
+from ece_plugin.method.architecture import input_device, w_out  # noqa: E402
+from ece_plugin.method.hparams import ECEHyperParams  # noqa: E402
+from ece_plugin.method.keys import build_key_rows, lookup_indices, read_keys  # noqa: E402
+from ece_plugin.method.requests import fill, normalise_requests  # noqa: E402
 
 logger = logging.getLogger("edit_decay")
 
