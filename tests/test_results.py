@@ -190,3 +190,33 @@ def test_adding_needs_a_lifelong_csv_and_an_experiment(tmp_path: Path) -> None:
         results.add_lifelong(_lifelong_run(tmp_path), repo / "results" / "new", {})
     with pytest.raises(ResultsError, match="key=value"):
         results.method_and_overrides("ECE-AS [oops]")
+
+
+# ----- the data agree with themselves ------------------------------------------------------------------------
+
+LONG_FORM = [("lifelong-2000", "2000"), ("zsre-500", "500")]
+
+
+@pytest.mark.parametrize(("experiment", "last"), LONG_FORM)
+def test_the_last_checkpoint_of_a_curve_is_the_final_row(experiment: str, last: str) -> None:
+    folder = REPO / "results" / experiment
+    final = {(r["setting"], r["method"]): r for r in results.read_rows(folder / "rows.csv")}
+    checked = 0
+    for point in results.read_rows(folder / "checkpoints.csv"):
+        if point["n_edits"] == last and point["metric"] in ("efficacy", "generalization", "specificity"):
+            assert float(final[point["setting"], point["method"]][point["metric"]]) == float(point["value"]), point
+            checked += 1
+    assert checked >= 8
+
+
+def test_the_capacity_checkpoints_agree_with_each_runs_final_table() -> None:
+    folder = REPO / "results" / "capacity"
+    final = {(r["setting"], r["sequence"].replace(",", ""), r["n_edits"]): r
+             for r in results.read_rows(folder / "runs.csv") if r["method"] != "Pre-edited" and r["dataset"] == "counterfact"}
+    points = [p for p in results.read_rows(folder / "checkpoints.csv")
+              if (p["setting"], p["sequence"].replace(",", ""), p["n_edits"]) in final]
+    assert len(points) >= 6
+    for p in points:
+        row = final[p["setting"], p["sequence"].replace(",", ""), p["n_edits"]]
+        assert [row[k] for k in ("efficacy", "generalization", "specificity")] == \
+            [p[k] for k in ("efficacy", "generalization", "specificity")], p
