@@ -445,7 +445,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="with --add-lifelong: a column given to every added row, e.g. setting=sequential")
     parser.add_argument("--force", action="store_true", help="with --add-lifelong: replace rows already there")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # over easyeditor's format
     if args.add_lifelong and not args.experiment:
         parser.error("--add-lifelong needs --experiment NAME")
     bad = [pair for pair in args.field if "=" not in pair]
