@@ -258,8 +258,8 @@ class LayerKeys:
 
 
 class Covariances:
-    """The blocks of the update's Gram matrix at a layer's neurons S: ``lambda``'s C0_SS from the session's
-    statistics, and Cprev_SS from its sequential state plus the active variants' terms."""
+    """The blocks of the update's Gram matrix at a layer's neurons S: C0_SS (weighted by lambda in the update) from
+    the session's statistics, and Cprev_SS from its sequential state plus the active variants' terms."""
 
     def __init__(self, model: nn.Module, tok: Any, hparams: Any, session: EditSession,
                  variants: list[EditVariant]) -> None:
