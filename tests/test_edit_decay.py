@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import FACTS, benchmark_module, fake_session, make_hparams, make_llama
 
-from ece_plugin.evaluation.data import EditRecord
 from ece_plugin import apply_ece_to_model
+from ece_plugin.evaluation.data import EditRecord
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import FACTS, fake_session, make_hparams, make_llama
 
-from ece_plugin.method.architecture import input_device
 from ece_plugin import apply_ece_to_model
+from ece_plugin.method.architecture import input_device
 from ece_plugin.method.hparams import HParamsError
 from ece_plugin.method.keys import build_key_rows, editing_tokenizer
-from ece_plugin.method.variants.prompt_keys import prompt_keys
 from ece_plugin.method.requests import normalise_requests
+from ece_plugin.method.variants.prompt_keys import prompt_keys
 
 
 def _plain_rows(tok: Any, model: Any, hp: Any) -> Any:
