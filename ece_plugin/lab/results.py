@@ -64,7 +64,7 @@ OPEN_MARKER = re.compile(r"<!-- results:([A-Za-z0-9_.-]+) -->")
 HPARAMS_TABLE = "hparams"
 
 # One line per ECEHyperParams field: what it does, with the paper's symbol where it has one. A field without an
-# entry stops the render (and fails tests/test_results.py); an entry for a field that no longer exists is ignored.
+# entry stops the render; an entry for a field that no longer exists fails tests/test_results.py.
 HPARAM_DOC: dict[str, str] = {
     "model_name": "Hugging Face name or folder of the model to edit",
     "layers": "the MLP layers whose output weights W_out are edited (MEMIT's critical layers)",
@@ -77,8 +77,6 @@ HPARAM_DOC: dict[str, str] = {
     "n_clusters": "fixed number of clusters; empty: ceil(cluster_ratio x edits in the batch)",
     "cluster_ratio": "clusters per edit when n_clusters is empty",
     "v_num_grad_steps": "z steps per edit when clustering is off (MEMIT's z budget)",
-    "z_early_stop": "when an edit's z stops early: `loss` (MEMIT's, loss < 5e-2) or `most_probable` (also once every "
-                    "rewriting prompt predicts the target greedily)",
     "shared_grad_steps": "step 4, phase 1: z steps on each cluster's anchor",
     "per_edit_grad_steps": "step 4, phase 2: per-edit z steps from the cluster's shared delta",
     "v_lr": "learning rate of the z steps",
@@ -96,15 +94,12 @@ HPARAM_DOC: dict[str, str] = {
     "mom2_update_weight": "lambda: weight of C0 in the update's Gram matrix",
     "carry_keys": "carry the keys of earlier edits into later updates (Cprev, the paper's sequential form); false "
                   "gives MEMIT's update, which carries nothing",
-    "carry_values": "departure, off: carry the outputs earlier edits wrote at their keys and keep them in the "
-                    "least squares",
     "prompt_keys_weight": "departure, 0 in the paper's form: mu, the weight of the keys at the other tokens of the "
                           "rewrite prompts in the update's covariance (docs/departures.md)",
     "carry_prompt_keys": "those prompt keys also join the carried keys",
     "prompt_keys_decay": "gamma: with < 1 the carried prompt keys fade by this factor per batch; 1: they never fade",
     "norm_anchor_budget": "departure, 0: rho > 0 pulls each edited layer's drift back onto ||W - W0|| <= rho ||W0|| "
                           "before every batch (bounded weight growth; variants/norm_anchor.py)",
-    "update_ridge": "departure, 0: r I added to the update's Gram matrix (ENCORE's norm constraint)",
     "mom2_dataset": "name of the statistics set (the cache path's `{name}_stats`); `wikitext-2-raw` is bundled, a "
                     "model folder's `<name>.txt` is read for it, any other name needs its cache file",
     "mom2_corpus": "text file or folder to compute C0 from; empty: the set mom2_dataset names",
