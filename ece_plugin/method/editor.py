@@ -174,6 +174,8 @@ def _run(
     check_row_lengths(tok, requests, templates, max_positions(model))
     clock.lap("context_templates")
 
+    for variant in variants:
+        variant.start(model, session.state.n_edits)
     key_rows = build_key_rows(tok, requests, templates, hparams.fact_token, input_device(model))
     layer_keys = LayerKeys(model, key_rows, hparams, w_outs, variants)
     for variant in variants:

@@ -111,6 +111,9 @@ class ECEHyperParams:
     # factor (P <- gamma P + mu K_P K_P^T), so their total weight stays below mu / (1 - gamma) batches; 1: they
     # join the edits' keys and never fade
     prompt_keys_decay: float = 1.0
+    # variants/norm_anchor.py: > 0: before each batch every edited layer's drift from its unedited weight is pulled
+    # back onto ||W - W0||_F <= norm_anchor_budget * ||W0||_F (bounded weight growth); 0: no budget
+    norm_anchor_budget: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -221,9 +224,13 @@ class ECEHyperParams:
         for name in ("v_lr", "clamp_norm_factor"):
             if getattr(self, name) <= 0:
                 raise HParamsError(f"{name}: must be > 0, got {getattr(self, name)}")
-        for name in ("v_weight_decay", "kl_factor", "mom2_update_weight", "prompt_keys_weight"):
+        for name in ("v_weight_decay", "kl_factor", "mom2_update_weight", "prompt_keys_weight",
+                     "norm_anchor_budget"):
             if getattr(self, name) < 0:
                 raise HParamsError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.norm_anchor_budget and not self.carry_keys:
+            raise HParamsError("norm_anchor_budget: needs carry_keys: true (the carried state says where a sequence "
+                               "starts, and so which weights are the unedited anchor)")
         if not (0.0 < self.prompt_keys_decay <= 1.0):
             raise HParamsError(f"prompt_keys_decay: must lie in (0, 1], got {self.prompt_keys_decay}")
         if not self.z_cache_mb > 0:

@@ -4,6 +4,8 @@ The editor (``editor.py``) runs the paper's steps and calls the active variants'
 no variant active (every hparams at its paper value) a batch is exactly the paper's. A variant is an
 :class:`EditVariant` subclass built for one batch from the hparams. The hook points, in the order they run:
 
+* ``start(model, n_edits_before)``: before step 1 (the batch's inputs checked, the statistics loaded), on the
+  model as the earlier batches left it;
 * ``begin(model, key_rows)``: after the keys of the unedited model were read (step 1);
 * ``before_write(model, w_out_name)``: in the update (step 5), just before a layer is written, the model holding
   the writes of the layers before it;
@@ -23,12 +25,14 @@ from __future__ import annotations
 from typing import Any
 
 from .base import CarriedKeys, EditVariant
+from .norm_anchor import NormAnchor
 from .prompt_keys import PromptKeys
 
 __all__ = ["VARIANTS", "CarriedKeys", "EditVariant", "active_variants"]
 
 #: Every variant the editor knows, by name, in the order their hooks run.
 VARIANTS: dict[str, type[EditVariant]] = {
+    NormAnchor.name: NormAnchor,  # first: the batch runs on the pulled-back model
     PromptKeys.name: PromptKeys,
 }
 

@@ -39,6 +39,10 @@ class EditVariant:
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------- the hooks
+    def start(self, model: nn.Module, n_edits_before: int) -> None:
+        """Before step 1, once the batch's inputs were checked and the statistics loaded: ``model`` as the earlier
+        batches left it, ``n_edits_before`` the edits its sequential state holds (0: the sequence starts here)."""
+
     def begin(self, model: nn.Module, key_rows: KeyRows) -> None:
         """After step 1: the batch's templated rows are encoded and the keys of the unedited model were read."""
 
