@@ -71,6 +71,35 @@ def _text_field(raw: Mapping[str, Any], key: str, where: str) -> str:
     return value
 
 
+def _short(text: str, limit: int = 80) -> str:
+    """``repr`` of ``text``, cut to about ``limit`` characters for a one-line message."""
+    return repr(text) if len(text) <= limit else repr(text[: limit - 20] + " ... " + text[-15:]) + f" ({len(text)} chars)"
+
+
+def _inside_word(prompt: str, subject: str, position: int) -> bool:
+    before = prompt[position - 1] if position > 0 else ""
+    after = prompt[position + len(subject)] if position + len(subject) < len(prompt) else ""
+    return (before.isalnum() and subject[:1].isalnum()) or (after.isalnum() and subject[-1:].isalnum())
+
+
+def _warn_ambiguous_subject(prompt: str, subject: str, position: int, where: str) -> None:
+    """Warn when the subject occurs more than once in the prompt, or (where it is edited) only as part of a longer
+    word; the warning says which occurrence is edited: the first, at ``position``."""
+    count = prompt.count(subject)
+    if count > 1:
+        logger.warning("%s: subject %s occurs %d times in prompt %s; the first (at character %d) is edited",
+                       where, _short(subject), count, _short(prompt), position)
+    if _inside_word(prompt, subject, position):
+        start = position
+        while start > 0 and prompt[start - 1].isalnum():
+            start -= 1
+        end = position + len(subject)
+        while end < len(prompt) and prompt[end].isalnum():
+            end += 1
+        logger.warning("%s: subject %s occurs in prompt %s inside the longer word %s; that occurrence (at character "
+                       "%d) is edited", where, _short(subject), _short(prompt), _short(prompt[start:end]), position)
+
+
 def normalise_request(raw: Mapping[str, Any], index: int = 0) -> EditRequest:
     """One EasyEdit request dict -> :class:`EditRequest` (raises :class:`RequestError` naming the problem)."""
     if not isinstance(raw, Mapping):
@@ -89,16 +118,17 @@ def normalise_request(raw: Mapping[str, Any], index: int = 0) -> EditRequest:
     n_placeholders = prompt.count(PLACEHOLDER)
     if n_placeholders > 1:
         raise RequestError(
-            f"{where}: prompt {prompt!r} has {n_placeholders} '{{}}' placeholders; one is allowed"
+            f"{where}: prompt {_short(prompt)} has {n_placeholders} '{{}}' placeholders; one is allowed"
         )
     if n_placeholders == 1:
         template = prompt
     else:
         position = prompt.find(subject)
         if position < 0:
-            raise RequestError(f"{where}: subject {subject!r} does not occur in prompt {prompt!r}")
+            raise RequestError(f"{where}: subject {_short(subject)} does not occur in prompt {_short(prompt)}")
         # The first occurrence is the subject's position (EasyEdit replaces all; an assertion then fails on
         # prompts that repeat the subject, so taking the first is the only sensible reading).
+        _warn_ambiguous_subject(prompt, subject, position, where)
         template = prompt[:position] + PLACEHOLDER + prompt[position + len(subject) :]
     if not target.startswith(" "):
         target = " " + target  # as MEMIT: the target continues the prompt as a new word

@@ -76,7 +76,10 @@ def ppl_texts(args: argparse.Namespace, model_dir: Path) -> dict[str, str]:
 
 
 #: Options a resumed run takes from the command line; every other option comes from the run folder.
-RUNTIME_OPTIONS = frozenset({"resume", "out", "log_level", "force", "keep_checkpoints", "threads", "command"})
+NOW_OPTIONS = frozenset({"resume", "out", "log_level", "force", "command"})
+#: Options that may differ on resume without --force (they do not change the results); the run's unless given.
+FREE_OPTIONS = frozenset({"keep_checkpoints", "threads"})
+RUNTIME_OPTIONS = NOW_OPTIONS | FREE_OPTIONS
 HPARAMS_KEY = "_hparams_sha256"
 CHANGES_KEY = "_changes"
 
@@ -119,7 +122,7 @@ def _resumed_args(args: argparse.Namespace) -> argparse.Namespace:
         raise c.CLIError(f"--resume {run_dir}: --{first.replace('_', '-')} {now} differs from the run's {was}{more}; "
                          "resume without it, or pass --force to go on with the new value (recorded in the run)")
     resumed = argparse.Namespace(**{k: v for k, v in stored.items() if not k.startswith("_")})
-    for key in RUNTIME_OPTIONS | set(changed):
+    for key in NOW_OPTIONS | (FREE_OPTIONS & set(getattr(args, "_given", set()))) | set(changed):
         if key in current:
             setattr(resumed, key, getattr(args, key))
     resumed.resume, resumed.out = str(run_dir), str(run_dir)
