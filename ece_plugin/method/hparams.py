@@ -197,8 +197,11 @@ class ECEHyperParams:
             if self.v_loss_layer >= n_layers or self.v_loss_layer < -1:
                 raise HParamsError(f"v_loss_layer: {self.v_loss_layer} out of range for {n_layers} layers")
         for f in dataclasses.fields(self):
-            if not is_finite_number(getattr(self, f.name)):
-                raise HParamsError(f"{f.name}: must be a finite number, got {getattr(self, f.name)}")
+            value = getattr(self, f.name)
+            if f.type in ("float", float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise HParamsError(f"{f.name}: must be a number, got {value!r} ({type(value).__name__})")
+            if not is_finite_number(value):
+                raise HParamsError(f"{f.name}: must be a finite number, got {value}")
         if isinstance(self.device, bool) or (isinstance(self.device, int) and self.device < 0):
             raise HParamsError(f"device: must be a GPU index >= 0 or a device name, got {self.device!r}")
         if isinstance(self.device, str):
