@@ -37,6 +37,7 @@ import copy as copy_module
 import importlib
 import importlib.util
 import logging
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -54,12 +55,22 @@ EASYEDIT_PYPI = "pypi-0.0.1.dev0"
 EASYEDIT_MAIN = "main"
 _WRAPPED_MARK = "_ece_plugin_wrapped"
 
-#: EasyEdit's own baselines the CLI runs next to ECE: alg name -> (hparams class, apply function).
+#: EasyEdit's own baselines the CLI runs next to ECE: alg name -> (hparams class, what ALG_DICT holds for it).
+#: ROME / MEMIT / AlphaEdit are in both EasyEdit lines; the lifelong editors below only in EasyEdit main.
 BASELINES: dict[str, tuple[str, str]] = {
     "ROME": ("ROMEHyperParams", "apply_rome_to_model"),
     "MEMIT": ("MEMITHyperParams", "apply_memit_to_model"),
     "AlphaEdit": ("AlphaEditHyperParams", "apply_AlphaEdit_to_model"),
+    "EMMET": ("EMMETHyperParams", "apply_emmet_to_model"),
+    "PMET": ("PMETHyperParams", "apply_pmet_to_model"),
+    "SPHERE": ("SPHEREHyperParams", "apply_SPHERE_to_model"),
+    "ULTRAEDIT": ("UltraEditHyperParams", "UltraEditRewriteExecutor().apply_to_model"),
+    "WISE": ("WISEHyperParams", "apply_wise_to_model"),
+    "GRACE": ("GraceHyperParams", "apply_grace_to_model"),
 }
+
+# What an EasyEdit hparams file spells differently from its hparams class (EasyEdit's own from_hparams converts it).
+_WISE_MARGIN = ("alpha", "beta", "gamma")  # WISE's act_margin: [alpha, beta, gamma]
 
 
 class EasyEditUnavailableError(ImportError):
@@ -338,6 +349,11 @@ def baseline_hparams(
         )
     config = _scientific(_read_config(path_or_config))
     config.update(overrides)
+    if alg_name == "WISE" and "act_margin" in config:
+        margin = config.pop("act_margin")
+        if not isinstance(margin, (list, tuple)) or len(margin) != len(_WISE_MARGIN):
+            raise ValueError(f"WISE act_margin must list {len(_WISE_MARGIN)} values (alpha, beta, gamma), got {margin!r}")
+        config.update(zip(_WISE_MARGIN, margin))
     if config.get("alg_name", alg_name) != alg_name:
         raise ValueError(f"alg_name: the file is for {config.get('alg_name')!r}, not {alg_name!r}")
     config["alg_name"] = alg_name
@@ -365,16 +381,23 @@ _PAD_EOS_FAMILIES = ("gpt", "llama", "baichuan", "internlm", "mistral")
 _RIGHT_PAD_FAMILIES = ("mistral", "llama", "qwen")
 
 
-def easyedit_tokenizer(tok: Any, model_name: str) -> Any:
+# The algorithms BaseEditor pads on the right (Llama/Mistral/Qwen); it pads every other one on the left.
+_RIGHT_PAD_ALGS = ("ROME", "MEMIT", "EMMET", "EAMET", "R-ROME", "AlphaEdit", "CORE", "SPHERE")
+
+
+def easyedit_tokenizer(tok: Any, model_name: str, alg_name: str = "MEMIT") -> Any:
     """A copy of ``tok`` set up as EasyEdit's ``BaseEditor.__init__`` sets up the tokenizer it loads for
-    ROME / MEMIT / AlphaEdit (pad = eos for GPT/Llama-like families, right padding for Llama/Mistral/Qwen)."""
+    ``alg_name``: pad = eos for GPT/Llama-like families; right padding for the locate-and-edit methods on
+    Llama/Mistral/Qwen, left padding for every other method (ULTRAEDIT, PMET, WISE, GRACE, ...)."""
     import copy as _copy
 
     name = model_name.lower()
     out = _copy.deepcopy(tok)
     if any(family in name for family in _PAD_EOS_FAMILIES) and getattr(out, "eos_token_id", None) is not None:
         out.pad_token_id = out.eos_token_id
-    if any(family in name for family in _RIGHT_PAD_FAMILIES):
+    if alg_name not in _RIGHT_PAD_ALGS:
+        out.padding_side = "left"
+    elif any(family in name for family in _RIGHT_PAD_FAMILIES):
         out.padding_side = "right"
     return out
 
@@ -403,13 +426,51 @@ def base_editor(hparams: Any, model: nn.Module, tok: Any) -> Any:
         raise EasyEditUnavailableError("BaseEditor needs easyeditor (not importable)")
     editor_cls = import_easyedit("easyeditor").BaseEditor
     model_name = str(hparams.model_name)
-    hparams.model_name = (model, easyedit_tokenizer(tok, model_name))
+    hparams.model_name = (model, easyedit_tokenizer(tok, model_name, str(hparams.alg_name)))
     try:
         editor = editor_cls.from_hparams(hparams)
     finally:
         hparams.model_name = model_name
     editor.model_name = model_name
     return editor
+
+
+#: Baselines whose apply function edits one request per call (ROME's rank-one update; WISE's and GRACE's
+#: per-request adapter training): BaseEditor runs them through ``edit`` with ``batch_size`` 1.
+SINGLE_REQUEST_BASELINES = ("ROME", "WISE", "GRACE")
+
+
+def baseline_batchable(alg_name: str) -> bool:
+    """Whether the installed EasyEdit's ``BaseEditor.batch_edit`` accepts ``alg_name`` (its ``BatchEditor``
+    list); the others go through ``BaseEditor.edit``, one request per call."""
+    if easyedit_version() is None:
+        raise EasyEditUnavailableError(f"{alg_name} baseline needs easyeditor (not importable)")
+    batch_editor = import_easyedit("easyeditor.editors.batch_editor").BatchEditor
+    return bool(batch_editor.is_batchable_method(alg_name))
+
+
+def _parameter_name(inner_param: str) -> str:
+    """EasyEdit's ``inner_params`` spelling (``model.layers[3].mlp.down_proj.weight`` or, for ULTRAEDIT, a
+    module name without ``.weight``) as a parameter name (``model.layers.3.mlp.down_proj.weight``)."""
+    name = re.sub(r"\[(\d+)\]", r".\1", inner_param)
+    return name if name.endswith((".weight", ".bias")) else f"{name}.weight"
+
+
+def baseline_weight_names(alg_name: str, hparams: Any) -> list[str]:
+    """Names of the model parameters a baseline's edit may change, read from its EasyEdit hparams:
+    ``inner_params`` (ULTRAEDIT, WISE, GRACE), ``rewrite_module_tmps`` x ``layers`` (PMET) or
+    ``rewrite_module_tmp`` x ``layers`` (the locate-and-edit methods)."""
+    names: dict[str, None] = {}
+    inner = getattr(hparams, "inner_params", None)
+    if inner:
+        for param in inner:
+            names.setdefault(_parameter_name(str(param)), None)
+        return list(names)
+    templates = list(getattr(hparams, "rewrite_module_tmps", None) or [hparams.rewrite_module_tmp])
+    for template in templates:
+        for layer in hparams.layers:
+            names.setdefault(f"{template.format(layer)}.weight", None)
+    return list(names)
 
 
 def baseline_apply(alg_name: str) -> Callable[..., Any]:
@@ -428,9 +489,18 @@ _BASELINE_MODULES = {
     "ROME": "easyeditor.models.rome.rome_main",
     "MEMIT": "easyeditor.models.memit.memit_main",
     "AlphaEdit": "easyeditor.models.alphaedit.AlphaEdit_main",
+    "EMMET": "easyeditor.models.emmet.emmet_main",
+    "PMET": "easyeditor.models.pmet.pmet_main",
+    "SPHERE": "easyeditor.models.SPHERE.SPHERE_main",
+    "ULTRAEDIT": "easyeditor.models.ultraedit.ultraedit_main",
+    "WISE": "easyeditor.models.wise.wise_main",
+    "GRACE": "easyeditor.models.grace.grace_main",
 }
 _TEMPLATE_GLOBAL = "CONTEXT_TEMPLATES_CACHE"
 _ALPHAEDIT_CACHE = ("cache_c", "cache_c_new")
+#: Baselines with AlphaEdit's null-space projection P and accumulated key covariance ``cache_c`` in module globals
+#: (SPHERE is AlphaEdit's update with a soft projection added; EasyEdit main keeps the same globals for it).
+NULL_SPACE_BASELINES = ("AlphaEdit", "SPHERE")
 
 
 def baseline_module(alg_name: str) -> ModuleType:
@@ -442,12 +512,12 @@ def baseline_module(alg_name: str) -> ModuleType:
 
 def baseline_process_state(alg_name: str) -> tuple[Any, dict[str, torch.Tensor]]:
     """What a baseline carries between batches outside the weights, for a checkpoint: ``(templates,
-    tensors)``: its cached context templates (JSON-safe, None before the first edit) and, for AlphaEdit, its
+    tensors)``: its cached context templates (JSON-safe, None before the first edit) and, for AlphaEdit and SPHERE, its
     accumulated key covariance ``cache_c`` (absent before the first edit)."""
     module = import_easyedit(_BASELINE_MODULES[alg_name])
     templates = getattr(module, _TEMPLATE_GLOBAL, None)
     tensors: dict[str, torch.Tensor] = {}
-    if alg_name == "AlphaEdit" and getattr(module, _ALPHAEDIT_CACHE[1], False):
+    if alg_name in NULL_SPACE_BASELINES and getattr(module, _ALPHAEDIT_CACHE[1], False):
         tensors["cache_c"] = getattr(module, _ALPHAEDIT_CACHE[0]).detach().cpu().contiguous().clone()
     return templates, tensors
 
@@ -455,8 +525,9 @@ def baseline_process_state(alg_name: str) -> tuple[Any, dict[str, torch.Tensor]]
 def restore_baseline_process_state(alg_name: str, templates: Any, tensors: dict[str, torch.Tensor]) -> None:
     """Put back what :func:`baseline_process_state` returned (None templates: sampled afresh on next use)."""
     module = import_easyedit(_BASELINE_MODULES[alg_name])
-    setattr(module, _TEMPLATE_GLOBAL, templates)
-    if alg_name == "AlphaEdit":
+    if hasattr(module, _TEMPLATE_GLOBAL) or templates is not None:
+        setattr(module, _TEMPLATE_GLOBAL, templates)
+    if alg_name in NULL_SPACE_BASELINES:
         if "cache_c" in tensors:
             setattr(module, _ALPHAEDIT_CACHE[0], tensors["cache_c"].clone())
             setattr(module, _ALPHAEDIT_CACHE[1], True)

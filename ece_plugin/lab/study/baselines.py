@@ -2,10 +2,12 @@
 
 * :class:`ECEMethod` - this project's ECE (``apply_ece_to_model``) with a variant's hyperparameters
   (ECE-AS / ECE-WI / ECE-RS; clustering off and p = 1 is the 'MEMIT-equivalent (project code)').
-* :class:`EasyEditMethod` - EasyEdit's own ROME, MEMIT and AlphaEdit, with EasyEdit's hyperparameter classes
-  read from YAML, through EasyEdit's own ``BaseEditor`` (``batch_edit(..., sequential_edit=True)`` for MEMIT
-  and AlphaEdit, ``edit(..., sequential_edit=True)`` for ROME) sharing the model object, so that every method
-  is evaluated by the same code on the same model. easyeditor 0.0.1.dev0's ``BaseEditor`` always restores the
+* :class:`EasyEditMethod` - EasyEdit's own editors (ROME, MEMIT, AlphaEdit in both EasyEdit lines; EMMET,
+  PMET, SPHERE, ULTRAEDIT, WISE, GRACE from EasyEdit main), with EasyEdit's hyperparameter classes read from
+  YAML, through EasyEdit's own ``BaseEditor`` (``batch_edit(..., sequential_edit=True)`` for the methods
+  EasyEdit lists as batchable, ``edit(..., sequential_edit=True)``, one request per call, for the others)
+  sharing the model object, so that every method is evaluated by the same code on the same model.
+  easyeditor 0.0.1.dev0's ``BaseEditor`` always restores the
   weights after a batch, so there (and with ``via="apply"``) the apply function EasyEdit registers in
   ``ALG_DICT`` -- the one ``BaseEditor`` calls -- is called directly. Whether the installed EasyEdit can run
   on the device is asked of :func:`ece_plugin.easyedit.can_run_on`; a method that cannot run says why in one
@@ -31,12 +33,27 @@ from typing import Any, Optional, Protocol
 
 import torch
 
+from ...easyedit import BASELINES as EASYEDIT_BASELINES
+from ...easyedit import NULL_SPACE_BASELINES
 from ...method.hparams import ECEHyperParams
 from .common import StudyError, weight_names
 
 logger = logging.getLogger(__name__)
 
-BASELINES = ("ROME", "MEMIT", "AlphaEdit")
+BASELINES = tuple(EASYEDIT_BASELINES)
+#: Baselines added from EasyEdit main's lifelong editors: their table names say where the code comes from.
+EASYEDIT_MAIN_LIFELONG = ("EMMET", "PMET", "SPHERE", "ULTRAEDIT", "WISE", "GRACE")
+#: Method names that run a baseline another way than EasyEdit's own BaseEditor call: name -> (alg, via, label).
+#: SPHERE is not batchable in EasyEdit main (BaseEditor.edit, one request per call, as its example script runs
+#: it); its apply function takes a whole batch, one z per request and one update per batch, as AlphaEdit's does.
+BASELINE_ALIASES: dict[str, tuple[str, str, str]] = {
+    "SPHERE-batched": ("SPHERE", "apply", "SPHERE (EasyEdit, batched apply)"),
+}
+
+
+def baseline_label(alg: str) -> str:
+    """The table name of an EasyEdit baseline run through BaseEditor."""
+    return f"{alg} (EasyEdit)" if alg in EASYEDIT_MAIN_LIFELONG else alg
 ECE_VARIANTS: dict[str, dict[str, Any]] = {
     "ECE": {},
     "ECE-AS": {"attribution": "AS"},
@@ -211,7 +228,7 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 class _TimedApply:
     """Wraps EasyEdit's apply function inside a ``BaseEditor``: times each call (BaseEditor's own evaluation
-    before and after is not editing time) and asks AlphaEdit to reset its cache on a run's first call."""
+    before and after is not editing time) and asks AlphaEdit / SPHERE to reset their cache on a run's first call."""
 
     def __init__(self, apply: Any, alg: str, model: torch.nn.Module) -> None:
         self.apply = apply
@@ -221,8 +238,8 @@ class _TimedApply:
         self.first_call = True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.alg == "AlphaEdit":
-            kwargs["reset_cache"] = self.first_call  # EasyEdit keeps AlphaEdit's cache in module globals
+        if self.alg in NULL_SPACE_BASELINES:
+            kwargs["reset_cache"] = self.first_call  # EasyEdit keeps AlphaEdit's / SPHERE's cache in module globals
         self.first_call = False
         start = time.perf_counter()
         out = self.apply(*args, **kwargs)
@@ -253,8 +270,9 @@ def _base_editor_kwargs(requests: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 @dataclass
 class EasyEditMethod:
-    """EasyEdit's ROME / MEMIT / AlphaEdit through EasyEdit's ``BaseEditor`` (``via="BaseEditor"``) or the
-    apply function EasyEdit registers for it (``via="apply"``); ``via="auto"`` takes BaseEditor wherever the
+    """An EasyEdit editor (see :data:`BASELINES`) through EasyEdit's ``BaseEditor`` (``via="BaseEditor"``) or
+    the apply function EasyEdit registers for it (``via="apply"``: one call per batch, or per request for
+    :data:`~ece_plugin.easyedit.SINGLE_REQUEST_BASELINES`); ``via="auto"`` takes BaseEditor wherever the
     installed EasyEdit's BaseEditor can keep edits across batches (EasyEdit main)."""
 
     alg: str
@@ -275,7 +293,7 @@ class EasyEditMethod:
             raise StudyError(f"unknown EasyEdit baseline {self.alg!r}; known: {BASELINES}")
         if self.via not in ("auto", "BaseEditor", "apply"):
             raise StudyError(f"via must be 'auto', 'BaseEditor' or 'apply', got {self.via!r}")
-        self.name = self.name or self.alg
+        self.name = self.name or baseline_label(self.alg)
         self.hparams_path = Path(self.hparams_path)
 
     # -- loading
@@ -334,14 +352,15 @@ class EasyEditMethod:
         return True, ""
 
     def edited_weight_names(self, model: torch.nn.Module) -> list[str]:
-        hparams = self.load(model)
-        return weight_names([hparams.rewrite_module_tmp], hparams.layers)
+        from ... import easyedit
+
+        return easyedit.baseline_weight_names(self.alg, self.load(model))
 
     def prepare(self, model: torch.nn.Module, tok: Any) -> None:
         hparams = self.load(model)
-        if self.ensure_stats and (getattr(hparams, "mom2_adjustment", False) or self.alg == "AlphaEdit"):
+        if self.ensure_stats and (getattr(hparams, "mom2_adjustment", False) or self.alg in NULL_SPACE_BASELINES):
             ensure_statistics(model, tok, hparams)
-        if self.alg == "AlphaEdit":
+        if self.alg in NULL_SPACE_BASELINES:
             self._prepare_alphaedit_projection(model, tok, hparams)
         if self.uses_base_editor():
             self._prepare_base_editor(model, tok, hparams)
@@ -366,9 +385,9 @@ class EasyEditMethod:
         """
         from ... import easyedit
 
-        module: Any = easyedit.baseline_module("AlphaEdit")
+        module: Any = easyedit.baseline_module(self.alg)  # AlphaEdit_main or SPHERE_main: same get_project, P globals
         if self._workdir is None:
-            self._workdir = Path(tempfile.mkdtemp(prefix="ece-alphaedit-"))
+            self._workdir = Path(tempfile.mkdtemp(prefix=f"ece-{self.alg.lower()}-"))
             weakref.finalize(self, shutil.rmtree, str(self._workdir), True)
         path = self._workdir / f"P-{'-'.join(str(x) for x in hparams.layers)}.pt"
         if not path.is_file():
@@ -397,32 +416,60 @@ class EasyEditMethod:
     def _edit_with_base_editor(self, model: torch.nn.Module, requests: Sequence[dict[str, Any]]) -> BatchOutcome:
         """One batch through ``BaseEditor``; the time is the apply function's (BaseEditor's own pre/post
         evaluation is left out)."""
+        from ... import easyedit
+
         assert self._editor is not None and self._timed is not None
         editor, timed = self._editor, self._timed
         timed.seconds = 0.0
         kwargs = _base_editor_kwargs(requests)
-        if self.alg == "ROME":  # ROME edits one fact per call: BaseEditor.edit, sequentially
-            call = "BaseEditor.edit"
-            editor.edit(**kwargs, sequential_edit=True, verbose=False)
-        else:
-            call = "BaseEditor.batch_edit"
-            editor.hparams.batch_size = len(requests)
-            editor.batch_edit(**kwargs, sequential_edit=True, verbose=False)
+        flags = {name: p.requires_grad for name, p in model.named_parameters()}
+        try:
+            if not easyedit.baseline_batchable(self.alg):  # BaseEditor.edit: one request per call, in sequence
+                call = "BaseEditor.edit"
+                if hasattr(editor.hparams, "batch_size"):
+                    editor.hparams.batch_size = 1
+                editor.edit(**kwargs, sequential_edit=True, verbose=False)
+            else:
+                call = "BaseEditor.batch_edit"
+                editor.hparams.batch_size = len(requests)
+                if self.alg == "ULTRAEDIT":
+                    self._fit_ultraedit_sub_batch(editor.hparams, len(requests))
+                editor.batch_edit(**kwargs, sequential_edit=True, verbose=False)
+        finally:
+            # ULTRAEDIT freezes every parameter but its own; other methods' later edits must find them as they were
+            for name, param in model.named_parameters():
+                param.requires_grad_(flags.get(name, param.requires_grad))
         if editor.model is not model:
             raise StudyError(f"{self.alg}: BaseEditor replaced the model object; the edit would be lost")
         return BatchOutcome(seconds=timed.seconds, via=call)
 
+    def _fit_ultraedit_sub_batch(self, hparams: Any, n_requests: int) -> None:
+        """ULTRAEDIT passes ``batch_size // batch_size_once`` sub-batches forward, so a sub-batch that does not
+        divide the batch drops requests (none at all when it is larger: EasyEdit then fails with ``KeyError: 0``
+        in ``predict_param_shifts``). The largest divisor of the batch not above the configured sub-batch is used."""
+        wanted = int(self.load().batch_size_once)
+        once = max(d for d in range(1, min(wanted, n_requests) + 1) if n_requests % d == 0)
+        if once != wanted:
+            logger.info("ULTRAEDIT: batch_size_once %d -> %d (a divisor of the batch of %d)", wanted, once, n_requests)
+        hparams.batch_size_once = once
+
     def _edit_with_apply(self, model: torch.nn.Module, tok: Any, requests: Sequence[dict[str, Any]]) -> BatchOutcome:
+        from ... import easyedit
+
         hparams = self.load()
         apply = self._apply_fn()
         start = time.perf_counter()
-        if self.alg == "ROME":  # ROME edits one fact per call (EasyEdit's batch size 1)
+        if self.alg in easyedit.SINGLE_REQUEST_BASELINES:  # one request per call (EasyEdit's batch size 1)
             for request in requests:
                 apply(model, tok, [dict(request)], hparams, copy=False, return_orig_weights=False)
         else:
             kwargs: dict[str, Any] = {}
-            if self.alg == "AlphaEdit":
-                kwargs["reset_cache"] = self._first_batch  # EasyEdit keeps AlphaEdit's cache in globals
+            if hasattr(hparams, "batch_size"):
+                hparams.batch_size = len(requests)
+            if self.alg == "ULTRAEDIT":
+                self._fit_ultraedit_sub_batch(hparams, len(requests))
+            if self.alg in NULL_SPACE_BASELINES:
+                kwargs["reset_cache"] = self._first_batch  # EasyEdit keeps AlphaEdit's / SPHERE's cache in globals
             apply(model, tok, [dict(r) for r in requests], hparams, copy=False, return_orig_weights=False, **kwargs)
         _sync(model)
         self._first_batch = False
@@ -452,20 +499,23 @@ def build_methods(
     baseline_overrides: Optional[dict[str, Any]] = None,
     ece_label_suffix: str = "",
 ) -> list[Any]:
-    """Methods by name: ECE variants (see :data:`ECE_VARIANTS`) and EasyEdit baselines (ROME/MEMIT/AlphaEdit);
-    ``ece_label_suffix`` is appended to the ECE variants' names (what a command line changed in their hparams)."""
+    """Methods by name: ECE variants (see :data:`ECE_VARIANTS`), EasyEdit baselines (:data:`BASELINES`) and
+    their other ways of running (:data:`BASELINE_ALIASES`, e.g. ``SPHERE-batched``); ``ece_label_suffix`` is
+    appended to the ECE variants' names (what a command line changed in their hparams)."""
     methods: list[Any] = []
     for name in names:
         if name in ECE_VARIANTS:
             hp = ece_variant_hparams(ece_hparams, name, **(ece_overrides or {}))
             methods.append(ECEMethod(hp, name=variant_label(name, hp) + ece_label_suffix))
-        elif name in BASELINES:
-            if name not in baseline_hparams:
-                raise StudyError(f"no hparams file given for {name}")
+        elif name in BASELINES or name in BASELINE_ALIASES:
+            alg, via, label = BASELINE_ALIASES.get(name, (name, "auto", ""))
+            if alg not in baseline_hparams:
+                raise StudyError(f"no hparams file given for {alg}")
             methods.append(
-                EasyEditMethod(name, baseline_hparams[name], overrides=dict(baseline_overrides or {}))
+                EasyEditMethod(alg, baseline_hparams[alg], name=label, via=via,
+                               overrides=dict(baseline_overrides or {}))
             )
         else:
-            known = sorted(ECE_VARIANTS) + list(BASELINES)
+            known = sorted(ECE_VARIANTS) + list(BASELINES) + list(BASELINE_ALIASES)
             raise StudyError(f"unknown method {name!r}; known: {known}")
     return methods
