@@ -24,11 +24,14 @@ class CarriedKeys:
 class EditVariant:
     """One departure from the paper, built for one batch from the hparams; every hook is a no-op here.
 
-    Subclasses set ``name`` (the registry key), implement :meth:`is_active` and override the hooks they need.
-    A variant holds what it computed during its batch (one instance per batch, so nothing leaks between calls).
+    Subclasses set ``name`` (the registry key) and ``fields`` (the hparams fields only this variant reads; the
+    core never reads them, ``tests/test_variants.py``), implement :meth:`is_active` and override the hooks they
+    need. A variant holds what it computed during its batch (one instance per batch, so nothing leaks between
+    calls).
     """
 
     name: ClassVar[str] = ""
+    fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, hparams: Any) -> None:
         self.hparams = hparams
@@ -52,6 +55,11 @@ class EditVariant:
     def gram_term(self, w_out_name: str, idx: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
         """A term ``[|S|, |S|]`` (float64, on ``device``) added to the update's Gram matrix at the batch's neurons
         ``idx`` (S) of that layer, beside ``Cprev_SS``; None adds nothing."""
+        return None
+
+    def rhs_term(self, w_out_name: str, idx: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
+        """A term ``[d_model, |S|]`` (float64, on ``device``) added to the right-hand side ``R K_S^T`` of the update at
+        that layer's neurons S, so ``Delta_S = (R K_S^T + term) A^{-1}``; None adds nothing."""
         return None
 
     def carried_keys(self, w_out_name: str) -> Optional[CarriedKeys]:

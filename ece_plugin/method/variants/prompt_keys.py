@@ -35,6 +35,7 @@ class PromptKeys(EditVariant):
     ``carry_prompt_keys``) the carried keys, fading by ``prompt_keys_decay`` when that is below 1."""
 
     name = "prompt_keys"
+    fields = ("prompt_keys_weight", "carry_prompt_keys", "prompt_keys_decay")
 
     def __init__(self, hparams: Any) -> None:
         super().__init__(hparams)
