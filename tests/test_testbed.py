@@ -311,7 +311,7 @@ def test_shipped_hparams_share_layers_and_z_budget() -> None:
 
 @shipped
 def test_bundled_statistics_belong_to_the_shipped_testbed() -> None:
-    from ece_plugin import statistics
+    from ece_plugin.method import statistics
     from ece_plugin.method.hparams import ECEHyperParams
 
     model, _ = _load(SHIPPED)
