@@ -277,6 +277,8 @@ def _coerce(name: str, value: Any, annotation: Any, source: str) -> Any:
         if ann in ("float",) or ann.startswith("float"):
             if isinstance(value, bool):
                 raise TypeError
+            if isinstance(value, str):  # '1e-4' (PyYAML reads it as a string) or a quoted number: said, not silent
+                logger.warning("%s: %s is the string %r; read as the number %s", source, name, value, float(value))
             return float(value)
         if ann in ("int",) or "Optional[int]" in ann:
             if isinstance(value, bool):
