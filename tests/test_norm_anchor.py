@@ -97,3 +97,59 @@ def test_bad_budgets_are_refused() -> None:
         _hparams(norm_anchor_budget=-0.5)
     with pytest.raises(HParamsError, match="carry_keys"):
         _hparams(norm_anchor_budget=1.0, carry_keys=False)
+
+
+def test_a_right_hand_side_term_joins_the_solve() -> None:
+    from ece_plugin.method.update import masked_gram, masked_update
+
+    torch.manual_seed(0)
+    keys, resid = torch.randn(5, 3).double(), torch.randn(4, 3).double()
+    c0 = torch.eye(5).double() * 0.5
+    rhs = torch.randn(4, 5).double()
+    a = masked_gram(keys, c0, None, 2.0)
+    expected = (resid @ keys.t() + rhs) @ torch.linalg.inv(a)
+    torch.testing.assert_close(masked_update(keys, resid, c0, None, 2.0, rhs), expected)
+    torch.testing.assert_close(masked_update(keys, resid, c0, None, 2.0), resid @ keys.t() @ torch.linalg.inv(a))
+
+
+def test_the_anchored_ridge_pulls_the_drift_back_more_than_a_ridge_on_the_update(
+    tok: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """alpha ||W_new - W0||^2 against alpha ||W_new - W||^2 (the same alpha, ``rhs_term`` switched off) and none:
+    the anchored ridge ends nearest the unedited weights in every layer."""
+    base = make_llama(len(tok))
+    hp = _hparams()
+    w0 = {n: base.get_submodule(n).weight.detach().clone() for n in _names(hp)}
+    drift: dict[str, dict[str, float]] = {}
+    for label in ("none", "update ridge", "anchored ridge"):
+        model = copy.deepcopy(base)
+        with monkeypatch.context() as m:
+            if label == "update ridge":
+                m.setattr(NormAnchor, "rhs_term", lambda *a: None)
+            _sequence(model, tok, hp if label == "none" else _hparams(norm_anchor_ridge=20.0))
+        drift[label] = {n: drift_ratio(model.get_submodule(n).weight, w) for n, w in w0.items()}
+    for n in w0:
+        assert drift["anchored ridge"][n] < drift["update ridge"][n] < drift["none"][n]
+
+
+def test_the_anchored_ridge_solves_the_anchored_least_squares(tok: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the second batch, the variant's right-hand side is -alpha (W - W0) at the batch's neurons."""
+    hp = _hparams(norm_anchor_ridge=5.0)
+    model = make_llama(len(tok))
+    name = _names(hp)[0]
+    w0 = model.get_submodule(name).weight.detach().clone()
+    terms: list[tuple[torch.Tensor, torch.Tensor]] = []
+    rhs_term = NormAnchor.rhs_term
+
+    def watched(self: NormAnchor, w_out_name: str, idx: torch.Tensor, device: torch.device) -> Any:
+        term = rhs_term(self, w_out_name, idx, device)
+        if w_out_name == name:
+            terms.append((term, model.get_submodule(name).weight.detach().clone()[:, idx]))
+        return term
+
+    monkeypatch.setattr(NormAnchor, "rhs_term", watched)
+    _sequence(model, tok, hp)
+    assert torch.all(terms[0][0] == 0)  # the first batch: no drift yet
+    term, w_before = terms[1]
+    idx = torch.arange(w0.shape[1])  # every neuron (p = 1)
+    torch.testing.assert_close(term, -5.0 * (w_before - w0[:, idx]).double())

@@ -198,7 +198,7 @@ def _run(
     writes: list[LayerWrite] = []  # journal: a layer enters it before it is written
     try:
         write_layers(w_outs, [att.batch_set for att in attributions], zres.z, layer_keys.read,  # step 5: update
-                     blocks.c0, blocks.cprev, hparams.mom2_update_weight, journal=writes)
+                     blocks.c0, blocks.cprev, hparams.mom2_update_weight, journal=writes, rhs_block=blocks.rhs)
         clock.add_writes(writes)
         if hparams.carry_keys:  # else MEMIT's sequential form: nothing is carried and the state stays empty
             stage_batch(session, layer_keys.written(), writes, w_outs, variants, len(requests))
@@ -271,6 +271,15 @@ class Covariances:
         if not self.hparams.mom2_adjustment:
             return None
         return self.session.statistics.masked(self.model, self.tok, name, self.hparams, idx, device, torch.float64)
+
+    def rhs(self, name: str, idx: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
+        """The active variants' terms ``[d_model, |S|]`` of the update's right-hand side (None: none)."""
+        total = None
+        for variant in self.variants:
+            term = variant.rhs_term(name, idx, device)
+            if term is not None:
+                total = term if total is None else total + term
+        return total
 
     def cprev(self, name: str, idx: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
         block = None

@@ -114,6 +114,9 @@ class ECEHyperParams:
     # variants/norm_anchor.py: > 0: before each batch every edited layer's drift from its unedited weight is pulled
     # back onto ||W - W0||_F <= norm_anchor_budget * ||W0||_F (bounded weight growth); 0: no budget
     norm_anchor_budget: float = 0.0
+    # variants/norm_anchor.py: alpha > 0: each layer's update also minimises alpha ||W_new - W0||_F^2 at the batch's
+    # neurons (a ridge anchored at the unedited weight, not at the current one); 0: none
+    norm_anchor_ridge: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -228,11 +231,11 @@ class ECEHyperParams:
             if getattr(self, name) <= 0:
                 raise HParamsError(f"{name}: must be > 0, got {getattr(self, name)}")
         for name in ("v_weight_decay", "kl_factor", "mom2_update_weight", "prompt_keys_weight",
-                     "norm_anchor_budget"):
+                     "norm_anchor_budget", "norm_anchor_ridge"):
             if getattr(self, name) < 0:
                 raise HParamsError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if self.norm_anchor_budget and not self.carry_keys:
-            raise HParamsError("norm_anchor_budget: needs carry_keys: true (the carried state says where a sequence "
+        if (self.norm_anchor_budget or self.norm_anchor_ridge) and not self.carry_keys:
+            raise HParamsError("norm_anchor_budget / norm_anchor_ridge: need carry_keys: true (the carried state says where a sequence "
                                "starts, and so which weights are the unedited anchor)")
         if not (0.0 < self.prompt_keys_decay <= 1.0):
             raise HParamsError(f"prompt_keys_decay: must lie in (0, 1], got {self.prompt_keys_decay}")

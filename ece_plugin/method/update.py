@@ -64,19 +64,25 @@ def masked_update(
     c0_ss: Optional[torch.Tensor],
     cprev_ss: Optional[torch.Tensor],
     lam: float,
+    rhs: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``Delta_S = R K_S^T A^{-1}`` (``[d_model, |S|]``, float64) for ``keys_s`` ``[|S|, n]`` and ``resid``
-    ``[d_model, n]``: computed as ``R (A^{-1} K_S)^T`` like MEMIT (n right-hand sides; A is symmetric)."""
+    ``[d_model, n]``: computed as ``R (A^{-1} K_S)^T`` like MEMIT (n right-hand sides; A is symmetric). ``rhs``
+    ``[d_model, |S|]`` (a variant's term, None: none) joins the right-hand side: ``(R K_S^T + rhs) A^{-1}``."""
     if keys_s.shape[1] != resid.shape[1]:
         raise ValueError(f"keys {tuple(keys_s.shape)} and residuals {tuple(resid.shape)} disagree on n")
     a = masked_gram(keys_s, c0_ss, cprev_ss, lam)
     sol = spd_solve(a, keys_s.double().to(a.device))
-    return resid.double().to(a.device) @ sol.t()
+    delta = resid.double().to(a.device) @ sol.t()
+    if rhs is not None:
+        delta = delta + spd_solve(a, rhs.to(device=a.device, dtype=torch.float64).t()).t()
+    return delta
 
 
 # ------------------------------------------------------------------------------------------ layers loop
 KeyReader = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 BlockFn = Callable[[str, torch.Tensor, torch.device], Optional[torch.Tensor]]
+RhsFn = Callable[[str, torch.Tensor, torch.device], Optional[torch.Tensor]]  # [d_model, |S|] or None
 
 
 @dataclass
@@ -102,6 +108,7 @@ def write_layers(
     cprev_block: BlockFn,
     lam: float,
     journal: Optional[list[LayerWrite]] = None,
+    rhs_block: Optional[RhsFn] = None,
 ) -> list[LayerWrite]:
     """Write the masked update into each layer in order; ``read(i)`` gives (keys ``[n, d_ff]``, current
     z-layer outputs ``[n, d_model]``) of layer i on the model as it is then; ``c0_block`` and ``cprev_block`` give
@@ -127,7 +134,8 @@ def write_layers(
             c0 = c0_block(wo.name, idx, dev)
             cprev = cprev_block(wo.name, idx, dev)
             t2 = time.perf_counter()
-            delta = masked_update(keys_s, resid, c0, cprev, lam)
+            rhs = rhs_block(wo.name, idx, dev) if rhs_block is not None else None
+            delta = masked_update(keys_s, resid, c0, cprev, lam, rhs)
             record = LayerWrite(
                 layer=wo.layer,
                 name=wo.name,

@@ -11,6 +11,7 @@ no variant active (every hparams at its paper value) a batch is exactly the pape
   the writes of the layers before it;
 * ``gram_term(w_out_name, idx, device)``: the update's Gram matrix at the batch's neurons S becomes
   ``lambda C0_SS + Cprev_SS + sum_variants term + K_S K_S^T``;
+* ``rhs_term(w_out_name, idx, device)``: the update's right-hand side becomes ``R K_S^T + sum_variants term``;
 * ``carried_keys(w_out_name)``: after the batch is written, keys staged into the sequential state beside the
   batch's own (:class:`CarriedKeys`: at full weight, or fading by a decay; the state holds one fading moment, so
   the active variants must agree on its decay).

@@ -16,6 +16,19 @@ residuals see the pull-back) and the carried keys keep the earlier edits as the 
 After every batch ``||W - W0|| / ||W0|| <= rho`` plus that batch's one update: the growth is bounded by
 construction, whatever the sequence's length.
 
+``norm_anchor_ridge`` alpha > 0 is the soft form: each layer's update also minimises ``alpha ||W_new - W0||_F^2``
+over the batch's neurons S, a ridge anchored at the unedited weight (ENCORE's norm constraint penalises the
+update, ``alpha ||W_new - W||^2``, and lets the drift accumulate). With the drift ``D_S = (W - W0)_S`` before the
+write and the update's Gram matrix ``A = lambda C0_SS + Cprev_SS + K_S K_S^T``, the update becomes
+
+    Delta_S = (R K_S^T - alpha D_S) (A + alpha I)^{-1}
+
+(``gram_term`` adds alpha I, ``rhs_term`` adds ``-alpha D_S``). Each batch thus also pulls back the part of the
+drift that nothing protects: directions of the neuron space where the carried keys, the statistics C0 and the
+batch's own keys have little energy, compared with alpha, give way; the earlier edits, held by Cprev, and the
+model's general behaviour, held by C0, are kept. The drift then settles where the carried edits need it
+instead of growing batch after batch.
+
 The unedited weights are taken when the variant first sees the model with an empty sequential state (the first
 batch of a sequence, or the first after a reset) and kept beside the model for the process (float32 copies of
 the edited weights: 7.9 MB on the scale testbed). A sequence resumed in another process, with earlier edits
@@ -28,12 +41,12 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from ..architecture import get_module
+from ..architecture import get_module, neuron_axis
 from .base import EditVariant
 
 logger = logging.getLogger(__name__)
@@ -72,19 +85,21 @@ class NormAnchor(EditVariant):
     pulled back onto ``||W - W0||_F <= rho ||W0||_F`` (see the module docstring)."""
 
     name = "norm_anchor"
-    fields = ("norm_anchor_budget",)
+    fields = ("norm_anchor_budget", "norm_anchor_ridge")
 
     def __init__(self, hparams: Any) -> None:
         super().__init__(hparams)
         self.factors: dict[str, float] = {}  # the pull-back factor of each layer this batch (1.0: none)
+        self.model: Optional[nn.Module] = None
 
     @classmethod
     def is_active(cls, hparams: Any) -> bool:
-        return bool(hparams.norm_anchor_budget)
+        return bool(hparams.norm_anchor_budget) or bool(hparams.norm_anchor_ridge)
 
     def start(self, model: nn.Module, n_edits_before: int) -> None:
         names = [self.hparams.rewrite_module_tmp.format(layer) for layer in self.hparams.layers]
-        weights = {name: get_module(model, name).weight for name in names}
+        weights = {name: _weight(get_module(model, name)) for name in names}
+        self.model = model
         if n_edits_before == 0:  # the sequence starts here: this model is the anchor
             _UNEDITED[model] = {name: w.detach().float().clone() for name, w in weights.items()}
             return
@@ -95,10 +110,39 @@ class NormAnchor(EditVariant):
                 "were never seen in this process (a sequence resumed elsewhere, or other layers); start the "
                 "sequence from the unedited model, or set norm_anchor_budget: 0"
             )
+        self.model = model
         budget = float(self.hparams.norm_anchor_budget)
+        if not budget:
+            return
         for name, w in weights.items():
             self.factors[name] = pull_back(w, unedited[name], budget)
         pulled = {n: f for n, f in self.factors.items() if f < 1.0}
         if pulled:
             logger.info("norm anchor: drift pulled back onto %.2f ||W0|| in %s", budget,
                         ", ".join(f"{n} (x{f:.3f})" for n, f in pulled.items()))
+
+    def gram_term(self, w_out_name: str, idx: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
+        alpha = float(self.hparams.norm_anchor_ridge)
+        if not alpha:
+            return None
+        return alpha * torch.eye(idx.numel(), dtype=torch.float64, device=device)
+
+    def rhs_term(self, w_out_name: str, idx: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
+        alpha = float(self.hparams.norm_anchor_ridge)
+        if not alpha:
+            return None
+        assert self.model is not None, "start() runs first"
+        module = get_module(self.model, w_out_name)
+        weight = _weight(module)
+        unedited = _UNEDITED[self.model][w_out_name].to(weight.device)
+        axis = neuron_axis(module)  # W_out's input dimension: 1 for nn.Linear, 0 for GPT-2's Conv1D
+        ids = idx.to(weight.device)
+        drift = weight.detach().index_select(axis, ids).double() - unedited.index_select(axis, ids).double()
+        drift = drift if axis == 1 else drift.t()  # [d_model, |S|]
+        return (-alpha * drift).to(device)
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
