@@ -409,8 +409,8 @@ def test_zsre_editability_hparams_differ_from_the_sequential_ones_in_the_z_budge
 def test_sequential_ece_hparams_are_the_shipped_file_with_the_validated_departures() -> None:
     """hparams/ECE/testbed-llama-scale2-sequential.yaml (issue 15's best 2,000-edit setting) is the shipped file
     with the six keys the validation sequence chose, loads as ECE hparams, and is never picked by default."""
-    from ece_plugin.method.hparams import ECEHyperParams
     from ece_plugin.lab.study.baselines import default_baseline_hparams
+    from ece_plugin.method.hparams import ECEHyperParams
 
     paper = yaml.safe_load((HPARAMS / "ECE" / "testbed-llama-scale2.yaml").read_text())
     changed = _changed_keys(HPARAMS / "ECE" / "testbed-llama-scale2.yaml",
