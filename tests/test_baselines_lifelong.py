@@ -35,7 +35,8 @@ SMALL = {
                   "inner_params": ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]},
 }
 #: The lifelong editors wired into the method table and how BaseEditor runs each on EasyEdit main.
-WIRED = {"ULTRAEDIT": "BaseEditor.batch_edit", "EMMET": "BaseEditor.batch_edit", "SPHERE": "BaseEditor.edit"}
+WIRED = {"ULTRAEDIT": "BaseEditor.batch_edit", "EMMET": "BaseEditor.batch_edit", "SPHERE": "BaseEditor.edit",
+         "PMET": "BaseEditor.batch_edit"}
 
 
 def _records(n: int) -> list[dict[str, Any]]:
@@ -136,3 +137,16 @@ def test_lifelong_editor_edits_two_sequential_batches_through_base_editor(
     assert after_first > before_first, (before_first, after_first)  # the edited targets got likelier
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags  # ULTRAEDIT's freezing undone
     assert {p.name for p in tmp_path.iterdir()} <= {"logs"}  # SPHERE's P went to a private file
+
+
+@pytest.mark.easyeditor
+@needs_main
+@pytest.mark.parametrize("alg", ["WISE", "GRACE"])
+def test_module_replacing_editors_are_refused_with_a_reason(alg: str) -> None:
+    """WISE and GRACE run through BaseEditor.edit, but swap a module of the model for their own: the studies
+    cannot restore or checkpoint that, so the method says so instead of running."""
+    from ece_plugin.lab.study.baselines import EasyEditMethod
+
+    model = torch.nn.Linear(2, 2)
+    ok, reason = EasyEditMethod(alg, REPO / "hparams" / alg / f"{SCALE2}.yaml").availability(model)
+    assert not ok and "replaces the edited down_proj module" in reason

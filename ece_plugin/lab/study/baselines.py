@@ -51,6 +51,16 @@ BASELINE_ALIASES: dict[str, tuple[str, str, str]] = {
 }
 
 
+#: EasyEdit main editors that run through BaseEditor.edit on a CPU but replace a module of the model by their own
+#: (WISE: a side memory with a router; GRACE: a codebook adapter). The studies snapshot, restore and checkpoint
+#: a method's edits as named weights, which cannot undo or save a replaced module, so they are refused with this.
+MODULE_REPLACING_BASELINES: dict[str, str] = {
+    alg: f"EasyEdit {alg} replaces the edited down_proj module by its own {kind}; the studies restore and "
+    "checkpoint edits as named weights and cannot undo or save that module"
+    for alg, kind in (("WISE", "side-memory module (it also needs loc_prompts)"), ("GRACE", "codebook adapter"))
+}
+
+
 def baseline_label(alg: str) -> str:
     """The table name of an EasyEdit baseline run through BaseEditor."""
     return f"{alg} (EasyEdit)" if alg in EASYEDIT_MAIN_LIFELONG else alg
@@ -341,6 +351,8 @@ class EasyEditMethod:
             return False, f"EasyEdit not usable: {exc}"
         if not ok:
             return False, f"EasyEdit {self.alg}: {reason}"
+        if self.alg in MODULE_REPLACING_BASELINES:
+            return False, MODULE_REPLACING_BASELINES[self.alg]
         if not self.hparams_path.is_file():
             return False, f"no {self.alg} hparams file at {self.hparams_path}"
         try:
