@@ -173,6 +173,7 @@ def test_a_lifelong_run_is_added_in_percent_with_both_protocols_and_never_twice(
         ("ECE-AS", "200", "immediate", "90.0")]
     edited = final[1]
     assert (edited["neuron_threshold"], edited["clustering"], edited["setting"]) == ("1.0", "False", "sequential")
+    assert [r["protocol_label"] for r in final[1:]] == ["scored after all", "scored immediately"]
     assert (edited["retention_accuracy"], edited["perplexity"], edited["state_mib"]) == ("50.0", "250.00", "1.00")
     assert len(results.read_rows(folder / "checkpoints.csv")) == 5
     before = (folder / "rows.csv").read_text()

@@ -335,6 +335,7 @@ def render_all(repo: Path, root: Optional[Path] = None, write: bool = True,
 # ----- adding a lifelong run to results/ ------------------------------------------------------------------
 
 LIFELONG_METRICS = ("efficacy", "generalization", "specificity", "score")
+PROTOCOL_LABELS = {"after_all": "scored after all", "immediate": "scored immediately"}
 LABEL = re.compile(r"^(?P<method>[^\[\s]+)(?: \[(?P<overrides>[^\]]*)\])?")
 
 
@@ -378,7 +379,7 @@ def lifelong_rows(flat: dict[str, str], fields: dict[str, str]) -> list[dict[str
             metrics[key] = _percent(flat.get(f"{prefix}{key}", ""))
             metrics[f"{key}_sem"] = _percent(flat.get(f"{prefix}{key}_sem", ""))
         if protocol == "after_all" or metrics["efficacy"]:
-            out.append({**common, "protocol": protocol, **metrics})
+            out.append({**common, "protocol": protocol, "protocol_label": PROTOCOL_LABELS[protocol], **metrics})
     return out
 
 
