@@ -9,6 +9,10 @@ Data types: ZsRE (``zsre_mend_eval.json``), CF / MCF (ROME-format ``counterfact.
 ``multi_counterfact.json``) as in EasyEdit's script, plus ``counterfact`` (EasyEdit-format CounterFact,
 ``counterfact-edit.json``, bundled in data/counterfact). Nothing is downloaded: the file must exist in
 ``--data_dir``. ``import ece_plugin`` registers ECE in EasyEdit (ALG_DICT, batchable methods).
+
+Runs from any folder, in a clone or with ece-plugin installed: ``--hparams_dir`` may be a bundled name
+(``testbed-llama``, ``llama3-8b``), ``--data_dir`` a folder under the bundled ``data/`` (``zsre``), and a
+``model_name`` the hparams give relative to the repository (``./testbed/testbed-llama``) is found there.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ece_plugin  # noqa: E402,F401 - registers ECE in EasyEdit
-from ece_plugin.evaluation.data import load_records, to_easyedit_edit_kwargs  # noqa: E402
 from ece_plugin.easyedit import import_easyedit  # noqa: E402
+from ece_plugin.evaluation.data import load_records, to_easyedit_edit_kwargs  # noqa: E402
+from ece_plugin.resources import repo_path, resolve_hparams, resolve_model  # noqa: E402
 
 DATA_FILES = {
     "ZsRE": ("zsre_mend_eval.json", "zsre"),
@@ -58,16 +63,22 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     name, kind = DATA_FILES[args.data_type]
-    data_file = Path(args.data_dir) / name
+    data_dir = Path(args.data_dir)
+    if not data_dir.is_dir() and repo_path("data", data_dir.name).is_dir():
+        data_dir = repo_path("data", data_dir.name)  # the bundled data/<name>
+    data_file = data_dir / name
     if not data_file.is_file():
         print(f"error: {data_file} does not exist (this script does not download data)", file=sys.stderr)
         return 1
     records = load_records(data_file, kind=kind, limit=args.ds_size)
     easyeditor = import_easyedit("easyeditor")
+    hparams_file = str(resolve_hparams(args.hparams_dir, args.editing_method))
     if args.editing_method == "ECE":
-        hparams = ece_plugin.ECEHyperParams.from_hparams(args.hparams_dir)
+        hparams = ece_plugin.ECEHyperParams.from_hparams(hparams_file)
     else:
-        hparams = getattr(easyeditor, HPARAMS_CLASSES[args.editing_method]).from_hparams(args.hparams_dir)
+        hparams = getattr(easyeditor, HPARAMS_CLASSES[args.editing_method]).from_hparams(hparams_file)
+    if not Path(hparams.model_name).exists():
+        hparams.model_name = str(resolve_model(hparams.model_name))  # ./testbed/... outside the clone, or a hub id
 
     os.makedirs(args.output_dir, exist_ok=True)
     output_file = os.path.join(
