@@ -184,7 +184,7 @@ def _ece_hparams(tmp_path: Path, model_dir: Path, batch_size: int, family: str =
     return ECEHyperParams(
         model_name=str(model_dir), layers=[0, 1], device="cpu", batch_size=batch_size,
         shared_grad_steps=8, per_edit_grad_steps=4, v_lr=0.5, clamp_norm_factor=4.0, cluster_ratio=0.5,
-        context_template_length_params=[], mom2_update_weight=10.0, mom2_n_samples=50,
+        context_template_length_params=[], mom2_update_weight=10.0, mom2_n_samples=20,
         mom2_dataset="tinytext", mom2_corpus=str(corpus), stats_dir=str(tmp_path / "stats"),
         **(LLAMA_TMPS if family == "llama" else GPT2_TMPS),
     )
