@@ -43,7 +43,6 @@ PLOTTED: list[tuple[str, str, float]] = [
     ("overlap", "batch neurons written before (%, mean of layers)", 100.0),
     ("residual_norm", "residual ||z - cur|| before the write (mean of layers)", 1.0),
     ("update_norm", "update norm ||Delta|| (mean of layers)", 1.0),
-    ("drift_norm", "carried edits' drift ||E|| (carry_values; mean of layers)", 1.0),
 ]
 
 
@@ -101,7 +100,6 @@ def batch_diagnostics(
             "overlap": len(batch_set & before) / len(batch_set) if batch_set else None,
             "residual_norm": layer.get("residual_norm"),
             "update_norm": layer.get("update_norm"),
-            "drift_norm": layer.get("drift_norm"),
         })
         before |= batch_set
     return {
@@ -114,7 +112,6 @@ def batch_diagnostics(
         "overlap": _mean([lay["overlap"] for lay in layers]),
         "residual_norm": _mean([lay["residual_norm"] for lay in layers]),
         "update_norm": _mean([lay["update_norm"] for lay in layers]),
-        "drift_norm": _mean([lay["drift_norm"] for lay in layers]),
         "layers": layers,
     }
 
