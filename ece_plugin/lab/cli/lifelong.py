@@ -27,7 +27,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=c.positive_int, default=None,
                    help="measure and checkpoint every K edits (a multiple of --batch-size; default: only at the end)")
     p.add_argument("--methods", nargs="+", default=list(LIFELONG_METHODS),
-                   help="ECE variants (ECE-AS, ECE-WI, ECE-RS, MEMIT-equivalent, ...) and EasyEdit's ROME, MEMIT, AlphaEdit")
+                   help="ECE variants (ECE-AS, ECE-WI, ECE-RS, MEMIT-equivalent, ...) and EasyEdit's ROME, MEMIT, "
+                   "AlphaEdit; with EasyEdit main also ULTRAEDIT, SPHERE (SPHERE-batched: whole batches through its "
+                   "apply function), EMMET, PMET")
     p.add_argument("--n-retention", type=c.non_negative_int, default=100,
                    help="known facts never edited, scored at every checkpoint (default: the records after the edits)")
     p.add_argument("--retention-data", help="record file for the retention facts (default: --data after the edits)")
