@@ -11,9 +11,10 @@ import logging
 
 from .easyedit import apply_ece_to_model
 from .method.hparams import ECEHyperParams, HParamsError
+from .resources import version as _version
 
 __all__ = ["ECEHyperParams", "HParamsError", "apply_ece_to_model", "__version__"]
-__version__ = "0.1.0"
+__version__ = _version()  # the installed distribution's (setup.cfg's in a clone without an install)
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

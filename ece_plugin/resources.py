@@ -133,15 +133,18 @@ def resolve_data(value: Union[str, Path]) -> Path:
 
 
 def version() -> str:
-    """The installed distribution's version (setup.cfg's when running from a clone without an install)."""
+    """ece-plugin's version: a clone's setup.cfg (an editable install's metadata may be older), else the installed
+    distribution's."""
+    if is_clone(CLONE_ROOT):
+        import configparser
+
+        config = configparser.ConfigParser()
+        config.read(CLONE_ROOT / "setup.cfg")
+        return config.get("metadata", "version", fallback="unknown")
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as dist_version
 
     try:
         return dist_version("ece-plugin")
     except PackageNotFoundError:
-        import configparser
-
-        config = configparser.ConfigParser()
-        config.read(CLONE_ROOT / "setup.cfg")
-        return config.get("metadata", "version", fallback="unknown")
+        return "unknown"
