@@ -81,6 +81,8 @@ def test_lifelong_end_to_end_and_resume(tmp_path: Path, monkeypatch: pytest.Monk
     assert last["immediate"]["efficacy"]["n"] == 4 and last["edits"]["efficacy"]["n"] == 4
     header = csv_lines[0].split(",")
     assert {"immediate_efficacy", "immediate_efficacy_sem", "immediate_score"} <= set(header)
+    assert "weight_growth_model.layers.0.mlp.down_proj" in header  # every edited weight's growth, plotted too
+    assert (whole / "lifelong_weight_growth_layers.png").stat().st_size > 0
     table = (whole / "lifelong.md").read_text()
     assert "| ECE-AS | 4 | after all |" in table and "| ECE-AS | 4 | immediate |" in table
     assert (whole / "lifelong.png").stat().st_size > 0 and (whole / "lifelong_efficacy.png").is_file()

@@ -44,12 +44,12 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ...method import atomic
-from ...evaluation.data import EditRecord
 from ...evaluation import general
+from ...evaluation.data import EditRecord
 from ...evaluation.dispatch import evaluate_records, metric_kind
 from ...evaluation.report import summarize
 from ...evaluation.scoring import pad_token_id
+from ...method import atomic
 from .baselines import EditMethod
 from .checkpoint import (
     forget_process_state,
@@ -476,6 +476,8 @@ def flat_row(method: str, row: dict[str, Any], kind: str) -> dict[str, Any]:
     out["state_mib"] = None if row.get("state_bytes") is None else row["state_bytes"] / 2**20
     growth = row.get("weight_growth")
     out["weight_growth_max"] = max(growth.values()) if growth else None
+    for name, value in (growth or {}).items():  # every edited weight: weight_growth_<module>
+        out[f"{GROWTH_PREFIX}{name.removesuffix('.weight')}"] = value
     return out
 
 
@@ -549,7 +551,18 @@ PLOT_METRICS: list[tuple[str, str, float]] = [
     ("seconds_per_batch", "Seconds per batch (mean so far)", 1.0),
     ("state_mib", "Carried state (MiB)", 1.0),
     ("weight_growth_max", "Edited weights: ||W - W0|| / ||W0|| (largest)", 1.0),
+    ("weight_growth_layers", "||W - W0|| / ||W0|| of every edited weight", 1.0),
 ]
+GROWTH_PREFIX = "weight_growth_"  # + the module name: one column per edited weight
+
+
+GROWTH_MARKERS = ("o", "s", "^", "v", "D", "x", "P", "*")
+
+
+def _weight_label(column: str) -> str:
+    """``weight_growth_model.layers.3.mlp.down_proj`` -> ``layer 3`` (the module name where it has no number)."""
+    found = re.search(r"\.(\d+)\.", column)
+    return f"layer {found.group(1)}" if found else column[len(GROWTH_PREFIX):]
 
 
 def plot_curves(result: LifelongResult, out_dir: Path) -> list[Path]:
@@ -564,7 +577,9 @@ def plot_curves(result: LifelongResult, out_dir: Path) -> list[Path]:
     metrics = list(PLOT_METRICS)
     metrics[6:6] = [(k, f"Perplexity, {k[len('perplexity_'):]} (log scale)", 1.0) for k in pre
                     if k.startswith("perplexity_")]
-    metrics = [m for m in metrics if any(r.get(m[0]) is not None for r in rows)]
+    growth_columns = sorted({k for r in rows for k in r if k.startswith(GROWTH_PREFIX)} - {"weight_growth_max"})
+    metrics = [m for m in metrics if any(r.get(m[0]) is not None for r in rows)
+               or (m[0] == "weight_growth_layers" and growth_columns)]
     methods = [p.method for p in result.methods if p.rows]
 
     both = {"efficacy", "generalization", "specificity", "score"}  # metrics with an immediate series beside
@@ -572,7 +587,9 @@ def plot_curves(result: LifelongResult, out_dir: Path) -> list[Path]:
     def draw(ax: Any, key: str, scale: float) -> None:
         for i, name in enumerate(methods):
             series = [(key, name)]
-            if key in both:
+            if key == "weight_growth_layers":  # one line per edited weight, the method's colour, a marker per layer
+                series = [(c, f"{name}, {_weight_label(c)}") for c in growth_columns]
+            elif key in both:
                 series = [(key, f"{name}, {PROTOCOL_LABELS[PROTOCOL]}"),
                           (f"{IMMEDIATE}_{key}", f"{name}, {PROTOCOL_LABELS[IMMEDIATE]}")]
             for column, label in series:
@@ -580,7 +597,9 @@ def plot_curves(result: LifelongResult, out_dir: Path) -> list[Path]:
                           if r["method"] == name and r.get(column) is not None]
                 if points:
                     style = "--" if column.startswith(IMMEDIATE) else "-"
-                    ax.plot(*zip(*points), style, marker="o", markersize=3, label=label, color=series_color(i))
+                    marker = GROWTH_MARKERS[growth_columns.index(column) % len(GROWTH_MARKERS)] if (
+                        column in growth_columns) else "o"
+                    ax.plot(*zip(*points), style, marker=marker, markersize=3, label=label, color=series_color(i))
         if pre.get(key) is not None:
             ax.axhline(pre[key] * scale, linestyle="--", color="grey", label="pre-edit")
         if key.startswith("perplexity_"):
