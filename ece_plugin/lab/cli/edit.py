@@ -14,7 +14,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "edit", help="sequential batched ECE edits; save the edited model or a compact edit file"
     )
     c.add_common(p)
-    p.add_argument("--hparams", required=True, help="ECE hparams YAML")
+    p.add_argument("--hparams", required=True, help="ECE hparams YAML, or a bundled name (llama3-8b, testbed-llama)")
+    p.add_argument("--ece-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an ECE hyperparameter (YAML value; repeatable)")
     p.add_argument("--batch-size", type=c.positive_int, default=100)
     c.add_protocol(p)
     p.add_argument("--save-model", help="write the edited model (save_pretrained + tokenizer) here")
@@ -35,15 +37,15 @@ def run(args: argparse.Namespace) -> int:
     from ..study.common import snapshot_weights, write_json
     from ..study.runner import MethodRun, batch_edit_fn
 
-    if not args.save_model and not args.save_edits:
-        raise c.CLIError("give --save-model OUT or --save-edits FILE.safetensors")
+    if args.no_eval and not args.save_model and not args.save_edits:
+        raise c.CLIError("--no-eval with nothing saved would leave nothing: give --save-model OUT or --save-edits FILE")
     c.check_outputs(
         args,
         Output("--save-model", Path(args.save_model), "folder") if args.save_model else None,
         Output("--save-edits", Path(args.save_edits), "file") if args.save_edits else None,
     )
     model_dir = c.model_dir(args.model)
-    hp = c.load_ece_hparams(Path(args.hparams), model_dir, args=args)
+    hp = c.load_ece_hparams(c.hparams_file(args.hparams, c.DEFAULT_HPARAMS_DIR, "ECE", model_dir), model_dir, args=args)
     records = c.records(args)
     out = c.out_dir(args, "edit")
     model, tok = c.load_model(args, model_dir)

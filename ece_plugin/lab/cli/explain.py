@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from . import common as c
@@ -25,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
     c.check_outputs(args)
     model_dir = c.model_dir(args.model)
-    hp = c.load_ece_hparams(Path(args.hparams), model_dir, args=args)
+    hp = c.load_ece_hparams(c.hparams_file(args.hparams, c.DEFAULT_HPARAMS_DIR, "ECE", model_dir), model_dir, args=args)
     records = c.records(args)
     out = c.out_dir(args, "explain")
     model, tok = c.load_model(args, model_dir)
