@@ -484,3 +484,26 @@ def test_a_float_hyperparameter_given_as_a_string_is_said_or_refused(
     assert hp.cluster_ratio == 0.1 and f"{path}: cluster_ratio is the string '0.1'; read as the number 0.1" in caplog.text
     with pytest.raises(HParamsError, match=r"cluster_ratio: must be a number, got '0.1' \(str\)"):
         dataclasses.replace(hp, cluster_ratio="0.1").validate()  # --ece-set, or a dict built in Python
+
+
+def test_a_removed_folder_is_whole_or_gone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "weights").write_text("w")
+    real_rmtree, calls = atomic.shutil.rmtree, {"n": 0}
+
+    def interrupted_once(path: Any, ignore_errors: bool = False) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt  # Ctrl-C while the folder goes: it finishes going, then the interrupt
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(atomic.shutil, "rmtree", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.remove_folder(folder)
+    assert _tree(tmp_path) == []
+    # killed while it went: the folder aside is cleared at the next write, never put back
+    aside = tmp_path / f".ckpt.del-{_dead_pid()}-z"
+    aside.mkdir()
+    (aside / "half").write_text("h")
+    assert atomic.clean_stale(folder) == [aside] and _tree(tmp_path) == []

@@ -9,7 +9,7 @@ through here, the one write-beside-and-swap path.
   the old folder back.
 
 Every temporary name carries the writing process's id (``.NAME.new-PID-xxxx``, ``.NAME.old-PID-xxxx``,
-``.NAME.tmp-PID-xxxx``). What a killed process left beside a target is cleared by the next write to that target
+``.NAME.tmp-PID-xxxx``, ``.NAME.del-PID-xxxx`` for a folder being removed, :func:`remove_folder`). What a killed process left beside a target is cleared by the next write to that target
 (:func:`clean_stale`): a new folder or file is removed, and an old folder is put back when the target is missing
 (a kill between the swap's two renames), else removed.
 """
@@ -29,7 +29,7 @@ from typing import Union
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
-_STALE = re.compile(r"^\.(?P<name>.+)\.(?P<tag>new|old|tmp)-(?P<pid>\d+)-[^/]*$")
+_STALE = re.compile(r"^\.(?P<name>.+)\.(?P<tag>new|old|tmp|del)-(?P<pid>\d+)-[^/]*$")
 _LEGACY_OLD = re.compile(r"^\.(?P<name>.+)\.(?P<tag>old)(?:-(?P<pid>\d+))?$")  # earlier versions' swap names
 
 
@@ -144,7 +144,28 @@ def swap_in(new: Path, target: Path) -> None:
     except BaseException:
         os.replace(aside, target)
         raise
-    shutil.rmtree(aside, ignore_errors=True)
+    _rmtree(aside)
+
+
+def _rmtree(path: Path) -> None:
+    """Remove a folder this module set aside; a Ctrl-C while it goes lets it finish first (no half folder)."""
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    except KeyboardInterrupt:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def remove_folder(path: PathLike) -> None:
+    """Remove a folder this project wrote: renamed aside first (``.NAME.del-PID-xxxx``, one atomic step), then
+    deleted, so that ``path`` is either whole or gone; what a kill leaves aside goes at the next write."""
+    path = Path(path)
+    if not path.exists():
+        return
+    aside = Path(tempfile.mkdtemp(prefix=temp_prefix(path, "del"), dir=path.parent))
+    os.rmdir(aside)
+    os.replace(path, aside)
+    _rmtree(aside)
 
 
 @contextlib.contextmanager

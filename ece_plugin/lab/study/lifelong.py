@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import re
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -438,8 +437,8 @@ def run_lifelong(
 def discard_checkpoints(out_dir: Path) -> None:
     """Remove the checkpoint folders of a finished run (the progress files, which hold the rows, stay)."""
     for child in (Path(out_dir) / "checkpoints").glob("*"):
-        if child.is_dir():
-            shutil.rmtree(child)
+        if child.is_dir() and not child.name.startswith("."):
+            atomic.remove_folder(child)  # renamed aside first: a checkpoint is whole or gone
 
 
 # ------------------------------------------------------------------------------------------------ outputs
