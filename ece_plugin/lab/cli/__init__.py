@@ -87,6 +87,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 
 MAX_LINE = 299  # characters of an error line
+MAX_WORD = 60  # characters of one word (a path) in a cut error line
 
 
 def _one_line(exc: BaseException, prefix: str, suffix: str = "") -> str:
@@ -94,6 +95,11 @@ def _one_line(exc: BaseException, prefix: str, suffix: str = "") -> str:
     message keeps its start, which names the file, key or record, and its end)."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     room = MAX_LINE - len(prefix) - len(suffix)
+    if len(text) > room:  # long words after the first (repeated paths, prompts) keep their ends, then the middle
+        words = text.split()
+        first_long = next((i for i, w in enumerate(words) if len(w) > MAX_WORD), -1)
+        text = " ".join(w if len(w) <= MAX_WORD or i == first_long else "..." + w[-(MAX_WORD - 3):]
+                        for i, w in enumerate(words))
     if len(text) > room:
         tail = max(40, room // 4)
         text = text[: room - tail - 5] + " ... " + text[-tail:]

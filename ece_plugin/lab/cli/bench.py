@@ -24,7 +24,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--timing", action="store_true", help="speed comparison: ECE vs EasyEdit MEMIT / AlphaEdit")
     p.add_argument("--tracemalloc", action="store_true", help="timing: also trace Python heap peaks (slower)")
     p.add_argument(
-        "--warmup", type=c.non_negative_int, default=None,
+        "--warmup", type=int, default=None,
         help="timing: records of one untimed ECE batch on a copy of the model first (default 10; 0: none)",
     )
     p.add_argument(
