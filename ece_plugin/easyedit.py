@@ -381,7 +381,8 @@ _PAD_EOS_FAMILIES = ("gpt", "llama", "baichuan", "internlm", "mistral")
 _RIGHT_PAD_FAMILIES = ("mistral", "llama", "qwen")
 
 
-# The algorithms BaseEditor pads on the right (Llama/Mistral/Qwen); it pads every other one on the left.
+# The algorithms BaseEditor pads on the right (Llama/Mistral/Qwen); it pads every other one on the left, PMET
+# included, although PMET's compute_zs places targets and the subject's last token without a padding offset.
 _RIGHT_PAD_ALGS = ("ROME", "MEMIT", "EMMET", "EAMET", "R-ROME", "AlphaEdit", "CORE", "SPHERE")
 
 

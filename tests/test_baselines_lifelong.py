@@ -150,3 +150,30 @@ def test_module_replacing_editors_are_refused_with_a_reason(alg: str) -> None:
     model = torch.nn.Linear(2, 2)
     ok, reason = EasyEditMethod(alg, REPO / "hparams" / alg / f"{SCALE2}.yaml").availability(model)
     assert not ok and "replaces the edited down_proj module" in reason
+
+
+def test_edited_weight_names_from_each_hparams_spelling() -> None:
+    from types import SimpleNamespace
+
+    inner = SimpleNamespace(inner_params=["model.layers[3].mlp.down_proj.weight", "model.layers.0.mlp.up_proj"])
+    assert ee.baseline_weight_names("WISE", inner) == ["model.layers.3.mlp.down_proj.weight",
+                                                       "model.layers.0.mlp.up_proj.weight"]
+    pmet = SimpleNamespace(rewrite_module_tmps=["a.{}.o", "a.{}.d"], rewrite_module_tmp="a.{}.d", layers=[1, 2])
+    assert ee.baseline_weight_names("PMET", pmet) == ["a.1.o.weight", "a.2.o.weight", "a.1.d.weight", "a.2.d.weight"]
+    locate = SimpleNamespace(rewrite_module_tmp="a.{}.d", layers=[0])
+    assert ee.baseline_weight_names("SPHERE", locate) == ["a.0.d.weight"]
+
+
+@pytest.mark.parametrize(("configured", "n", "used"), [(10, 100, 10), (10, 4, 4), (10, 15, 5), (10, 7, 7), (3, 7, 1)])
+def test_ultraedit_sub_batch_divides_the_batch(configured: int, n: int, used: int) -> None:
+    """ULTRAEDIT drops the requests past the last whole sub-batch (all of them when the sub-batch is larger than
+    the batch), so the largest divisor of the batch up to the configured size is used."""
+    from types import SimpleNamespace
+
+    from ece_plugin.lab.study.baselines import EasyEditMethod
+
+    method = EasyEditMethod("ULTRAEDIT", REPO / "hparams" / "ULTRAEDIT" / f"{SCALE2}.yaml")
+    method._hparams = SimpleNamespace(batch_size_once=configured)
+    target = SimpleNamespace(batch_size_once=configured)
+    method._fit_ultraedit_sub_batch(target, n)
+    assert target.batch_size_once == used
