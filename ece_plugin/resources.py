@@ -92,7 +92,7 @@ def resolve_hparams(value: Union[str, Path], alg: str = "ECE") -> Path:
     if "/" not in text and "\\" not in text and named.is_file():
         return named
     raise ResourceNotFoundError(
-        f"hparams {text!r}: no such file, and no bundled {alg} hparams of that name "
+        f"hparams {text!r} not found: no such file, and no bundled {alg} hparams of that name "
         f"(bundled: {', '.join(bundled_hparams_names(alg)) or 'none'})"
     )
 
@@ -110,7 +110,7 @@ def resolve_model(value: Union[str, Path]) -> Path:
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
         return Path(text)  # a hub id
     raise ResourceNotFoundError(
-        f"model {text!r}: no such folder, and no bundled testbed of that name "
+        f"model {text!r} not found: no such folder, and no bundled testbed of that name "
         f"(bundled: {', '.join(bundled_model_names()) or 'none'})"
     )
 
@@ -127,7 +127,7 @@ def resolve_data(value: Union[str, Path]) -> Path:
         if matches:
             return matches[0]
     raise ResourceNotFoundError(
-        f"data {text!r}: no such file, and no bundled record file of that name "
+        f"data {text!r} not found: no such file, and no bundled record file of that name "
         f"(bundled: {', '.join(bundled_data_names()) or 'none'})"
     )
 

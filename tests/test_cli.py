@@ -124,7 +124,8 @@ def test_bad_input_gives_one_line_error(world: World, tmp_path: Path, capsys: py
     bad.write_text(json.dumps([{"foo": 1}]))
     rc, _, err = _run(capsys, "evaluate", "--model", str(world.model_dir), "--data", str(bad), "--out", str(tmp_path / "e"))
     assert rc == 1 and "bad.json" in err
-    rc, _, err = _run(capsys, "edit", "--model", str(world.model_dir), "--hparams", str(world.hparams), "--data", str(world.data))
+    rc, _, err = _run(capsys, "edit", "--model", str(world.model_dir), "--hparams", str(world.hparams), "--data", str(world.data),
+                      "--no-eval")
     assert rc == 1 and "--save-model" in err
     rc, _, err = _run(capsys, "stats-corpus", "--model", str(world.model_dir))
     assert rc == 1 and "testbed_manifest.json" in err and not (world.model_dir / "factworld.txt").exists()
