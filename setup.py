@@ -36,6 +36,7 @@ class BuildWithBundle(build_py):
     def run(self) -> None:
         super().run()
         target = Path(self.build_lib) / BUNDLE_PACKAGE_DIR
+        shutil.rmtree(target, ignore_errors=True)  # nothing left from an earlier build in the same build/ folder
         missing = [item for item in BUNDLED if not (ROOT / item).exists()]
         if missing:
             raise SystemExit(f"ece-plugin build: bundled files missing from the source tree: {missing}")
