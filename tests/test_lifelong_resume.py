@@ -275,3 +275,14 @@ def test_a_damaged_checkpoint_is_named_before_anything_runs(
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ece-plugin")]
     assert len(lines) == 1 and expected in lines[0] and len(lines[0]) < 300
     assert _snapshot(run) == before
+
+
+def test_a_new_run_never_goes_on_in_an_old_run_folder(
+    world: World, whole: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _copy(whole, tmp_path)
+    before = _snapshot(run)
+    assert main([*_argv(world, run), "--force"]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ece-plugin")]
+    assert len(lines) == 1 and f"--out {run}: holds a lifelong run; continue it with --resume" in lines[0]
+    assert _snapshot(run) == before

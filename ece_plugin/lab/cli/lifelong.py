@@ -201,6 +201,9 @@ def run(args: argparse.Namespace) -> int:
         args = _resumed_args(args)
     else:
         c.check_outputs(args)
+        if args.out and (Path(args.out) / CONFIG_FILE).is_file():  # --force must not mix two runs in one folder
+            raise c.CLIError(f"--out {args.out}: holds a lifelong run; continue it with --resume {args.out}, or "
+                             "choose a new folder")
     config = LifelongConfig(
         n_edits=args.n_edits, batch_size=args.batch_size, checkpoint_every=args.checkpoint_every or args.n_edits,
         seed=args.seed, n_fluency_prompts=args.n_fluency_prompts, ppl_max_tokens=args.ppl_tokens,
