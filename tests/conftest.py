@@ -93,7 +93,7 @@ def make_tokenizer(bos: bool = True) -> Any:
 
 @pytest.fixture(autouse=True)
 def _root_logging_restored() -> Any:
-    """``ece_plugin.lab.cli.app.main`` points the root logger at the stderr of its test (basicConfig, force=True), a capture
+    """``ece_plugin.lab.cli.main`` points the root logger at the stderr of its test (basicConfig, force=True), a capture
     stream closed when that test ends: give every test the root handlers it found, so that no later test logs
     into a closed stream ("--- Logging error ---" in its stderr)."""
     import logging
