@@ -383,6 +383,29 @@ def test_demo_with_every_method_failing_exits_1_with_one_line_each(
     assert "MEMIT-equivalent" in failures[1] and (tmp_path / "demo" / "demo.json").is_file()
 
 
+@pytest.mark.parametrize("command", ["bench", "lifelong"])
+def test_bench_and_lifelong_with_a_failing_method_exit_1_with_one_line(
+    world: World, tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ece_plugin.lab.study.baselines import ECEMethod
+
+    def fail(*_a: Any, **_k: Any) -> Any:
+        raise RuntimeError("the solve broke")
+
+    monkeypatch.setattr(ECEMethod, "edit_batch", fail)
+    common = ["--model", str(world.model_dir), "--hparams-dir", str(world.root / "hparams"), "--data", str(world.data),
+              "--methods", "ECE-AS", "--out", str(tmp_path / "run"), "--device", "cpu"]
+    extra = (["--n-edits", "2", "--batch-sizes", "2", "--no-fluency"] if command == "bench" else
+             ["--n-edits", "2", "--batch-size", "2", "--n-retention", "2", "--ppl-text", str(world.corpus),
+              "--ppl-tokens", "64", "--n-fluency-prompts", "0"])
+    rc, _, err = _run(capsys, command, *common, *extra)
+    lines = [line for line in err.splitlines() if line.startswith(f"ece-plugin {command}")]
+    assert rc == 1 and len(lines) == 1 and "Traceback" not in err
+    expected = {"bench": "ece-plugin bench: ECE-AS failed: RuntimeError: the solve broke",
+                "lifelong": "ece-plugin lifelong: error: RuntimeError: the solve broke"}[command]
+    assert lines[0].startswith(expected)
+
+
 @pytest.mark.parametrize("where", ["parse", "command"])
 def test_ctrl_c_anywhere_is_one_line_and_130(
     world: World, where: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
