@@ -147,6 +147,12 @@ def warn_unused_device(hparams: Any, model: nn.Module) -> None:
         actual = next(model.parameters()).device
     except StopIteration:
         return
+    index = getattr(hparams, "device", None)
+    if isinstance(index, int) and not isinstance(index, bool) and actual.type == "cpu" and not torch.cuda.is_available():
+        if ("gpu-index", "cpu") not in _DEVICE_WARNED:
+            _DEVICE_WARNED.add(("gpu-index", "cpu"))
+            logger.warning("hparams device %d names a GPU, but CUDA is not available: ECE edits on the CPU", index)
+        return
     if wanted is not None and wanted.type != actual.type and (wanted.type, actual.type) not in _DEVICE_WARNED:
         _DEVICE_WARNED.add((wanted.type, actual.type))
         logger.warning(
