@@ -14,7 +14,6 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from ece_plugin.evaluation.data import EditRecord, bundled_data_path, load_counterfact
 from ece_plugin.evaluation import (
     ConsistencyResources,
     EvaluationError,
@@ -29,6 +28,7 @@ from ece_plugin.evaluation import (
     score_continuations,
     token_accuracy,
 )
+from ece_plugin.evaluation.data import EditRecord, bundled_data_path, load_counterfact
 from ece_plugin.evaluation.fluency import word_tokenize
 from ece_plugin.evaluation.scoring import encode_continuation
 

@@ -17,8 +17,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from ece_plugin.evaluation.data import EditRecord, bundled_data_path, load_zsre
 from ece_plugin.evaluation import evaluate_zsre
+from ece_plugin.evaluation.data import EditRecord, bundled_data_path, load_zsre
 
 pytestmark = pytest.mark.easyeditor
 

@@ -16,7 +16,6 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from ece_plugin.evaluation.data import EditRecord
 from ece_plugin.evaluation import (
     CONSISTENCY_UNAVAILABLE,
     EvaluationError,
@@ -29,6 +28,7 @@ from ece_plugin.evaluation import (
     write_csv,
     write_json,
 )
+from ece_plugin.evaluation.data import EditRecord
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import FACTS, fake_session, make_gpt2, make_hparams, make_llama
 
-from ece_plugin.method.architecture import input_device
 from ece_plugin import apply_ece_to_model
+from ece_plugin.method.architecture import input_device
 from ece_plugin.method.keys import (
     KeyReads,
     build_key_rows,
@@ -21,8 +21,8 @@ from ece_plugin.method.keys import (
     lookup_indices,
     read_keys,
 )
-from ece_plugin.method.speed.replay import decoder_layers
 from ece_plugin.method.requests import normalise_requests
+from ece_plugin.method.speed.replay import decoder_layers
 
 
 def test_lookup_indices(tok: Any) -> None:

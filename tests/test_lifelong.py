@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from ece_plugin.lab import cli
 from ece_plugin.evaluation import general
+from ece_plugin.lab import cli
 from ece_plugin.lab.study.baselines import ECEMethod
 from ece_plugin.lab.study.common import StudyError
 from ece_plugin.lab.study.lifelong import LifelongConfig

@@ -25,8 +25,8 @@ import pytest
 import torch
 from conftest import FACTS, fake_session, make_gpt2, make_hparams, make_llama, second_moment
 
-from ece_plugin.method.architecture import input_device, w_out
 from ece_plugin import apply_ece_to_model
+from ece_plugin.method.architecture import input_device, w_out
 from ece_plugin.method.keys import build_key_rows, read_keys
 from ece_plugin.method.requests import normalise_requests
 from ece_plugin.method.update import write_layers

@@ -13,9 +13,9 @@ from conftest import FACTS, make_gpt2, make_hparams, make_llama, make_tokenizer
 
 from ece_plugin import values
 from ece_plugin.method.architecture import ArchitectureError
+from ece_plugin.method.requests import normalise_requests
 from ece_plugin.method.speed.prefix_cache import PrefixCache, RowBatch, edit_blocks, key_value_bytes_per_token
 from ece_plugin.method.speed.replay import LayerReplay, decoder_layers, replayed_layers
-from ece_plugin.method.requests import normalise_requests
 from ece_plugin.method.values import _forward, build_z_problem, compute_z, z_modules
 
 TEMPLATES = [["{}"], ["I know the city. {}", "You know. {}"]]

@@ -12,8 +12,8 @@ from conftest import FACTS, make_hparams, make_llama, make_tokenizer
 from test_prefix_cache import EXTRA, TEMPLATES, _hparams, _model, assert_same_z
 
 from ece_plugin.method.architecture import ArchitectureError
-from ece_plugin.method.speed.read_positions import mlp_at_positions
 from ece_plugin.method.requests import normalise_requests
+from ece_plugin.method.speed.read_positions import mlp_at_positions
 from ece_plugin.method.values import compute_z, z_modules
 
 

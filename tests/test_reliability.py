@@ -25,18 +25,18 @@ import yaml
 from conftest import FACTS, fake_session, make_hparams, make_llama
 from test_cli_world import World, make_world
 
+from ece_plugin import apply_ece_to_model
+from ece_plugin.files.editfile import EditFileError, apply_edit_file, build_edit_file, revert_edit_file
+from ece_plugin.files.modeldir import ModelFolderError, save_model_folder
+from ece_plugin.lab.cli import main
+from ece_plugin.lab.study.common import load_model_and_tokenizer
 from ece_plugin.method import statistics
 from ece_plugin.method.architecture import WOut
-from ece_plugin.lab.cli import main
-from ece_plugin.files.editfile import EditFileError, apply_edit_file, build_edit_file, revert_edit_file
-from ece_plugin import apply_ece_to_model
 from ece_plugin.method.finite import NonFiniteUpdateError
 from ece_plugin.method.hparams import ECEHyperParams, HParamsError
-from ece_plugin.files.modeldir import ModelFolderError, save_model_folder
 from ece_plugin.method.requests import RequestError
 from ece_plugin.method.state import SequentialState, StateError, get_session
 from ece_plugin.method.statistics import StatisticsCache, StatisticsError
-from ece_plugin.lab.study.common import load_model_and_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -75,10 +75,10 @@ def test_bench_timing(world: World, tmp_path: Path, capsys: pytest.CaptureFixtur
 
 def test_bench_timing_warm_up_and_extra_rounds_leave_the_model_alone(world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from ece_plugin.evaluation.data import load_records
-    from ece_plugin.method.hparams import ECEHyperParams
-    from ece_plugin.method.state import get_session
     from ece_plugin.lab.study.bench import warm_up
     from ece_plugin.lab.study.common import load_model_and_tokenizer
+    from ece_plugin.method.hparams import ECEHyperParams
+    from ece_plugin.method.state import get_session
 
     model, tok = load_model_and_tokenizer(str(world.model_dir), device="cpu")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -192,10 +192,10 @@ def test_demo_record_limit_cuts_one_method_short_and_says_so(world: World, tmp_p
     """`--rome-limit` (here on an ECE variant, which runs everywhere): that method edits only the first records, in
     the same batches, and a line under the table says so."""
     from ece_plugin.evaluation.data import load_records
-    from ece_plugin.method.hparams import ECEHyperParams
     from ece_plugin.lab.study.baselines import build_methods
     from ece_plugin.lab.study.bench import compare_methods
     from ece_plugin.lab.study.common import StudyError, load_model_and_tokenizer
+    from ece_plugin.method.hparams import ECEHyperParams
 
     model, tok = load_model_and_tokenizer(str(world.model_dir), device="cpu")
     hp = ECEHyperParams.from_hparams(next((world.root / "hparams" / "ECE").glob("*.yaml")))

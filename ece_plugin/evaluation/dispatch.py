@@ -7,8 +7,8 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .data import EditRecord
 from .counterfact import evaluate_counterfact
+from .data import EditRecord
 from .fluency import ConsistencyResources, GenerationConfig
 from .scoring import EvaluationError
 from .zsre import evaluate_zsre

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from .architecture import StopForward, get_module, hidden_state, input_device
-from .speed.replay import LayerReplay, replayed_layers
 from .requests import EditRequest, RequestError, fill, split_template
+from .speed.replay import LayerReplay, replayed_layers
 
 logger = logging.getLogger(__name__)
 
