@@ -24,11 +24,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--timing", action="store_true", help="speed comparison: ECE vs EasyEdit MEMIT / AlphaEdit")
     p.add_argument("--tracemalloc", action="store_true", help="timing: also trace Python heap peaks (slower)")
     p.add_argument(
-        "--warmup", type=int, default=None,
+        "--warmup", type=c.non_negative_int, default=None,
         help="timing: records of one untimed ECE batch on a copy of the model first (default 10; 0: none)",
     )
     p.add_argument(
-        "--repeats", type=int, default=None,
+        "--repeats", type=c.positive_int, default=None,
         help="timing: rounds per method, s/batch is their median (default 3; rounds after the first only edit)",
     )
     p.add_argument("--no-fluency", action="store_true")
