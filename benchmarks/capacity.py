@@ -31,9 +31,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ece_plugin import atomic  # noqa: E402
 from ece_plugin.lab.study.common import legend_entries, savefig, series_color, write_csv, write_json  # noqa: E402
 from ece_plugin.lab.study.lifelong import flat_row  # noqa: E402
+from ece_plugin.method import atomic  # noqa: E402
 
 logger = logging.getLogger("capacity")
 

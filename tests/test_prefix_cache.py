@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import FACTS, make_gpt2, make_hparams, make_llama, make_tokenizer
 
-from ece_plugin import values
+from ece_plugin.method import values
 from ece_plugin.method.architecture import ArchitectureError
 from ece_plugin.method.requests import normalise_requests
 from ece_plugin.method.speed.prefix_cache import PrefixCache, RowBatch, edit_blocks, key_value_bytes_per_token
