@@ -175,6 +175,7 @@ def test_a_lifelong_run_is_added_in_percent_with_both_protocols_and_never_twice(
     assert (edited["neuron_threshold"], edited["clustering"], edited["setting"]) == ("1.0", "False", "sequential")
     assert [r["protocol_label"] for r in final[1:]] == ["scored after all", "scored immediately"]
     assert (edited["retention_accuracy"], edited["perplexity"], edited["state_mib"]) == ("50.0", "250.00", "1.00")
+    assert edited["fluency"] == "420.0"  # n-gram entropy x 100, the unit of every table's Flu. column
     assert len(results.read_rows(folder / "checkpoints.csv")) == 5
     before = (folder / "rows.csv").read_text()
     with pytest.raises(ResultsError, match="--force"):

@@ -368,7 +368,7 @@ def lifelong_rows(flat: dict[str, str], fields: dict[str, str]) -> list[dict[str
     common = {**fields, "method": method, **overrides, "n_edits": flat["n_edits"], "dataset": flat.get("dataset", ""),
               "first_batch_efficacy": _percent(flat.get("first_batch_efficacy", "")),
               "retention_accuracy": _percent(flat.get("retention_accuracy", "")),
-              "perplexity": _plain(flat[ppl[0]], 2) if ppl else "", "fluency": _plain(flat.get("fluency", ""), 1),
+              "perplexity": _plain(flat[ppl[0]], 2) if ppl else "", "fluency": _percent(flat.get("fluency", "")),  # n-gram entropy x 100, as every table shows it
               "seconds_per_batch": _plain(flat.get("seconds_per_batch", ""), 2),
               "state_mib": _plain(flat.get("state_mib", ""), 2),
               "weight_growth_max": _plain(flat.get("weight_growth_max", ""), 2)}
