@@ -7,7 +7,6 @@ Runs on the tiny world of test_cli_world (4 edits in batches of 2, a checkpoint 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -29,15 +28,6 @@ from ece_plugin.method import atomic
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     return make_world(tmp_path_factory.mktemp("resume-world"))
-
-
-@pytest.fixture(autouse=True)
-def _root_logging() -> Any:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def _argv(world: World, out: Path, hparams: Path | None = None) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -45,16 +44,6 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     return make_world(tmp_path_factory.mktemp("reliability-world"))
-
-
-@pytest.fixture(autouse=True)
-def _root_logging() -> Any:
-    """``main`` points the root logger at the stderr of its test (basicConfig); put it back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def _fast(**changes: Any) -> ECEHyperParams:

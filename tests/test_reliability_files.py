@@ -7,7 +7,6 @@ Every case asserts the message and that the files (bytes) and tensors involved a
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -40,15 +39,6 @@ WEIGHT = "model.layers.1.mlp.down_proj.weight"
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     return make_world(tmp_path_factory.mktemp("files-world"))
-
-
-@pytest.fixture(autouse=True)
-def _root_logging() -> Any:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
