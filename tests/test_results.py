@@ -142,7 +142,8 @@ def test_a_table_name_declared_twice_is_refused(tmp_path: Path) -> None:
 def _checkpoint(n: int, eff: float, immediate: bool) -> dict[str, object]:
     cell = {"mean": eff, "sem": 0.01}
     summary = {k: cell for k in ("efficacy", "generalization", "specificity", "score")}
-    return {"n_edits": n, "edits": summary, "immediate": summary if immediate else None, "first_batch": summary,
+    later = {k: {"mean": eff - 0.05, "sem": 0.01} for k in summary}  # the immediate protocol's, 5 points lower
+    return {"n_edits": n, "edits": summary, "immediate": later if immediate else None, "first_batch": summary,
             "retention": {"retention_accuracy": 0.5}, "perplexity": {"wiki.test": {"perplexity": 250.0}},
             "fluency": 4.2, "seconds_per_batch": 3.0, "state_bytes": 2**20}
 
@@ -170,7 +171,7 @@ def test_a_lifelong_run_is_added_in_percent_with_both_protocols_and_never_twice(
     final = results.read_rows(folder / "rows.csv")
     assert [(r["method"], r["n_edits"], r["protocol"], r["efficacy"]) for r in final] == [
         ("Pre-edited", "0", "after_all", "1.0"), ("ECE-AS", "200", "after_all", "90.0"),
-        ("ECE-AS", "200", "immediate", "90.0")]
+        ("ECE-AS", "200", "immediate", "85.0")]
     edited = final[1]
     assert (edited["neuron_threshold"], edited["clustering"], edited["setting"]) == ("1.0", "False", "sequential")
     assert [r["protocol_label"] for r in final[1:]] == ["scored after all", "scored immediately"]
@@ -183,6 +184,27 @@ def test_a_lifelong_run_is_added_in_percent_with_both_protocols_and_never_twice(
     assert (folder / "rows.csv").read_text() == before
     results.add_lifelong(run, folder, {"setting": "sequential"}, force=True)
     assert (folder / "rows.csv").read_text() == before
+
+
+def test_a_wide_table_puts_the_two_protocols_of_a_run_side_by_side(tmp_path: Path) -> None:
+    repo = _tiny(tmp_path)
+    folder = repo / "results" / "run"
+    (folder / "rows.csv").unlink()
+    results.add_lifelong(_lifelong_run(tmp_path), folder, {"setting": "sequential"})
+    spec = json.loads((folder / "experiment.json").read_text())
+    spec["tables"]["main"] = {"wide": {"by": "protocol", "key": ["method"]}, "order": {"method": ["Pre-edited"]},
+                              "columns": [["Method", "{method}"], ["Eff. after all", "{efficacy}"],
+                                          ["Eff. immediate", "{immediate_efficacy}", "-"]]}
+    (folder / "experiment.json").write_text(json.dumps(spec))
+    results.render_all(repo)
+    table = [line for line in (repo / "README.md").read_text().splitlines() if line.startswith("| ")]
+    assert table == ["| Method | Eff. after all | Eff. immediate |",
+                     "| Pre-edited | 1.0 | - |",  # no immediate row: the literal fallback
+                     "| ECE-AS | 90.0 | 85.0 |"]
+    spec["tables"]["main"]["wide"]["key"] = ["colour"]
+    (folder / "experiment.json").write_text(json.dumps(spec))
+    with pytest.raises(ResultsError, match="'wide' names column 'colour'"):
+        results.render_all(repo)
 
 
 def test_adding_needs_a_lifelong_csv_and_an_experiment(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ and (slow) the shipped testbed's pre-edit figures and subject-recall probe."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -408,7 +409,8 @@ def test_zsre_editability_hparams_differ_from_the_sequential_ones_in_the_z_budge
 
 def test_sequential_ece_hparams_are_the_shipped_file_with_the_validated_departures() -> None:
     """hparams/ECE/testbed-llama-scale2-sequential.yaml (issue 15's best 2,000-edit setting) is the shipped file
-    with the six keys the validation sequence chose, loads as ECE hparams, and is never picked by default."""
+    with the six keys the validation sequence chose, and loads as ECE hparams; default_baseline_hparams (the
+    one-batch commands) never picks it."""
     from ece_plugin.lab.study.baselines import default_baseline_hparams
     from ece_plugin.method.hparams import ECEHyperParams
 
@@ -422,6 +424,24 @@ def test_sequential_ece_hparams_are_the_shipped_file_with_the_validated_departur
     assert hp == overridden  # the same as the --ece-set overrides of README.md's best rows
     picked = default_baseline_hparams(HPARAMS, "ECE", REPO / "testbed" / "testbed-llama-scale2")
     assert picked.name == "testbed-llama-scale2.yaml"
+
+
+def test_the_sequential_commands_pick_the_recommended_setting_and_say_so(caplog: pytest.LogCaptureFixture) -> None:
+    """lifelong and bench (sequential=True) take <model>-sequential.yaml where the model has one and log it; the
+    one-batch commands keep the paper's form; a model without a sequential file gets its own file either way."""
+    from ece_plugin.lab.cli.common import hparams_file
+
+    scale = REPO / "testbed" / "testbed-llama-scale2"
+    with caplog.at_level(logging.INFO, logger="ece_plugin.lab.cli"):
+        picked = hparams_file(None, HPARAMS, "ECE", scale, sequential=True)
+    assert picked == HPARAMS / "ECE" / "testbed-llama-scale2-sequential.yaml"
+    assert "recommended sequential setting" in caplog.text
+    assert hparams_file(None, HPARAMS, "ECE", scale) == HPARAMS / "ECE" / "testbed-llama-scale2.yaml"
+    small = REPO / "testbed" / "testbed-llama"
+    assert hparams_file(None, HPARAMS, "ECE", small, sequential=True) == HPARAMS / "ECE" / "testbed-llama.yaml"
+    assert hparams_file(None, HPARAMS, "MEMIT", scale, sequential=True).name == "testbed-llama-scale2.yaml"
+    explicit = hparams_file("testbed-llama-scale2", HPARAMS, "ECE", scale, sequential=True)
+    assert explicit.name == "testbed-llama-scale2.yaml"  # --hparams always wins
 
 
 @scale_folders

@@ -23,7 +23,9 @@ A table in ``experiment.json``::
 
 A column is a header and one or more templates of the row's fields (``str.format`` syntax, numbers as numbers,
 so ``{n_edits:,}`` gives 2,000): a cell shows the first template whose fields are all filled in that row (a
-template without fields, such as ``"-"``, always is), else nothing. ``protocol`` (``after_all``, ``immediate``, ``both`` or ``one_batch``) may be set per table;
+template without fields, such as ``"-"``, always is), else nothing. ``"wide": {"by": "protocol", "key": ["setting"]}`` puts each key's
+rows side by side: the after-all row's fields by their names, the immediate row's as ``immediate_<field>``.
+``protocol`` (``after_all``, ``immediate``, ``both`` or ``one_batch``) may be set per table;
 otherwise the experiment's applies. ``--add-lifelong RUN --experiment NAME`` adds a ``lifelong`` run's checkpoints
 (its ``lifelong.csv``, both protocols) to ``results/NAME/`` as rows in %. The table ``hparams`` is not from results/: it lists the fields of
 ``ECEHyperParams`` with the descriptions below, and fails when a field has none.
@@ -230,6 +232,32 @@ def _ordered(rows: list[dict[str, str]], order: dict[str, list[Any]], source: st
     return rows
 
 
+def _widened(rows: list[dict[str, str]], wide: Optional[dict[str, Any]], source: str) -> list[dict[str, str]]:
+    """With ``"wide": {"by": "protocol", "key": ["setting", ...]}``: one row per key, the rows of the ``by``
+    column's first value with their own field names, each other value's fields as ``<value>_<field>`` (so an
+    immediate row's efficacy is ``immediate_efficacy`` beside the after-all row's ``efficacy``). A key without a
+    row of the first value keeps the first row it has, its values under its own prefix only."""
+    if not wide:
+        return rows
+    by, key = wide["by"], list(wide["key"])
+    for column in (by, *key):
+        if rows and column not in rows[0]:
+            raise ResultsError(f"{source}: 'wide' names column {column!r}, which the data lacks")
+    first = str(wide.get("first", "after_all"))
+    groups: dict[tuple[str, ...], dict[str, str]] = {}
+    for row in rows:
+        merged = groups.setdefault(tuple(row[k] for k in key), {c: "" for c in row})
+        if row[by] == first:
+            merged.update({c: v for c, v in row.items() if v != "" or c not in merged})
+        else:
+            merged.update({f"{row[by]}_{c}": v for c, v in row.items()})
+            for c, v in row.items():  # the key's own columns, for a key with no row of the first value
+                if c in key:
+                    merged[c] = v
+    columns = sorted({c for m in groups.values() for c in m})
+    return [{c: m.get(c, "") for c in columns} for m in groups.values()]
+
+
 def _relative(target: Path, doc: Path) -> str:
     return Path(os.path.relpath(target, doc.parent)).as_posix()
 
@@ -239,7 +267,8 @@ def render_table(root: Path, table: Table, doc: Path) -> str:
     spec, where = table.spec, f"results/{table.experiment}/experiment.json, table {table.name!r}"
     folder = root / table.experiment
     rows = _joined(root, table, read_rows(folder / spec.get("file", "rows.csv")))
-    rows = _ordered(_selected(rows, spec.get("where", {}), where), spec.get("order", {}), where)
+    rows = _selected(rows, spec.get("where", {}), where)
+    rows = _ordered(_widened(rows, spec.get("wide"), where), spec.get("order", {}), where)
     if not rows:
         raise ResultsError(f"{where}: no rows selected")
     columns = spec["columns"]

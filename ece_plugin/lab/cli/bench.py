@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     c.check_outputs(args)
     model_dir = c.model_dir(args.model)
-    ece_path = c.hparams_file(args.hparams, Path(args.hparams_dir), "ECE", model_dir)
+    ece_path = c.hparams_file(args.hparams, Path(args.hparams_dir), "ECE", model_dir, sequential=True)
     ece_hp = c.load_ece_hparams(ece_path, model_dir, args=args)
     baselines = c.baseline_paths(args, model_dir)
     n_list = args.n_edits or [args.limit or 100]

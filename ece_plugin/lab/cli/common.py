@@ -129,7 +129,9 @@ def add_common(p: argparse.ArgumentParser, *, model: bool = True, data: bool = T
 
 def add_hparams_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     """--hparams, --hparams-dir, --ece-set and the EasyEdit baselines' hparams files."""
-    p.add_argument("--hparams", required=required, help="ECE hparams YAML")
+    p.add_argument("--hparams", required=required,
+                   help="ECE hparams YAML or a bundled name (default: hparams/ECE/<model folder name>.yaml; lifelong "
+                   "and bench take <model folder name>-sequential.yaml first, the recommended sequential setting)")
     p.add_argument("--hparams-dir", default=str(DEFAULT_HPARAMS_DIR), help="folder with {ECE,ROME,MEMIT,AlphaEdit}/*.yaml")
     p.add_argument("--ece-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override an ECE hyperparameter (YAML value; repeatable); ECE's table names show it")
@@ -173,8 +175,13 @@ def model_dir(value: Optional[str]) -> Path:
     return path
 
 
-def hparams_file(explicit: Optional[str], hparams_dir: Path, alg: str, model: Path) -> Path:
-    """``explicit`` (must exist), else ``hparams_dir/<alg>/<model name>.yaml``."""
+SEQUENTIAL_SUFFIX = "-sequential"  # hparams/ECE/<model>-sequential.yaml: the recommended sequential setting
+
+
+def hparams_file(explicit: Optional[str], hparams_dir: Path, alg: str, model: Path, sequential: bool = False) -> Path:
+    """``explicit`` (must exist), else ``hparams_dir/<alg>/<model name>.yaml``; with ``sequential`` (the commands
+    that edit in sequence: ``lifelong``, ``bench``) ECE's ``<model name>-sequential.yaml`` first, the recommended
+    sequential setting, where the model has one."""
     from ..study.baselines import default_baseline_hparams
 
     if explicit:
@@ -182,6 +189,11 @@ def hparams_file(explicit: Optional[str], hparams_dir: Path, alg: str, model: Pa
             return resolve_hparams(explicit, alg)  # a file, or a bundled name (llama3-8b, testbed-llama)
         except ResourceNotFoundError as exc:
             raise CLIError(f"--hparams: {exc}") from exc
+    recommended = hparams_dir / alg / f"{model.name}{SEQUENTIAL_SUFFIX}.yaml"
+    if alg == "ECE" and sequential and recommended.is_file():
+        logger.info("ECE hparams: %s, the recommended sequential setting (--hparams %s for the paper's form)",
+                    recommended, model.name)
+        return recommended
     path = default_baseline_hparams(hparams_dir, alg, model)
     if alg == "ECE" and not path.is_file():
         raise CLIError(f"no ECE hparams for {model.name} in {hparams_dir / 'ECE'}; pass --hparams")

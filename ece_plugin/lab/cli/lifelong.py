@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     )
     config.validate()
     model_dir = c.model_dir(args.model)
-    ece_path = c.hparams_file(args.hparams, Path(args.hparams_dir), "ECE", model_dir)
+    ece_path = c.hparams_file(args.hparams, Path(args.hparams_dir), "ECE", model_dir, sequential=True)
     baselines = c.baseline_paths(args, model_dir)
     digests = _hparams_digests([ece_path, *baselines.values()])
     if args.resume:
