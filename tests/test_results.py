@@ -207,6 +207,24 @@ def test_a_wide_table_puts_the_two_protocols_of_a_run_side_by_side(tmp_path: Pat
         results.render_all(repo)
 
 
+def test_a_table_may_include_rows_of_another_experiment(tmp_path: Path) -> None:
+    repo = _tiny(tmp_path, file=None, include=[{"experiment": "other", "where": {"method": ["MEMIT"]}},
+                                              {"experiment": "run", "where": {"setting": ["b"]}}])
+    other = repo / "results" / "other"
+    other.mkdir()
+    (other / "rows.csv").write_text("method,n_edits,efficacy,colour\nMEMIT,100,50.0,red\nROME,100,1.0,blue\n")
+    (other / "experiment.json").write_text(json.dumps({"title": "o", "protocol": "after_all", "commands": [],
+                                                       "tables": {}}))
+    results.render_all(repo)
+    table = [line for line in (repo / "README.md").read_text().splitlines() if line.startswith("| ")]
+    assert table == ["| Method | Edits | Eff. |", "| MEMIT | 100 | 50.0 |", "| ECE-AS | 2,000 | 91.5 |"]
+    spec = json.loads((repo / "results/run/experiment.json").read_text())
+    spec["tables"]["main"]["include"] = [{"experiment": "missing"}]
+    (repo / "results/run/experiment.json").write_text(json.dumps(spec))
+    with pytest.raises(ResultsError, match="no such data file"):
+        results.render_all(repo)
+
+
 def test_adding_needs_a_lifelong_csv_and_an_experiment(tmp_path: Path) -> None:
     repo = _tiny(tmp_path)
     with pytest.raises(ResultsError, match="no such data file"):

@@ -23,7 +23,8 @@ A table in ``experiment.json``::
 
 A column is a header and one or more templates of the row's fields (``str.format`` syntax, numbers as numbers,
 so ``{n_edits:,}`` gives 2,000): a cell shows the first template whose fields are all filled in that row (a
-template without fields, such as ``"-"``, always is), else nothing. ``"wide": {"by": "protocol", "key": ["setting"]}`` puts each key's
+template without fields, such as ``"-"``, always is), else nothing. ``"include": [{"experiment": NAME, "where": {...}}]`` adds rows of another experiment
+(run once, shown in several tables). ``"wide": {"by": "protocol", "key": ["setting"]}`` puts each key's
 rows side by side: the after-all row's fields by their names, the immediate row's as ``immediate_<field>``.
 ``protocol`` (``after_all``, ``immediate``, ``both`` or ``one_batch``) may be set per table;
 otherwise the experiment's applies. ``--add-lifelong RUN --experiment NAME`` adds a ``lifelong`` run's checkpoints
@@ -198,6 +199,23 @@ def _cell(templates: Sequence[str], row: dict[str, str], where: str) -> str:
     return ""
 
 
+def _table_rows(root: Path, table: Table) -> list[dict[str, str]]:
+    """The table's own rows (``file``, default rows.csv; ``"file": null`` for none) and those of each ``include``
+    entry, ``{"experiment": NAME, "file": "rows.csv", "where": {...}}``: rows of another experiment that this
+    table shows beside its own (a baseline run once, shown in several tables)."""
+    spec = table.spec
+    own = spec.get("file", "rows.csv")
+    rows = read_rows(root / table.experiment / own) if own else []
+    for entry in spec.get("include", []):
+        source = f"results/{table.experiment}/experiment.json, table {table.name!r}, include {entry.get('experiment')!r}"
+        if "experiment" not in entry:
+            raise ResultsError(f"results/{table.experiment}/experiment.json, table {table.name!r}: an include "
+                               "entry names no experiment")
+        other = read_rows(root / entry["experiment"] / entry.get("file", "rows.csv"))
+        rows += _selected(other, entry.get("where", {}), source)
+    return rows
+
+
 def _joined(root: Path, table: Table, rows: list[dict[str, str]]) -> list[dict[str, str]]:
     join = table.spec.get("join")
     if not join:
@@ -266,8 +284,9 @@ def render_table(root: Path, table: Table, doc: Path) -> str:
     """The Markdown of one table (caption with its protocol, the table, its figure), links relative to ``doc``."""
     spec, where = table.spec, f"results/{table.experiment}/experiment.json, table {table.name!r}"
     folder = root / table.experiment
-    rows = _joined(root, table, read_rows(folder / spec.get("file", "rows.csv")))
-    rows = _selected(rows, spec.get("where", {}), where)
+    rows = _joined(root, table, _table_rows(root, table))
+    columns_seen = list(dict.fromkeys(c for r in rows for c in r))
+    rows = _selected([{c: r.get(c, "") for c in columns_seen} for r in rows], spec.get("where", {}), where)
     rows = _ordered(_widened(rows, spec.get("wide"), where), spec.get("order", {}), where)
     if not rows:
         raise ResultsError(f"{where}: no rows selected")
