@@ -131,30 +131,6 @@ def interleaved(val: list[dict[str, Any]], n_load: int) -> tuple[list[dict[str, 
     return seq, positions
 
 
-def measure_only(positions: set[int]) -> None:
-    """Make every lifelong measurement read the records at ``positions`` of the sequence only."""
-    measure = lifelong.measure
-
-    def patched(model: Any, tok: Any, probes: Any, config: Any, n_done: int, pre_cases: Any) -> Any:
-        edited = probes.records[: n_done or len(probes.records)]
-        kept = [r for i, r in enumerate(edited) if i in positions]
-        row = measure(model, tok, dataclasses.replace(probes, records=kept), config, len(kept) if n_done else 0,
-                      pre_cases)
-        row["n_edits"] = n_done
-        return row
-
-    lifelong.measure = patched  # type: ignore[assignment]
-    immediate = lifelong.measure_immediate
-
-    def patched_immediate(model: Any, tok: Any, probes: Any, config: Any, start: int, n_batch: int,
-                          pre_cases: Any) -> Any:
-        if start not in positions:  # a load batch: the immediate protocol, too, reads validation records only
-            return []
-        return immediate(model, tok, probes, config, start, n_batch, None)  # CounterFact: no zsRE reference
-
-    lifelong.measure_immediate = patched_immediate  # type: ignore[assignment]
-
-
 PRE_EDIT_KEYS = ("edits", "retention")  # the unedited model's scores: equal exactly for the same sequence
 
 
@@ -251,12 +227,15 @@ def run(argv: list[str]) -> int:
             p.error(f"--set {item}: {key!r} is not an ECE hyperparameter")
         hparams[key] = yaml.safe_load(value)
     records = reported_records() if args.reported else validation_records()[: args.n_validation]
+    positions: set[int] = set()
     if args.load:
         records, positions = interleaved(records, args.load)
-        measure_only(positions)
     with tempfile.TemporaryDirectory() as tmp:
         data, hp, kept = Path(tmp) / "sequence.json", Path(tmp) / "hparams.yaml", Path(tmp) / "retention.json"
         data.write_text(json.dumps(records))
+        measured = Path(tmp) / "measured.json"
+        measured.write_text(json.dumps(sorted(positions)))  # the validation (or reported) edits among the load
+        only = ["--measure-only", str(measured)] if positions else []
         hp.write_text(yaml.safe_dump(hparams))
         if args.reported:  # as the 2,000-edit tables: the 200 known records after the reported ones
             kept.write_text(json.dumps(counterfact("edit")[N_REPORTED:LOAD_START]))
@@ -267,7 +246,7 @@ def run(argv: list[str]) -> int:
         return main([
             "lifelong", "--model", str(model), "--device", "cpu", "--threads", "1", "--data", str(data),
             "--n-edits", str(len(records)), "--batch-size", str(args.batch_size), *retention, "--hparams", str(hp),
-            "--methods", args.method, "--out", args.out, *every,
+            "--methods", args.method, "--out", args.out, *every, *only,
         ])
 
 

@@ -276,3 +276,43 @@ def test_a_new_run_never_goes_on_in_an_old_run_folder(
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ece-plugin")]
     assert len(lines) == 1 and f"--out {run}: holds a lifelong run; continue it with --resume" in lines[0]
     assert _snapshot(run) == before
+
+
+def test_a_run_folder_written_before_measure_only_existed_still_resumes(whole: Path, tmp_path: Path) -> None:
+    run = _copy(whole, tmp_path)
+    config = json.loads((run / CONFIG_FILE).read_text())
+    assert config.pop("measure_only") is None
+    (run / CONFIG_FILE).write_text(json.dumps(config))
+    assert _resume(run) == 0
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("[1, 0]", "increasing, distinct and within 0-3"),
+    ("[4]", "within 0-3"),
+    ("[2, 3]", "edited after the first checkpoint (2 edits)"),
+    ("[]", "non-empty JSON list"),
+    ('{"a": 1}', "non-empty JSON list"),
+    ("[1,", "not JSON"),
+])
+def test_measure_only_positions_are_checked_before_anything_runs(
+    world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, message: str
+) -> None:
+    positions = tmp_path / "measured.json"
+    positions.write_text(content)
+    out = tmp_path / "run"
+    assert main(_argv(world, out) + ["--measure-only", str(positions)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"--measure-only {positions}: " in err and message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_measure_only_scores_the_named_positions(world: World, tmp_path: Path) -> None:
+    positions = tmp_path / "measured.json"
+    positions.write_text("[1, 3]")
+    out = tmp_path / "run"
+    assert main(_argv(world, out) + ["--measure-only", str(positions)]) == 0
+    data = json.loads((out / "lifelong.json").read_text())
+    rows = {row["n_edits"]: row for row in data["methods"][0]["rows"]}
+    assert [rows[n]["edits"]["efficacy"]["n"] for n in (2, 4)] == [1, 2]  # the measured records edited so far
+    assert [rows[n]["immediate"]["efficacy"]["n"] for n in (2, 4)] == [1, 2]
+    assert data["pre_edit"]["edits"]["efficacy"]["n"] == 2

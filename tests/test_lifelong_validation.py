@@ -33,37 +33,85 @@ def test_validation_batches_are_spread_among_never_trained_load_edits(lv: Module
         lv.interleaved(val, 150)
 
 
-def test_measurements_read_the_validation_records_only(lv: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[Any] = []
+def _probes(records: list[str], measured: Any) -> Any:
+    from ece_plugin.lab.study.lifelong import Probes
 
-    def fake_measure(model: Any, tok: Any, probes: Any, config: Any, n_done: int, pre: Any) -> dict[str, Any]:
-        seen.append((list(probes.records), n_done))
-        return {"n_edits": n_done}
-
-    monkeypatch.setattr(lv.lifelong, "measure", fake_measure)
-    lv.measure_only({1, 3})
-    probes = SimpleNamespace(records=["a", "b", "c", "d", "e"])
-    monkeypatch.setattr(lv.dataclasses, "replace", lambda obj, **kw: SimpleNamespace(**{**vars(obj), **kw}))
-    row = lv.lifelong.measure(None, None, probes, None, 4, None)
-    assert seen[-1] == (["b", "d"], 2) and row["n_edits"] == 4
-    lv.lifelong.measure(None, None, probes, None, 0, None)  # the pre-edit row: all validation records
-    assert seen[-1] == (["b", "d"], 0)
+    return Probes(records=[SimpleNamespace(case_id=r) for r in records], retention_records=[], texts={},
+                  kind="counterfact", measured=measured)
 
 
-def test_the_immediate_protocol_reads_the_validation_batches_only(lv: ModuleType,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    scored: list[tuple[int, int]] = []
+@pytest.fixture()
+def fake_scoring(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """lifelong's scoring, replaced: each case is its record, each summary the records it read."""
+    import ece_plugin.lab.study.lifelong as lifelong
 
-    def fake_immediate(model: Any, tok: Any, probes: Any, config: Any, start: int, n: int, pre: Any) -> list[Any]:
-        scored.append((start, n))
-        return [{"case_id": start}]
+    scored: list[list[str]] = []
 
-    monkeypatch.setattr(lv.lifelong, "measure", lambda *a: {})
-    monkeypatch.setattr(lv.lifelong, "measure_immediate", fake_immediate)
-    lv.measure_only(set(range(100, 200)))
-    assert lv.lifelong.measure_immediate(None, None, None, None, 0, 100, None) == []  # a load batch
-    assert lv.lifelong.measure_immediate(None, None, None, None, 100, 100, None) == [{"case_id": 100}]
-    assert scored == [(100, 100)]
+    def evaluate(model: Any, tok: Any, records: list[Any], **kw: Any) -> list[dict[str, Any]]:
+        scored.append([r.case_id for r in records])
+        return [{"case_id": r.case_id, "reference": kw.get("reference")} for r in records]
+
+    monkeypatch.setattr(lifelong, "evaluate_records", evaluate)
+    monkeypatch.setattr(lifelong, "summarize", lambda cases, kind: [c["case_id"] for c in cases])
+    monkeypatch.setattr(lifelong, "pad_token_id", lambda tok: 0)
+    return scored
+
+
+def test_measurements_read_the_measured_positions_only(fake_scoring: list[list[str]]) -> None:
+    import ece_plugin.lab.study.lifelong as lifelong
+
+    config = lifelong.LifelongConfig(n_edits=5, batch_size=1, checkpoint_every=5, n_fluency_prompts=0)
+    probes = _probes(["a", "b", "c", "d", "e"], [1, 3])
+    row = lifelong.measure(None, None, probes, config, 4, None)
+    assert fake_scoring[-1] == ["b", "d"] and row["n_edits"] == 4 and row["first_batch"] == ["b"]
+    lifelong.measure(None, None, probes, config, 2, None)
+    assert fake_scoring[-1] == ["b"]
+    lifelong.measure(None, None, probes, config, 0, None)  # the pre-edit row: every measured record
+    assert fake_scoring[-1] == ["b", "d"]
+    lifelong.measure(None, None, _probes(["a", "b", "c"], None), config, 0, None)  # no positions: every record
+    assert fake_scoring[-1] == ["a", "b", "c"]
+
+
+def test_the_immediate_protocol_reads_the_measured_batches_only(fake_scoring: list[list[str]]) -> None:
+    import ece_plugin.lab.study.lifelong as lifelong
+
+    config = lifelong.LifelongConfig(n_edits=6, batch_size=2, checkpoint_every=6)
+    probes = _probes(["l0", "l1", "v0", "v1", "l2", "l3"], [2, 3])
+    probes.kind = "zsre"
+    pre = [{"case_id": "v0"}, {"case_id": "v1"}]  # the measured records' pre-edit cases, in order
+    assert lifelong.measure_immediate(None, None, probes, config, 0, 2, pre) == []  # a load batch
+    cases = lifelong.measure_immediate(None, None, probes, config, 2, 2, pre)
+    assert [c["case_id"] for c in cases] == ["v0", "v1"] and cases[0]["reference"] == pre
+    assert fake_scoring == [["v0", "v1"]]
+
+
+@pytest.mark.parametrize("measured", [[], [3, 1], [1, 1], [9], [-1], [2, 3]])
+def test_measured_positions_out_of_order_or_range_are_refused(measured: list[int]) -> None:
+    from ece_plugin.lab.study.common import StudyError
+    from ece_plugin.lab.study.lifelong import LifelongConfig
+
+    with pytest.raises(StudyError, match="measured position"):
+        _probes(["a", "b", "c", "d"], measured).prepare(None, LifelongConfig(n_edits=4, batch_size=1, checkpoint_every=2,
+                                                                                n_fluency_prompts=0))
+
+
+def test_the_validation_sequence_passes_its_positions_to_lifelong(lv: ModuleType, monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    seen: dict[str, Any] = {}
+
+    def fake_main(argv: list[str]) -> int:
+        seen["argv"] = argv
+        if "--measure-only" in argv:
+            seen["positions"] = json.loads(Path(argv[argv.index("--measure-only") + 1]).read_text())
+        seen["n"] = len(json.loads(Path(argv[argv.index("--data") + 1]).read_text()))
+        return 0
+
+    monkeypatch.setattr(lv, "main", fake_main)
+    assert lv.run(["--load", "600", "--out", str(tmp_path / "v")]) == 0
+    _, positions = lv.interleaved(lv.validation_records(), 600)
+    assert seen["positions"] == sorted(positions) and seen["n"] == 1000
+    assert lv.run(["--n-validation", "10", "--batch-size", "5", "--out", str(tmp_path / "w")]) == 0
+    assert "--measure-only" not in seen["argv"]  # no load edits: every record is measured
 
 
 def test_no_load_batch_repeats_a_prompt_and_the_shorter_sequences_are_unchanged(lv: ModuleType) -> None:

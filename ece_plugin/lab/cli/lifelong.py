@@ -37,6 +37,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--ppl-tokens", type=c.positive_int, default=16384, help="tokens of each text used for perplexity")
     p.add_argument("--n-fluency-prompts", type=c.non_negative_int, default=20, help="prompts whose greedy continuations give fluency")
     p.add_argument("--seed", type=int, default=0, help="batch i runs with torch seeded by seed + i")
+    p.add_argument("--measure-only", metavar="JSON",
+                   help="a JSON file holding a list of positions (0-based) of the edit sequence: every measurement, "
+                   "both protocols, reads those records only (a validation sequence among load edits)")
     p.add_argument("--resume", help="continue the interrupted run in this folder from its last checkpoint")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep the checkpoint folders after a finished run")
     p.set_defaults(func=run)
@@ -77,6 +80,27 @@ def ppl_texts(args: argparse.Namespace, model_dir: Path) -> dict[str, str]:
     return texts
 
 
+def measured_positions(path: str, n_edits: int, checkpoint_every: int) -> list[int]:
+    """``--measure-only``: the positions of the sequence every measurement reads, checked before anything runs."""
+    try:
+        positions = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise c.CLIError(f"--measure-only {path}: cannot read it ({exc.strerror or exc})") from exc
+    except ValueError as exc:
+        raise c.CLIError(f"--measure-only {path}: not JSON ({' '.join(str(exc).split())[:80]})") from exc
+    if not isinstance(positions, list) or not positions or not all(type(p) is int for p in positions):
+        raise c.CLIError(f"--measure-only {path}: expected a non-empty JSON list of integer positions")
+    if sorted(set(positions)) != positions or not 0 <= positions[0] <= positions[-1] < n_edits:
+        raise c.CLIError(f"--measure-only {path}: positions must be increasing, distinct and within 0-{n_edits - 1} "
+                         f"(--n-edits {n_edits})")
+    if positions[0] >= checkpoint_every:
+        raise c.CLIError(f"--measure-only {path}: the first position, {positions[0]}, is edited after the first "
+                         f"checkpoint ({checkpoint_every} edits), which would measure nothing")
+    return positions
+
+
+#: Options added after runs were first saved, with the value an older run folder ran with.
+ADDED_OPTIONS: dict[str, Any] = {"measure_only": None}
 #: Options a resumed run takes from the command line; every other option comes from the run folder.
 NOW_OPTIONS = frozenset({"resume", "out", "log_level", "force", "command"})
 #: Options that may differ on resume without --force (they do not change the results); the run's unless given.
@@ -109,7 +133,7 @@ def _resumed_args(args: argparse.Namespace) -> argparse.Namespace:
     saved = run_dir / CONFIG_FILE
     if not saved.is_file():
         raise c.CLIError(f"--resume: {run_dir} holds no {CONFIG_FILE} (not a lifelong run folder)")
-    stored = _read_config(saved)
+    stored = {**ADDED_OPTIONS, **_read_config(saved)}
     current = c.run_config(args)
     missing = sorted(k for k in current if k not in stored and k not in RUNTIME_OPTIONS)
     if missing:
@@ -227,10 +251,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         retention = load_records(path, kind=args.kind, limit=args.n_retention, offset=args.offset + args.n_edits)
     texts = ppl_texts(args, model_dir)
+    measured = measured_positions(args.measure_only, args.n_edits, config.checkpoint_every) if args.measure_only else None
     out = c.out_dir(args, "lifelong")
     _write_config(args, out, digests, CONFIG_FILE)
     model, tok = c.load_model(args, model_dir)
-    probes = Probes(records=records, retention_records=retention, texts=texts)
+    probes = Probes(records=records, retention_records=retention, texts=texts, measured=measured)
     result = run_lifelong(methods, model, tok, probes, config, out,
                           meta={"model": str(model_dir), "data": str(path), "command": "lifelong"})
     if not args.keep_checkpoints and all(p.finished(config) for p in result.methods):

@@ -127,11 +127,28 @@ class Probes:
     kind: str = ""
     windows: dict[str, list[list[int]]] = field(default_factory=dict)
     fluency_prompts: list[str] = field(default_factory=list)
+    # positions of the sequence whose records every measurement reads, both protocols (None: every record); a
+    # validation sequence measures its validation edits among load edits that are edited but never scored
+    measured: Optional[list[int]] = None
+
+    def positions(self, stop: int, start: int = 0) -> list[int]:
+        """The measured positions ``start`` .. ``stop - 1`` of the sequence."""
+        if self.measured is None:
+            return list(range(start, min(stop, len(self.records))))
+        return [p for p in self.measured if start <= p < stop]
 
     def prepare(self, tok: Any, config: LifelongConfig) -> None:
         if len(self.records) < config.n_edits:
             raise StudyError(f"{config.n_edits} edits asked for, {len(self.records)} records given")
         self.records = self.records[: config.n_edits]
+        if self.measured is not None:
+            wrong = [p for p in self.measured if not isinstance(p, int) or not 0 <= p < config.n_edits]
+            if wrong or not self.measured or sorted(set(self.measured)) != list(self.measured):
+                raise StudyError(f"measured positions must be increasing, distinct and within 0-{config.n_edits - 1}"
+                                 f"{f'; {wrong[:3]} are not' if wrong else ''}")
+            if self.measured[0] >= config.checkpoint_every:
+                raise StudyError(f"the first measured position, {self.measured[0]}, is edited after the first "
+                                 f"checkpoint ({config.checkpoint_every} edits), which would measure nothing")
         ids = {(r.kind, r.case_id) for r in self.records}  # case_ids number the facts of one data set
         overlap = [r.case_id for r in self.retention_records if (r.kind, r.case_id) in ids]
         if overlap:
@@ -155,8 +172,8 @@ def measure(
 ) -> dict[str, Any]:
     """One checkpoint's measurements (see the module docstring); ``n_done == 0`` measures every record to be
     edited (the pre-edit row)."""
-    edited = probes.records[: n_done or len(probes.records)]
-    first = probes.records[: min(config.batch_size, len(edited))]
+    edited = [probes.records[p] for p in probes.positions(n_done or len(probes.records))]
+    first = edited[: min(config.batch_size, len(edited))]
     reference = None
     if probes.kind == "zsre" and pre_cases is not None:
         reference = pre_cases[: len(edited)]
@@ -195,10 +212,14 @@ def measure_immediate(
 ) -> list[dict[str, Any]]:
     """The immediate protocol: the cases of the batch of records ``start`` .. ``start + n_batch`` of the sequence,
     scored right after that batch's edit (no generation, as :func:`measure`)."""
-    batch = probes.records[start : start + n_batch]
+    positions = probes.positions(start + n_batch, start)
+    if not positions:  # a batch of load edits: nothing of it is measured
+        return []
+    batch = [probes.records[p] for p in positions]
     reference = None
-    if probes.kind == "zsre" and pre_cases is not None:
-        reference = pre_cases[start : start + n_batch]
+    if probes.kind == "zsre" and pre_cases is not None:  # pre_cases: the measured records' pre-edit cases, in order
+        before = len(probes.positions(start))
+        reference = pre_cases[before : before + len(positions)]
     return evaluate_records(model, tok, batch, kind=probes.kind, generation=False, details=False,
                             reference=reference, batch_size=config.eval_batch_size)
 
