@@ -186,6 +186,22 @@ def test_a_lifelong_run_is_added_in_percent_with_both_protocols_and_never_twice(
     assert (folder / "rows.csv").read_text() == before
 
 
+def test_runs_of_one_sequence_share_their_pre_edit_row(tmp_path: Path) -> None:
+    repo = _tiny(tmp_path)
+    folder = repo / "results" / "run"
+    (folder / "rows.csv").unlink()
+    run = _lifelong_run(tmp_path)
+    results.add_lifelong(run, folder, {"setting": "a", "label": "A"})
+    results.add_lifelong(run, folder, {"setting": "b", "label": "B"})  # the same unedited model: no clash
+    final = results.read_rows(folder / "rows.csv")
+    assert [(r["setting"], r["label"], r["method"]) for r in final if r["protocol"] == "after_all"] == [
+        ("pre-edit", "Pre-edited", "Pre-edited"), ("a", "A", "ECE-AS"), ("b", "B", "ECE-AS")]
+    flat = (run / "lifelong.csv").read_text().replace("0.01,", "0.02,", 1)  # another unedited model's score
+    (run / "lifelong.csv").write_text(flat)
+    with pytest.raises(ResultsError, match="--force"):
+        results.add_lifelong(run, folder, {"setting": "c", "label": "C"})
+
+
 def test_a_wide_table_puts_the_two_protocols_of_a_run_side_by_side(tmp_path: Path) -> None:
     repo = _tiny(tmp_path)
     folder = repo / "results" / "run"

@@ -409,9 +409,15 @@ def _plain(value: str, digits: int) -> str:
     return "" if value in ("", "None", "nan") else f"{float(value):.{digits}f}"
 
 
+PRE_EDITED = "Pre-edited"
+PRE_EDIT_FIELDS = {"setting": "pre-edit", "label": PRE_EDITED}  # given to the pre-edit row instead of a run's
+
+
 def lifelong_rows(flat: dict[str, str], fields: dict[str, str]) -> list[dict[str, str]]:
     """One ``lifelong.csv`` row (fractions) as results rows in %: after all, and immediate where it was scored."""
     method, overrides = method_and_overrides(flat["method"])
+    if method == PRE_EDITED:  # the unedited model is no setting of a method: one row for every run of the sequence
+        fields = {**fields, **{k: v for k, v in PRE_EDIT_FIELDS.items() if k in fields}}
     ppl = [k for k in flat if k.startswith("perplexity_")]
     common = {**fields, "method": method, **overrides, "n_edits": flat["n_edits"], "dataset": flat.get("dataset", ""),
               "first_batch_efficacy": _percent(flat.get("first_batch_efficacy", "")),
@@ -435,6 +441,10 @@ def _merge_csv(path: Path, new: list[dict[str, str]], key: Sequence[str], force:
     """Append ``new`` to the CSV at ``path`` (the union of columns); a row with the same key is refused unless
     ``force``, which replaces it."""
     old = read_rows(path) if path.is_file() else []
+    held = {tuple(r.get(k, "") for k in key): r for r in old}
+    same = [r for r in new if r.get("method") == PRE_EDITED and tuple(r.get(k, "") for k in key) in held
+            and all(held[tuple(r.get(k, "") for k in key)].get(c, "") == v for c, v in r.items())]
+    new = [r for r in new if not any(r is x for x in same)]  # another run's identical pre-edit row: kept once
     keys = {tuple(r.get(k, "") for k in key) for r in new}
     clash = [r for r in old if tuple(r.get(k, "") for k in key) in keys]
     if clash and not force:
