@@ -57,7 +57,7 @@ PROTOCOLS = {
     "after_all": "scored after all (every edit evaluated after the last batch, as AlphaEdit, NSE and NAS report)",
     "immediate": "scored immediately (each batch evaluated right after its own edit, as the ECE paper's script "
                  "and EasyEdit's batch_edit report)",
-    "both": "both protocols, each row labelled: scored after all (every edit after the last batch) and scored "
+    "both": "both protocols, each labelled: scored after all (every edit after the last batch) and scored "
             "immediately (each batch right after its own edit)",
     "one_batch": "one batch, scored right after its edit (with one batch, immediate and after all are the same)",
 }
@@ -410,7 +410,7 @@ def _plain(value: str, digits: int) -> str:
 
 
 PRE_EDITED = "Pre-edited"
-PRE_EDIT_FIELDS = {"setting": "pre-edit", "label": PRE_EDITED}  # given to the pre-edit row instead of a run's
+PRE_EDIT_FIELDS = {"setting": "pre-edit", "label": PRE_EDITED, "bench_key": ""}  # instead of a run's
 
 
 def lifelong_rows(flat: dict[str, str], fields: dict[str, str]) -> list[dict[str, str]]:

@@ -152,9 +152,11 @@ def save_curve_grid(
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     handles, labels = legend_entries(list(axes.flat)[: len(panels)])
-    fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), fontsize=8)
+    ncol = max(1, min(len(labels), 2 * cols))  # a long legend wraps under the panels instead of widening the figure
+    legend_rows = math.ceil(len(labels) / ncol) if labels else 0
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    fig.tight_layout(rect=(0, min(0.3, 0.02 + 0.022 * legend_rows * 4 / nrows), 1, 0.97))
     return savefig(fig, path)
 
 
