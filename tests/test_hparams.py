@@ -154,3 +154,16 @@ def test_offers_easyedit_hyperparams_api_without_its_base_class() -> None:
         pytest.skip("easyeditor not importable: its HyperParams' methods cannot be listed")
     public = {name for name in vars(base) if not name.startswith("_")}
     assert public and all(callable(getattr(ECEHyperParams, name, None)) for name in public), public
+
+
+@pytest.mark.parametrize("name", ["llama3-8b", "gpt-j-6B", "gpt2-xl"])
+def test_each_real_models_sequential_file_is_its_paper_file_with_the_ablations_changes(name: str) -> None:
+    """hparams/ECE/<model>-sequential.yaml: the parts that earned their place at Llama-3-8B's share of edited
+    neurons (no clusters, prompt keys, half the z step over 50 steps); the neuron mask and carried keys kept."""
+    folder = REPO / "hparams" / "ECE"
+    paper = ECEHyperParams.from_hparams(folder / f"{name}.yaml").to_dict()
+    sequential = ECEHyperParams.from_hparams(folder / f"{name}-sequential.yaml").to_dict()
+    changed = {k: v for k, v in sequential.items() if paper[k] != v}
+    assert changed == {"clustering": False, "v_num_grad_steps": 50, "v_lr": paper["v_lr"] / 2,
+                       "prompt_keys_weight": 1.0, "prompt_keys_decay": 0.8}
+    assert sequential["neuron_threshold"] == paper["neuron_threshold"] < 1 and sequential["carry_keys"]
