@@ -154,13 +154,17 @@ def merge(out: Path, runs: list[tuple[str, Path]]) -> dict[str, Path]:
     """One table and one set of curves (``lifelong.md`` / ``.json`` / ``.png`` in ``out``) from runs of the same
     sequence, one method each, named by its label: this script's runs all name their method alike (``--set``
     changes the hparams, not the name). The first run must be finished; a later one may have been stopped before
-    its end (its rows up to its last checkpoint; ``meta.stopped_at``)."""
+    its end (its rows up to its last checkpoint; ``meta.stopped_at``). Runs measured at other checkpoints merge;
+    each curve has its own points."""
     docs = [_run_doc(label, folder) for label, folder in runs]
     first = docs[0]
     if first["config"] is None:
         raise SystemExit(f"--merge: the first run ({runs[0][1]}) must be a finished one")
+    def sequence(config: Any) -> Any:  # what makes two runs one sequence: not where they were measured
+        return None if config is None else {k: v for k, v in config.items() if k != "checkpoint_every"}
+
     for (label, folder), doc in zip(runs, docs):
-        same = doc["config"] in (None, first["config"]) and all(
+        same = sequence(doc["config"]) in (None, sequence(first["config"])) and all(
             doc["pre_edit"].get(k) == first["pre_edit"].get(k) for k in PRE_EDIT_KEYS
         )
         if not same:
