@@ -224,6 +224,17 @@ def test_merge_names_each_run_by_its_label_and_refuses_another_sequence(lv: Modu
     assert merged["meta"]["stopped_at"] == {"stopped": 100} and merged["methods"][1]["method"] == "stopped"
     with pytest.raises(SystemExit, match="must be a finished one"):
         lv.merge(tmp_path / "out6", [("stopped", stopped), ("paper", a)])
+    for key, merges in (("checkpoint_every", True), ("batch_size", False)):  # measured elsewhere: the same sequence
+        d = tmp_path / f"changed-{key}"
+        d.mkdir()
+        doc = json.loads((b / "lifelong.json").read_text())
+        doc["config"][key] = doc["config"][key] * 2
+        (d / "lifelong.json").write_text(json.dumps(doc))
+        if merges:
+            lv.merge(tmp_path / f"out-{key}", [("paper", a), (key, d)])
+        else:
+            with pytest.raises(SystemExit, match="another sequence"):
+                lv.merge(tmp_path / f"out-{key}", [("paper", a), (key, d)])
     assert lv._label_dir(f"ECE [mu=1]={a}") == ("ECE [mu=1]", a)  # a label may name an override
     with pytest.raises(SystemExit, match="LABEL=RUN_FOLDER"):
         lv.run(["--merge", str(a), "--out", str(tmp_path / "out4")])
