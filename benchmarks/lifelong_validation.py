@@ -237,9 +237,11 @@ def run(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data, hp, kept = Path(tmp) / "sequence.json", Path(tmp) / "hparams.yaml", Path(tmp) / "retention.json"
         data.write_text(json.dumps(records))
-        measured = Path(tmp) / "measured.json"
-        measured.write_text(json.dumps(sorted(positions)))  # the validation (or reported) edits among the load
-        only = ["--measure-only", str(measured)] if positions else []
+        only: list[str] = []
+        if positions:  # the validation (or reported) edits among the load edits
+            measured = Path(tmp) / "measured.json"
+            measured.write_text(json.dumps(sorted(positions)))
+            only = ["--measure-only", str(measured)]
         hp.write_text(yaml.safe_dump(hparams))
         if args.reported:  # as the 2,000-edit tables: the 200 known records after the reported ones
             kept.write_text(json.dumps(counterfact("edit")[N_REPORTED:LOAD_START]))

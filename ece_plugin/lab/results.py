@@ -213,7 +213,8 @@ def _table_rows(root: Path, table: Table) -> list[dict[str, str]]:
                                "entry names no experiment")
         other = read_rows(root / entry["experiment"] / entry.get("file", "rows.csv"))
         rows += _selected(other, entry.get("where", {}), source)
-    return rows
+    columns = list(dict.fromkeys(c for r in rows for c in r))  # the union: every row has every column
+    return [{c: r.get(c, "") for c in columns} for r in rows]
 
 
 def _joined(root: Path, table: Table, rows: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -251,10 +252,10 @@ def _ordered(rows: list[dict[str, str]], order: dict[str, list[Any]], source: st
 
 
 def _widened(rows: list[dict[str, str]], wide: Optional[dict[str, Any]], source: str) -> list[dict[str, str]]:
-    """With ``"wide": {"by": "protocol", "key": ["setting", ...]}``: one row per key, the rows of the ``by``
-    column's first value with their own field names, each other value's fields as ``<value>_<field>`` (so an
-    immediate row's efficacy is ``immediate_efficacy`` beside the after-all row's ``efficacy``). A key without a
-    row of the first value keeps the first row it has, its values under its own prefix only."""
+    """With ``"wide": {"by": "protocol", "key": ["setting", ...]}``: one row per key. The row whose ``by`` column
+    holds ``first`` (default ``after_all``) keeps its field names, each other row's fields become
+    ``<value>_<field>`` (so an immediate row's efficacy is ``immediate_efficacy`` beside the after-all row's
+    ``efficacy``). A key without a ``first`` row has its key columns and its prefixed values only."""
     if not wide:
         return rows
     by, key = wide["by"], list(wide["key"])
@@ -284,9 +285,7 @@ def render_table(root: Path, table: Table, doc: Path) -> str:
     """The Markdown of one table (caption with its protocol, the table, its figure), links relative to ``doc``."""
     spec, where = table.spec, f"results/{table.experiment}/experiment.json, table {table.name!r}"
     folder = root / table.experiment
-    rows = _joined(root, table, _table_rows(root, table))
-    columns_seen = list(dict.fromkeys(c for r in rows for c in r))
-    rows = _selected([{c: r.get(c, "") for c in columns_seen} for r in rows], spec.get("where", {}), where)
+    rows = _selected(_joined(root, table, _table_rows(root, table)), spec.get("where", {}), where)
     rows = _ordered(_widened(rows, spec.get("wide"), where), spec.get("order", {}), where)
     if not rows:
         raise ResultsError(f"{where}: no rows selected")
@@ -442,9 +441,12 @@ def _merge_csv(path: Path, new: list[dict[str, str]], key: Sequence[str], force:
     ``force``, which replaces it."""
     old = read_rows(path) if path.is_file() else []
     held = {tuple(r.get(k, "") for k in key): r for r in old}
-    same = [r for r in new if r.get("method") == PRE_EDITED and tuple(r.get(k, "") for k in key) in held
-            and all(held[tuple(r.get(k, "") for k in key)].get(c, "") == v for c, v in r.items())]
-    new = [r for r in new if not any(r is x for x in same)]  # another run's identical pre-edit row: kept once
+
+    def held_already(row: dict[str, str]) -> bool:  # another run's identical pre-edit row: kept once
+        same = held.get(tuple(row.get(k, "") for k in key))
+        return row.get("method") == PRE_EDITED and same is not None and all(same.get(c, "") == v for c, v in row.items())
+
+    new = [r for r in new if not held_already(r)]
     keys = {tuple(r.get(k, "") for k in key) for r in new}
     clash = [r for r in old if tuple(r.get(k, "") for k in key) in keys]
     if clash and not force:

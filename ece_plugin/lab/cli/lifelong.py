@@ -82,6 +82,8 @@ def ppl_texts(args: argparse.Namespace, model_dir: Path) -> dict[str, str]:
 
 def measured_positions(path: str, n_edits: int, checkpoint_every: int) -> list[int]:
     """``--measure-only``: the positions of the sequence every measurement reads, checked before anything runs."""
+    from ..study.lifelong import measured_problem
+
     try:
         positions = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
@@ -90,12 +92,9 @@ def measured_positions(path: str, n_edits: int, checkpoint_every: int) -> list[i
         raise c.CLIError(f"--measure-only {path}: not JSON ({' '.join(str(exc).split())[:80]})") from exc
     if not isinstance(positions, list) or not positions or not all(type(p) is int for p in positions):
         raise c.CLIError(f"--measure-only {path}: expected a non-empty JSON list of integer positions")
-    if sorted(set(positions)) != positions or not 0 <= positions[0] <= positions[-1] < n_edits:
-        raise c.CLIError(f"--measure-only {path}: positions must be increasing, distinct and within 0-{n_edits - 1} "
-                         f"(--n-edits {n_edits})")
-    if positions[0] >= checkpoint_every:
-        raise c.CLIError(f"--measure-only {path}: the first position, {positions[0]}, is edited after the first "
-                         f"checkpoint ({checkpoint_every} edits), which would measure nothing")
+    problem = measured_problem(positions, n_edits, checkpoint_every)
+    if problem:
+        raise c.CLIError(f"--measure-only {path}: {problem} (--n-edits {n_edits})")
     return positions
 
 

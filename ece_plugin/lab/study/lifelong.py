@@ -117,6 +117,20 @@ class LifelongConfig:
         return points + [self.n_edits]
 
 
+def measured_problem(measured: Optional[list[int]], n_edits: int, checkpoint_every: int) -> Optional[str]:
+    """What is wrong with the positions a run measures (None: nothing, or no positions given)."""
+    if measured is None:
+        return None
+    wrong = [p for p in measured if type(p) is not int or not 0 <= p < n_edits]
+    if wrong or not measured or sorted(set(measured)) != list(measured):
+        return (f"measured positions must be increasing, distinct and within 0-{n_edits - 1}"
+                f"{f'; {wrong[:3]} are not' if wrong else ''}")
+    if measured[0] >= checkpoint_every:
+        return (f"the first measured position, {measured[0]}, is edited after the first checkpoint "
+                f"({checkpoint_every} edits), which would measure nothing")
+    return None
+
+
 @dataclass
 class Probes:
     """The fixed measuring sticks of a run: records edited, retention facts, texts, fluency prompts."""
@@ -141,14 +155,9 @@ class Probes:
         if len(self.records) < config.n_edits:
             raise StudyError(f"{config.n_edits} edits asked for, {len(self.records)} records given")
         self.records = self.records[: config.n_edits]
-        if self.measured is not None:
-            wrong = [p for p in self.measured if not isinstance(p, int) or not 0 <= p < config.n_edits]
-            if wrong or not self.measured or sorted(set(self.measured)) != list(self.measured):
-                raise StudyError(f"measured positions must be increasing, distinct and within 0-{config.n_edits - 1}"
-                                 f"{f'; {wrong[:3]} are not' if wrong else ''}")
-            if self.measured[0] >= config.checkpoint_every:
-                raise StudyError(f"the first measured position, {self.measured[0]}, is edited after the first "
-                                 f"checkpoint ({config.checkpoint_every} edits), which would measure nothing")
+        problem = measured_problem(self.measured, config.n_edits, config.checkpoint_every)
+        if problem:
+            raise StudyError(problem)
         ids = {(r.kind, r.case_id) for r in self.records}  # case_ids number the facts of one data set
         overlap = [r.case_id for r in self.retention_records if (r.kind, r.case_id) in ids]
         if overlap:
