@@ -186,6 +186,28 @@ def test_a_lifelong_run_is_added_in_percent_with_both_protocols_and_never_twice(
     assert (folder / "rows.csv").read_text() == before
 
 
+def test_each_checkpoint_carries_its_edit_time_over_that_of_as_many_first_batches(tmp_path: Path) -> None:
+    repo = _tiny(tmp_path)
+    folder = repo / "results" / "run"
+    (folder / "rows.csv").unlink()
+    run = _lifelong_run(tmp_path)
+    label = "ECE-AS [neuron_threshold=1.0, clustering=False]"
+    (run / "lifelong.json").write_text(json.dumps(
+        {"config": {"batch_size": 50}, "methods": [{"method": label, "batch_seconds": [2.0, 3.0, 2.0, 5.0]}]}))
+    results.add_lifelong(run, folder, {"setting": "sequential"})
+    got = {(r["n_edits"], r["protocol"]): r["edit_time_vs_first"] for r in results.read_rows(folder / "checkpoints.csv")}
+    assert got[("0", "after_all")] == ""  # the unedited model made no edit
+    assert got[("100", "after_all")] == got[("100", "immediate")] == "1.25"  # (2 + 3) / (2 x 2)
+    assert got[("200", "after_all")] == "1.50"  # (2 + 3 + 2 + 5) / (4 x 2)
+
+
+def test_a_run_without_batch_times_leaves_the_edit_time_ratio_empty(tmp_path: Path) -> None:
+    assert results.edit_time_vs_first(_lifelong_run(tmp_path)) == {}
+    (tmp_path / "run" / "lifelong.json").write_text(json.dumps({"config": {"batch_size": 50},
+                                                                "methods": [{"method": "M", "batch_seconds": []}]}))
+    assert results.edit_time_vs_first(tmp_path / "run") == {}
+
+
 def test_runs_of_one_sequence_share_their_pre_edit_row(tmp_path: Path) -> None:
     repo = _tiny(tmp_path)
     folder = repo / "results" / "run"

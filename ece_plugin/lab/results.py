@@ -412,9 +412,31 @@ PRE_EDITED = "Pre-edited"
 PRE_EDIT_FIELDS = {"setting": "pre-edit", "label": PRE_EDITED, "bench_key": ""}  # instead of a run's
 
 
-def lifelong_rows(flat: dict[str, str], fields: dict[str, str]) -> list[dict[str, str]]:
-    """One ``lifelong.csv`` row (fractions) as results rows in %: after all, and immediate where it was scored."""
+def edit_time_vs_first(run: Path) -> dict[tuple[str, int], float]:
+    """``(method label, n_edits) -> T / (k x t_1)`` for every whole batch count k of each method in ``run``'s
+    ``lifelong.json``: T the edit time of its first k batches, t_1 the first batch's. A flat line (1.0) means the
+    carried state does not slow later batches; {} where the run recorded no batch times."""
+    path = run / "lifelong.json"
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    size = int((data.get("config") or {}).get("batch_size") or 0)
+    out: dict[tuple[str, int], float] = {}
+    for entry in data.get("methods") or []:
+        seconds = [float(s) for s in entry.get("batch_seconds") or []]
+        if size <= 0 or not seconds or seconds[0] <= 0:
+            continue
+        for k in range(1, len(seconds) + 1):
+            out[(str(entry.get("method")), k * size)] = sum(seconds[:k]) / (k * seconds[0])
+    return out
+
+
+def lifelong_rows(flat: dict[str, str], fields: dict[str, str],
+                  time_vs_first: Optional[dict[tuple[str, int], float]] = None) -> list[dict[str, str]]:
+    """One ``lifelong.csv`` row (fractions) as results rows in %: after all, and immediate where it was scored;
+    ``time_vs_first`` (:func:`edit_time_vs_first`) adds ``edit_time_vs_first`` where it has the row."""
     method, overrides = method_and_overrides(flat["method"])
+    ratio = (time_vs_first or {}).get((flat["method"], int(flat["n_edits"])))
     if method == PRE_EDITED:  # the unedited model is no setting of a method: one row for every run of the sequence
         fields = {**fields, **{k: v for k, v in PRE_EDIT_FIELDS.items() if k in fields}}
     ppl = [k for k in flat if k.startswith("perplexity_")]
@@ -424,7 +446,8 @@ def lifelong_rows(flat: dict[str, str], fields: dict[str, str]) -> list[dict[str
               "perplexity": _plain(flat[ppl[0]], 2) if ppl else "", "fluency": _percent(flat.get("fluency", "")),  # n-gram entropy x 100, as every table shows it
               "seconds_per_batch": _plain(flat.get("seconds_per_batch", ""), 2),
               "state_mib": _plain(flat.get("state_mib", ""), 2),
-              "weight_growth_max": _plain(flat.get("weight_growth_max", ""), 2)}
+              "weight_growth_max": _plain(flat.get("weight_growth_max", ""), 2),
+              "edit_time_vs_first": "" if ratio is None else f"{ratio:.2f}"}
     out = []
     for protocol, prefix in (("after_all", ""), ("immediate", "immediate_")):
         metrics = {}
@@ -479,12 +502,13 @@ def add_lifelong(run: Path, folder: Path, fields: dict[str, str], force: bool = 
         raise ResultsError(f"{source}: not a lifelong.csv (no method / n_edits columns)")
     if not (folder / "experiment.json").is_file():
         raise ResultsError(f"{folder}: no experiment.json; write what was run there first")
-    every = [row for f in flat for row in lifelong_rows(f, fields)]
+    ratios = edit_time_vs_first(run)
+    every = [row for f in flat for row in lifelong_rows(f, fields, ratios)]
     last: dict[str, dict[str, str]] = {}
     for f in flat:
         if f["method"] not in last or int(f["n_edits"]) >= int(last[f["method"]]["n_edits"]):
             last[f["method"]] = f
-    final = [row for f in last.values() for row in lifelong_rows(f, fields)]
+    final = [row for f in last.values() for row in lifelong_rows(f, fields, ratios)]
     overrides = sorted({k for f in flat for k in method_and_overrides(f["method"])[1]})
     key = list(dict.fromkeys([*fields, "method", *overrides, "n_edits", "protocol"]))
     _merge_csv(folder / "checkpoints.csv", every, key, force)
