@@ -15,8 +15,8 @@ It prints, over the whole sequence of k batches with total edit time T and first
 
 The hparams default to the model's ``hparams/ECE/<model>-sequential.yaml`` (the recommended setting) where it
 exists. Run it alone on an idle core (``--threads 1``): a process sharing its core measures its neighbours too.
-Writes ``sequence_time.json``, ``sequence_time.csv`` (one row per batch) and ``sequence_time.png`` into ``--out``
-(refused when they exist, unless ``--force``).
+Writes ``sequence_time.json``, ``sequence_time.csv`` (one row per batch), ``sequence_time.png`` and ``rows.csv`` (the
+summary as one row, for a results table) into ``--out`` (refused when they exist, unless ``--force``).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from ece_plugin.method.state import get_session  # noqa: E402
 logger = logging.getLogger("sequence_time")
 
 ONE_OFF = ("statistics", "context_templates")  # stages the first batch pays for the whole session
-OUTPUTS = ("sequence_time.json", "sequence_time.csv", "sequence_time.png")
+OUTPUTS = ("sequence_time.json", "sequence_time.csv", "sequence_time.png", "rows.csv")
 
 
 def run(model: Any, tok: Any, requests: list[dict[str, Any]], hp: ECEHyperParams, batch_size: int,
@@ -164,6 +164,9 @@ def main(argv: list[str]) -> int:
                                        "summary": summary, "batches": rows})
     write_csv(args.out / OUTPUTS[1], rows)
     draw(rows, summary, args.out / OUTPUTS[2], f"{args.model.name}, {args.n_edits} edits / {args.batch_size}")
+    write_csv(args.out / OUTPUTS[3], [{"model": args.model.name, "hparams": path.name, "n_edits": args.n_edits,
+                                       "batch_size": args.batch_size, "threads": args.threads,
+                                       **{k: "" if v is None else round(v, 3) for k, v in summary.items()}}])
     for key, value in summary.items():
         logger.info("%-36s %s", key, "n/a" if value is None else f"{value:.3f}")
     return 0
