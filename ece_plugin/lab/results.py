@@ -26,7 +26,7 @@ so ``{n_edits:,}`` gives 2,000): a cell shows the first template whose fields ar
 template without fields, such as ``"-"``, always is), else nothing. ``"include": [{"experiment": NAME, "where": {...}}]`` adds rows of another experiment
 (run once, shown in several tables). ``"wide": {"by": "protocol", "key": ["setting"]}`` puts each key's
 rows side by side: the after-all row's fields by their names, the immediate row's as ``immediate_<field>``.
-``protocol`` (``after_all``, ``immediate``, ``both`` or ``one_batch``) may be set per table;
+``protocol`` (``after_all``, ``immediate``, ``both``, ``one_batch`` or ``unscored``) may be set per table;
 otherwise the experiment's applies. ``--add-lifelong RUN --experiment NAME`` adds a ``lifelong`` run's checkpoints
 (its ``lifelong.csv``, both protocols) to ``results/NAME/`` as rows in %. The table ``hparams`` is not from results/: it lists the fields of
 ``ECEHyperParams`` with the descriptions below, and fails when a field has none.
@@ -60,6 +60,7 @@ PROTOCOLS = {
     "both": "both protocols, each labelled: scored after all (every edit after the last batch) and scored "
             "immediately (each batch right after its own edit)",
     "one_batch": "one batch, scored right after its edit (with one batch, immediate and after all are the same)",
+    "unscored": "edit times only, nothing scored",
 }
 MARKER = re.compile(r"<!-- results:(?P<name>[A-Za-z0-9_.-]+) -->\n(?P<body>.*?)<!-- /results:(?P=name) -->",
                     re.DOTALL)
