@@ -224,6 +224,37 @@ def test_runs_of_one_sequence_share_their_pre_edit_row(tmp_path: Path) -> None:
         results.add_lifelong(run, folder, {"setting": "c", "label": "C"})
 
 
+def test_a_pre_edit_row_held_with_fewer_columns_is_still_shared(tmp_path: Path) -> None:
+    repo = _tiny(tmp_path)
+    folder = repo / "results" / "run"
+    (folder / "rows.csv").unlink()
+    run = _lifelong_run(tmp_path)
+    results.add_lifelong(run, folder, {"setting": "a", "label": "A"})
+    for name in ("rows.csv", "checkpoints.csv"):  # an older experiment's file, written before some columns existed
+        rows = results.read_rows(folder / name)
+        kept = [c for c in rows[0] if c not in ("protocol_label", "edit_time_vs_first")]
+        (folder / name).write_text(results._csv_text([kept] + [[r[c] for c in kept] for r in rows]))
+    results.add_lifelong(run, folder, {"setting": "b", "label": "B"})
+    final = results.read_rows(folder / "rows.csv")
+    assert [r["method"] for r in final if r["protocol"] == "after_all"] == ["Pre-edited", "ECE-AS", "ECE-AS"]
+
+
+def test_adding_is_all_or_nothing_over_the_two_files(tmp_path: Path) -> None:
+    repo = _tiny(tmp_path)
+    folder = repo / "results" / "run"
+    (folder / "rows.csv").unlink()
+    run = _lifelong_run(tmp_path)
+    results.add_lifelong(run, folder, {"setting": "a", "label": "A"})
+    rows = results.read_rows(folder / "checkpoints.csv")  # take the run's checkpoints out, keep its final rows
+    columns = list(rows[0])
+    (folder / "checkpoints.csv").write_text(results._csv_text([columns] + [[r[c] for c in columns] for r in rows
+                                                                            if r["method"] == "Pre-edited"]))
+    before = {name: (folder / name).read_text() for name in ("rows.csv", "checkpoints.csv")}
+    with pytest.raises(ResultsError, match="rows.csv: already holds"):
+        results.add_lifelong(run, folder, {"setting": "a", "label": "A"})  # checkpoints.csv alone would take it
+    assert {name: (folder / name).read_text() for name in before} == before
+
+
 def test_a_wide_table_puts_the_two_protocols_of_a_run_side_by_side(tmp_path: Path) -> None:
     repo = _tiny(tmp_path)
     folder = repo / "results" / "run"

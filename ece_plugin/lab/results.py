@@ -460,15 +460,17 @@ def lifelong_rows(flat: dict[str, str], fields: dict[str, str],
     return out
 
 
-def _merge_csv(path: Path, new: list[dict[str, str]], key: Sequence[str], force: bool) -> None:
-    """Append ``new`` to the CSV at ``path`` (the union of columns); a row with the same key is refused unless
-    ``force``, which replaces it."""
+def _merged_csv(path: Path, new: list[dict[str, str]], key: Sequence[str], force: bool) -> str:
+    """The text of the CSV at ``path`` with ``new`` appended (the union of columns); a row with the same key is
+    refused unless ``force``, which replaces it. A pre-edit row equal to the one held on every column the held
+    one has is kept once (runs of one sequence share it; columns added since do not make it another row)."""
     old = read_rows(path) if path.is_file() else []
     held = {tuple(r.get(k, "") for k in key): r for r in old}
 
-    def held_already(row: dict[str, str]) -> bool:  # another run's identical pre-edit row: kept once
+    def held_already(row: dict[str, str]) -> bool:
         same = held.get(tuple(row.get(k, "") for k in key))
-        return row.get("method") == PRE_EDITED and same is not None and all(same.get(c, "") == v for c, v in row.items())
+        return (row.get("method") == PRE_EDITED and same is not None
+                and all(same.get(c, v) == v for c, v in row.items()))
 
     new = [r for r in new if not held_already(r)]
     keys = {tuple(r.get(k, "") for k in key) for r in new}
@@ -480,9 +482,7 @@ def _merge_csv(path: Path, new: list[dict[str, str]], key: Sequence[str], force:
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row if c not in columns]
-    lines = [columns] + [[row.get(c, "") for c in columns] for row in rows]
-    buffer = _csv_text(lines)
-    write_text(path, buffer)
+    return _csv_text([columns] + [[row.get(c, "") for c in columns] for row in rows])
 
 
 def _csv_text(lines: list[list[str]]) -> str:
@@ -512,8 +512,10 @@ def add_lifelong(run: Path, folder: Path, fields: dict[str, str], force: bool = 
     final = [row for f in last.values() for row in lifelong_rows(f, fields, ratios)]
     overrides = sorted({k for f in flat for k in method_and_overrides(f["method"])[1]})
     key = list(dict.fromkeys([*fields, "method", *overrides, "n_edits", "protocol"]))
-    _merge_csv(folder / "checkpoints.csv", every, key, force)
-    _merge_csv(folder / "rows.csv", final, key, force)
+    texts = {name: _merged_csv(folder / name, rows, key, force)  # both checked before either is written
+             for name, rows in (("checkpoints.csv", every), ("rows.csv", final))}
+    for name, text in texts.items():
+        write_text(folder / name, text)
     return len(every), len(final)
 
 
