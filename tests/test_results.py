@@ -162,11 +162,19 @@ def _lifelong_run(tmp_path: Path) -> Path:
     return run
 
 
-def test_a_lifelong_run_is_added_in_percent_with_both_protocols_and_never_twice(tmp_path: Path) -> None:
-    repo = _tiny(tmp_path)
-    folder = repo / "results" / "run"
+def _empty_experiment(tmp_path: Path) -> tuple[Path, Path]:
+    """An experiment folder without rows (its experiment.json only) and a lifelong run to add to it."""
+    folder = _tiny(tmp_path) / "results" / "run"
     (folder / "rows.csv").unlink()
-    run = _lifelong_run(tmp_path)
+    return folder, _lifelong_run(tmp_path)
+
+
+def _write_columns(path: Path, columns: list[str], rows: list[dict[str, str]]) -> None:
+    path.write_text(results._csv_text([columns] + [[r[c] for c in columns] for r in rows]))
+
+
+def test_a_lifelong_run_is_added_in_percent_with_both_protocols_and_never_twice(tmp_path: Path) -> None:
+    folder, run = _empty_experiment(tmp_path)
     assert results.add_lifelong(run, folder, {"setting": "sequential"}) == (5, 3)
     final = results.read_rows(folder / "rows.csv")
     assert [(r["method"], r["n_edits"], r["protocol"], r["efficacy"]) for r in final] == [
@@ -187,10 +195,7 @@ def test_a_lifelong_run_is_added_in_percent_with_both_protocols_and_never_twice(
 
 
 def test_each_checkpoint_carries_its_edit_time_over_that_of_as_many_first_batches(tmp_path: Path) -> None:
-    repo = _tiny(tmp_path)
-    folder = repo / "results" / "run"
-    (folder / "rows.csv").unlink()
-    run = _lifelong_run(tmp_path)
+    folder, run = _empty_experiment(tmp_path)
     label = "ECE-AS [neuron_threshold=1.0, clustering=False]"
     (run / "lifelong.json").write_text(json.dumps(
         {"config": {"batch_size": 50}, "methods": [{"method": label, "batch_seconds": [2.0, 3.0, 2.0, 5.0]}]}))
@@ -209,10 +214,7 @@ def test_a_run_without_batch_times_leaves_the_edit_time_ratio_empty(tmp_path: Pa
 
 
 def test_runs_of_one_sequence_share_their_pre_edit_row(tmp_path: Path) -> None:
-    repo = _tiny(tmp_path)
-    folder = repo / "results" / "run"
-    (folder / "rows.csv").unlink()
-    run = _lifelong_run(tmp_path)
+    folder, run = _empty_experiment(tmp_path)
     results.add_lifelong(run, folder, {"setting": "a", "label": "A"})
     results.add_lifelong(run, folder, {"setting": "b", "label": "B"})  # the same unedited model: no clash
     final = results.read_rows(folder / "rows.csv")
@@ -225,30 +227,22 @@ def test_runs_of_one_sequence_share_their_pre_edit_row(tmp_path: Path) -> None:
 
 
 def test_a_pre_edit_row_held_with_fewer_columns_is_still_shared(tmp_path: Path) -> None:
-    repo = _tiny(tmp_path)
-    folder = repo / "results" / "run"
-    (folder / "rows.csv").unlink()
-    run = _lifelong_run(tmp_path)
+    folder, run = _empty_experiment(tmp_path)
     results.add_lifelong(run, folder, {"setting": "a", "label": "A"})
     for name in ("rows.csv", "checkpoints.csv"):  # an older experiment's file, written before some columns existed
         rows = results.read_rows(folder / name)
         kept = [c for c in rows[0] if c not in ("protocol_label", "edit_time_vs_first")]
-        (folder / name).write_text(results._csv_text([kept] + [[r[c] for c in kept] for r in rows]))
+        _write_columns(folder / name, kept, rows)
     results.add_lifelong(run, folder, {"setting": "b", "label": "B"})
     final = results.read_rows(folder / "rows.csv")
     assert [r["method"] for r in final if r["protocol"] == "after_all"] == ["Pre-edited", "ECE-AS", "ECE-AS"]
 
 
 def test_adding_is_all_or_nothing_over_the_two_files(tmp_path: Path) -> None:
-    repo = _tiny(tmp_path)
-    folder = repo / "results" / "run"
-    (folder / "rows.csv").unlink()
-    run = _lifelong_run(tmp_path)
+    folder, run = _empty_experiment(tmp_path)
     results.add_lifelong(run, folder, {"setting": "a", "label": "A"})
     rows = results.read_rows(folder / "checkpoints.csv")  # take the run's checkpoints out, keep its final rows
-    columns = list(rows[0])
-    (folder / "checkpoints.csv").write_text(results._csv_text([columns] + [[r[c] for c in columns] for r in rows
-                                                                            if r["method"] == "Pre-edited"]))
+    _write_columns(folder / "checkpoints.csv", list(rows[0]), [r for r in rows if r["method"] == "Pre-edited"])
     before = {name: (folder / name).read_text() for name in ("rows.csv", "checkpoints.csv")}
     with pytest.raises(ResultsError, match="rows.csv: already holds"):
         results.add_lifelong(run, folder, {"setting": "a", "label": "A"})  # checkpoints.csv alone would take it
