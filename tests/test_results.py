@@ -206,6 +206,58 @@ def test_each_checkpoint_carries_its_edit_time_over_that_of_as_many_first_batche
     assert got[("200", "after_all")] == "1.50"  # (2 + 3 + 2 + 5) / (4 x 2)
 
 
+def _timing_run(tmp_path: Path) -> Path:
+    """A bench --timing run folder: ECE, its layer-replay-off variant, EasyEdit's MEMIT and one that could not run."""
+    def method(name: str, seconds: float, ratio: float, steps: object) -> dict[str, object]:
+        return {"method": name, "available": True, "median_seconds_per_batch": seconds,
+                "seconds_per_batch_by_round": [seconds], "ratio_to_ece": ratio,
+                "quality": {"efficacy": 0.99, "generalization": 0.87, "specificity": 0.95, "score": 0.93},
+                "peak_memory": {"process_max_rss_mib": 1901.4}, "z_steps": steps}
+    z = {"z_steps_mean": 41.06, "z_steps_max": 50.0, "z_step_budget": 50.0, "z_converged": 0.93}
+    none = {"z_steps_mean": None, "z_steps_max": None, "z_step_budget": None, "z_converged": None}
+    report = {"z_steps_per_edit": 50, "methods": [
+        method("ECE-AS", 40.0, 1.0, z), method("ECE-AS (layer replay off)", 70.0, 1.75, z),
+        method("MEMIT", 360.0, 9.0, none),
+        {"method": "AlphaEdit", "available": False, "median_seconds_per_batch": None, "reason": "no EasyEdit"}]}
+    run = tmp_path / "bench"
+    run.mkdir()
+    (run / "timing.json").write_text(json.dumps({"config": {}, "report": report}))
+    return run
+
+
+def test_a_timing_run_is_added_with_its_ratios_and_z_steps_and_never_twice(tmp_path: Path) -> None:
+    folder, _ = _empty_experiment(tmp_path)
+    run = _timing_run(tmp_path)
+    fields = {"run": "beside the sequential setting", "setting": "sequential", "label": "ECE, sequential setting"}
+    assert results.add_timing(run, folder, fields) == 3  # the method that could not run has no row
+    rows = {r["bench_key"]: r for r in results.read_rows(folder / "rows.csv")}
+    assert sorted(rows) == ["MEMIT-50", "sequential-50", "sequential-50-layer-replay-off"]
+    ece, memit = rows["sequential-50"], rows["MEMIT-50"]
+    assert (ece["label"], ece["implementation"], ece["seconds_per_batch"], ece["times_ece"]) == (
+        "ECE, sequential setting", "this project", "40.00", "1.00")
+    assert (ece["z_steps_mean"], ece["z_steps_max"], ece["z_converged"], ece["efficacy"]) == ("41.1", "50", "93.0", "99.00")
+    assert rows["sequential-50-layer-replay-off"]["variant"] == "layer replay off"
+    assert (memit["label"], memit["implementation"], memit["times_ece"], memit["z_steps_mean"]) == (
+        "MEMIT (EasyEdit main)", "EasyEdit main, BaseEditor", "9.00", "")  # EasyEdit leaves no z trace
+    assert (memit["peak_rss_mib"], memit["z_steps"], memit["run"]) == ("1901", "50", "beside the sequential setting")
+    before = (folder / "rows.csv").read_text()
+    with pytest.raises(ResultsError, match="--force"):
+        results.add_timing(run, folder, fields)
+    assert (folder / "rows.csv").read_text() == before
+    results.add_timing(run, folder, fields, force=True)
+    assert (folder / "rows.csv").read_text() == before
+
+
+def test_a_folder_that_is_not_a_timing_run_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    folder, run = _empty_experiment(tmp_path)  # a lifelong run: no timing.json
+    with pytest.raises(ResultsError, match="timing.json: not a bench --timing result"):
+        results.add_timing(run, folder, {"setting": "s"})
+    assert not (folder / "rows.csv").exists()
+    assert results.main(["--repo", str(tmp_path), "--add-timing", str(run), "--experiment", "run"]) == 2
+    with pytest.raises(SystemExit):
+        results.main(["--repo", str(tmp_path), "--add-timing", str(run)])  # no --experiment
+
+
 def test_a_run_without_batch_times_leaves_the_edit_time_ratio_empty(tmp_path: Path) -> None:
     assert results.edit_time_vs_first(_lifelong_run(tmp_path)) == {}
     (tmp_path / "run" / "lifelong.json").write_text(json.dumps({"config": {"batch_size": 50},

@@ -28,7 +28,8 @@ template without fields, such as ``"-"``, always is), else nothing. ``"include":
 rows side by side: the after-all row's fields by their names, the immediate row's as ``immediate_<field>``.
 ``protocol`` (``after_all``, ``immediate``, ``both``, ``one_batch`` or ``unscored``) may be set per table;
 otherwise the experiment's applies. ``--add-lifelong RUN --experiment NAME`` adds a ``lifelong`` run's checkpoints
-(its ``lifelong.csv``, both protocols) to ``results/NAME/`` as rows in %. The table ``hparams`` is not from results/: it lists the fields of
+(its ``lifelong.csv``, both protocols) to ``results/NAME/`` as rows in %; ``--add-timing RUN --experiment NAME`` adds
+a ``bench --timing`` run's methods (its ``timing.json``: s/batch, ratio to ECE, z steps taken) to ``rows.csv``. The table ``hparams`` is not from results/: it lists the fields of
 ``ECEHyperParams`` with the descriptions below, and fails when a field has none.
 """
 
@@ -519,20 +520,86 @@ def add_lifelong(run: Path, folder: Path, fields: dict[str, str], force: bool = 
     return len(every), len(final)
 
 
+#: A timing run's method -> (setting, label, implementation) for the baselines; ECE's come from ``--field``.
+TIMING_BASELINES = {
+    "MEMIT": ("MEMIT", "MEMIT (EasyEdit main)", "EasyEdit main, BaseEditor"),
+    "AlphaEdit": ("AlphaEdit", "AlphaEdit (EasyEdit main)", "EasyEdit main, BaseEditor"),
+}
+_VARIANT = re.compile(r"^(?P<method>[^(]+?)(?: \((?P<variant>[^)]*)\))?$")
+
+
+def timing_rows(report: dict[str, Any], fields: dict[str, str]) -> list[dict[str, str]]:
+    """One results row per method of a ``bench --timing`` report (``timing.json``'s ``report``): s/batch (the median
+    of rounds), its ratio to ECE's, the rounds, quality in %, peak RSS and the z steps each edit took. ECE's rows
+    take ``setting`` and ``label`` from ``fields``; a baseline's are its own (:data:`TIMING_BASELINES`)."""
+    z_budget = str(report.get("z_steps_per_edit", ""))
+    ece_setting = fields.get("setting", "ECE")
+    out = []
+    for m in report.get("methods") or []:
+        if not m.get("available") or m.get("median_seconds_per_batch") is None:
+            continue
+        match = _VARIANT.match(str(m["method"]))
+        method, variant = (match.group("method"), match.group("variant") or "") if match else (m["method"], "")
+        if method in TIMING_BASELINES:
+            setting, label, implementation = TIMING_BASELINES[method]
+        else:
+            setting, label, implementation = ece_setting, fields.get("label", method), "this project"
+        quality = m.get("quality") or {}
+        steps = m.get("z_steps") or {}
+        memory = m.get("peak_memory") or {}
+        rss = memory.get("process_max_rss_mib")
+        key = "-".join([setting, z_budget] + ([variant.replace(" ", "-")] if variant else []))
+        out.append({
+            **fields, "bench_key": key, "setting": setting, "method": method, "variant": variant,
+            "z_steps": z_budget, "implementation": implementation, "label": label,
+            "seconds_per_batch": _plain(str(m["median_seconds_per_batch"]), 2),
+            "rounds": " ".join(f"{float(t):.2f}" for t in m.get("seconds_per_batch_by_round") or []),
+            "times_ece": _plain(str(m.get("ratio_to_ece")), 2),
+            **{k: _percent(str(quality.get(k, "")), 2) for k in LIFELONG_METRICS},
+            "peak_rss_mib": "" if rss is None else f"{float(rss):.0f}",
+            "z_steps_mean": _plain(str(steps.get("z_steps_mean")), 1),
+            "z_steps_max": _plain(str(steps.get("z_steps_max")), 0),
+            "z_converged": _percent(str(steps.get("z_converged")), 1),
+        })
+    return out
+
+
+def add_timing(run: Path, folder: Path, fields: dict[str, str], force: bool = False) -> int:
+    """Add the methods of ``run/timing.json`` (``bench --timing``) to ``folder/rows.csv``; return how many.
+    Nothing is written when a row is already there (same ``run`` and ``bench_key``) unless ``force``."""
+    source = run / "timing.json"
+    try:
+        report = json.loads(source.read_text())["report"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ResultsError(f"{source}: not a bench --timing result ({' '.join(str(exc).split())[:80]})") from exc
+    if not (folder / "experiment.json").is_file():
+        raise ResultsError(f"{folder}: no experiment.json; write what was run there first")
+    rows = timing_rows(report, fields)
+    if not rows:
+        raise ResultsError(f"{source}: no method with a time")
+    key = list(dict.fromkeys([*fields, "bench_key"]))
+    write_text(folder / "rows.csv", _merged_csv(folder / "rows.csv", rows, key, force))
+    return len(rows)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ece_plugin.lab.results", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a document is out of date")
     parser.add_argument("--repo", type=Path, default=REPO_ROOT, help="repository root (default %(default)s)")
     parser.add_argument("--add-lifelong", type=Path, metavar="RUN",
                         help="add this lifelong run's checkpoints to results/EXPERIMENT/ (then render)")
-    parser.add_argument("--experiment", help="with --add-lifelong: the folder under results/")
+    parser.add_argument("--add-timing", type=Path, metavar="RUN",
+                        help="add this bench --timing run's methods to results/EXPERIMENT/rows.csv (then render)")
+    parser.add_argument("--experiment", help="with --add-lifelong / --add-timing: the folder under results/")
     parser.add_argument("--field", action="append", default=[], metavar="KEY=VALUE",
-                        help="with --add-lifelong: a column given to every added row, e.g. setting=sequential")
-    parser.add_argument("--force", action="store_true", help="with --add-lifelong: replace rows already there")
+                        help="with --add-lifelong / --add-timing: a column given to every added row, e.g. setting=sequential")
+    parser.add_argument("--force", action="store_true", help="with --add-lifelong / --add-timing: replace rows already there")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # over easyeditor's format
-    if args.add_lifelong and not args.experiment:
-        parser.error("--add-lifelong needs --experiment NAME")
+    if (args.add_lifelong or args.add_timing) and not args.experiment:
+        parser.error(f"--add-{'lifelong' if args.add_lifelong else 'timing'} needs --experiment NAME")
+    if args.add_lifelong and args.add_timing:
+        parser.error("--add-lifelong and --add-timing: one at a time")
     bad = [pair for pair in args.field if "=" not in pair]
     if bad:
         parser.error(f"--field {bad[0]!r}: expected KEY=VALUE")
@@ -542,6 +609,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             n_all, n_final = add_lifelong(args.add_lifelong, args.repo / "results" / args.experiment, fields,
                                           args.force)
             logger.info("results/%s: %d checkpoint rows, %d final rows added", args.experiment, n_all, n_final)
+        if args.add_timing:
+            n_rows = add_timing(args.add_timing, args.repo / "results" / args.experiment, fields, args.force)
+            logger.info("results/%s: %d timing rows added", args.experiment, n_rows)
         changed = render_all(args.repo, write=not args.check)
     except ResultsError as exc:
         logger.error("error: %s", exc)
