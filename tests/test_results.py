@@ -210,7 +210,7 @@ def _timing_run(tmp_path: Path) -> Path:
     """A bench --timing run folder: ECE, its layer-replay-off variant, EasyEdit's MEMIT and one that could not run."""
     def method(name: str, seconds: float, ratio: float, steps: object) -> dict[str, object]:
         return {"method": name, "available": True, "median_seconds_per_batch": seconds,
-                "seconds_per_batch_by_round": [seconds], "ratio_to_ece": ratio,
+                "seconds_per_batch_by_round": [[seconds], [seconds + 1.0, seconds + 3.0]], "ratio_to_ece": ratio,
                 "quality": {"efficacy": 0.99, "generalization": 0.87, "specificity": 0.95, "score": 0.93},
                 "peak_memory": {"process_max_rss_mib": 1901.4}, "z_steps": steps}
     z = {"z_steps_mean": 41.06, "z_steps_max": 50.0, "z_step_budget": 50.0, "z_converged": 0.93}
@@ -235,6 +235,7 @@ def test_a_timing_run_is_added_with_its_ratios_and_z_steps_and_never_twice(tmp_p
     ece, memit = rows["sequential-50"], rows["MEMIT-50"]
     assert (ece["label"], ece["implementation"], ece["seconds_per_batch"], ece["times_ece"]) == (
         "ECE, sequential setting", "this project", "40.00", "1.00")
+    assert ece["rounds"] == "40.00, 42.00"  # each round's mean over its batches
     assert (ece["z_steps_mean"], ece["z_steps_max"], ece["z_converged"], ece["efficacy"]) == ("41.1", "50", "93.0", "99.00")
     assert rows["sequential-50-layer-replay-off"]["variant"] == "layer replay off"
     assert (memit["label"], memit["implementation"], memit["times_ece"], memit["z_steps_mean"]) == (

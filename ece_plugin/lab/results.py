@@ -528,6 +528,12 @@ TIMING_BASELINES = {
 _VARIANT = re.compile(r"^(?P<method>[^(]+?)(?: \((?P<variant>[^)]*)\))?$")
 
 
+def _round_seconds(times: Any) -> float:
+    """Seconds per batch of one round: its batches' mean (a round of ``bench --timing`` lists each batch's)."""
+    values = [float(t) for t in times] if isinstance(times, list) else [float(times)]
+    return sum(values) / len(values)
+
+
 def timing_rows(report: dict[str, Any], fields: dict[str, str]) -> list[dict[str, str]]:
     """One results row per method of a ``bench --timing`` report (``timing.json``'s ``report``): s/batch (the median
     of rounds), its ratio to ECE's, the rounds, quality in %, peak RSS and the z steps each edit took. ECE's rows
@@ -553,7 +559,7 @@ def timing_rows(report: dict[str, Any], fields: dict[str, str]) -> list[dict[str
             **fields, "bench_key": key, "setting": setting, "method": method, "variant": variant,
             "z_steps": z_budget, "implementation": implementation, "label": label,
             "seconds_per_batch": _plain(str(m["median_seconds_per_batch"]), 2),
-            "rounds": " ".join(f"{float(t):.2f}" for t in m.get("seconds_per_batch_by_round") or []),
+            "rounds": ", ".join(f"{_round_seconds(t):.2f}" for t in m.get("seconds_per_batch_by_round") or []),
             "times_ece": _plain(str(m.get("ratio_to_ece")), 2),
             **{k: _percent(str(quality.get(k, "")), 2) for k in LIFELONG_METRICS},
             "peak_rss_mib": "" if rss is None else f"{float(rss):.0f}",
