@@ -26,7 +26,9 @@ def count_nonfinite(t: Optional[torch.Tensor]) -> int:
     """Number of NaN / infinite entries of ``t`` (0 for ``None`` and for integer tensors)."""
     if t is None or not t.dtype.is_floating_point and not t.dtype.is_complex:
         return 0
-    return int((~torch.isfinite(t)).sum())
+    if bool(torch.isfinite(t.sum())):  # a non-finite entry makes the sum non-finite: no mask needed
+        return 0
+    return int((~torch.isfinite(t)).sum())  # the sum overflowed, or some entries are non-finite
 
 
 def describe_nonfinite(t: torch.Tensor) -> str:

@@ -691,7 +691,7 @@ def read_stats_file(path: Path) -> tuple[torch.Tensor, int, int, Optional[dict[s
             needed = {"mom2.mom2", "mom2.count", "sample_size"}
             if not needed <= keys:
                 raise StatisticsError(f"{path}: not an EasyEdit mom2 file (missing {sorted(needed - keys)})")
-            mom2 = torch.from_numpy(np.asarray(data["mom2.mom2"], dtype=np.float64).copy())
+            mom2 = torch.from_numpy(np.asarray(data["mom2.mom2"]).astype(np.float64, copy=False))  # np.load's own array
             count = int(data["mom2.count"])
             sample_size = int(data["sample_size"])
             meta = json.loads(str(data[METADATA_KEY])) if METADATA_KEY in keys else None
