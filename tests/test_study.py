@@ -51,6 +51,9 @@ def test_bench_timing(world: World, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert data["z_steps_per_edit"] == 4
     steps = ece["z_steps"]  # the steps ECE's edits took, from its traces (round 1)
     assert 1 <= steps["z_steps_mean"] <= steps["z_steps_max"] <= steps["z_step_budget"] == 4
+    each = ece["z_steps_each"]  # every edit's own count, in edit order
+    assert len(each) == 4 and all(1 <= s <= 4 for s in each)
+    assert sum(each) / len(each) == pytest.approx(steps["z_steps_mean"]) and max(each) == steps["z_steps_max"]
     assert 0.0 <= steps["z_converged"] <= 1.0
     if steps["z_converged"] == 0.0:  # none left early: every edit took the whole budget
         assert steps["z_steps_mean"] == 4
@@ -62,6 +65,7 @@ def test_bench_timing(world: World, tmp_path: Path, capsys: pytest.CaptureFixtur
     if EASYEDIT_CPU:
         assert methods["MEMIT"]["available"] and methods["AlphaEdit"]["available"]
         assert methods["MEMIT"]["ratio_to_ece"] > 0
+        assert methods["MEMIT"]["z_steps_each"] == []  # EasyEdit leaves no trace of its steps
     else:
         stand_in = methods["MEMIT-equivalent (project code)"]
         assert stand_in["available"] and stand_in["ratio_to_ece"] > 0

@@ -127,6 +127,13 @@ def run_z_steps(run: MethodRun) -> dict[str, Optional[float]]:
     return z_step_summary([t["z"] for t in run.traces if isinstance(t, dict) and isinstance(t.get("z"), dict)])
 
 
+def run_z_steps_each(run: MethodRun) -> list[int]:
+    """The z steps (forwards) each edit of ``run`` took, in edit order over its batches (round 1); empty for a
+    method without a trace (EasyEdit's)."""
+    return [int(s) for t in run.traces if isinstance(t, dict) and isinstance(t.get("z"), dict)
+            for s in (t["z"].get("steps") or [])]
+
+
 def _z_steps_note(runs: Sequence[MethodRun]) -> str:
     """One line with the z steps each traced method's edits took (empty when none has a trace)."""
     parts = []
@@ -399,6 +406,7 @@ def run_timing(
                 "quality": _quality(None if result is None or result.error else result.summary),
                 "stage_seconds": _sum_stages(run.traces) or None,
                 "z_steps": run_z_steps(run),
+                "z_steps_each": run_z_steps_each(run),
             }
         )
     report.table = format_timing(report)
