@@ -289,6 +289,10 @@ def test_a_pre_edit_row_held_with_fewer_columns_is_still_shared(tmp_path: Path) 
     results.add_lifelong(run, folder, {"setting": "b", "label": "B"})
     final = results.read_rows(folder / "rows.csv")
     assert [r["method"] for r in final if r["protocol"] == "after_all"] == ["Pre-edited", "ECE-AS", "ECE-AS"]
+    assert final[0]["protocol_label"] == ""  # the held row gained the column, empty
+    results.add_lifelong(run, folder, {"setting": "c", "label": "C"})  # and is still the one pre-edit row
+    final = results.read_rows(folder / "rows.csv")
+    assert [r["method"] for r in final if r["protocol"] == "after_all"] == ["Pre-edited"] + ["ECE-AS"] * 3
 
 
 def test_adding_is_all_or_nothing_over_the_two_files(tmp_path: Path) -> None:

@@ -464,14 +464,15 @@ def lifelong_rows(flat: dict[str, str], fields: dict[str, str],
 def _merged_csv(path: Path, new: list[dict[str, str]], key: Sequence[str], force: bool) -> str:
     """The text of the CSV at ``path`` with ``new`` appended (the union of columns); a row with the same key is
     refused unless ``force``, which replaces it. A pre-edit row equal to the one held on every column the held
-    one has is kept once (runs of one sequence share it; columns added since do not make it another row)."""
+    one fills is kept once (runs of one sequence share it; columns added since, absent or left empty in the held
+    row, do not make it another row)."""
     old = read_rows(path) if path.is_file() else []
     held = {tuple(r.get(k, "") for k in key): r for r in old}
 
     def held_already(row: dict[str, str]) -> bool:
         same = held.get(tuple(row.get(k, "") for k in key))
         return (row.get("method") == PRE_EDITED and same is not None
-                and all(same.get(c, v) == v for c, v in row.items()))
+                and all(same.get(c, "") in ("", v) for c, v in row.items()))
 
     new = [r for r in new if not held_already(r)]
     keys = {tuple(r.get(k, "") for k in key) for r in new}
