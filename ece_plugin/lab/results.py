@@ -537,7 +537,8 @@ def _round_seconds(times: Any) -> float:
 
 def timing_rows(report: dict[str, Any], fields: dict[str, str]) -> list[dict[str, str]]:
     """One results row per method of a ``bench --timing`` report (``timing.json``'s ``report``): s/batch (the median
-    of rounds), its ratio to ECE's, the rounds, quality in %, peak RSS and the z steps each edit took. ECE's rows
+    of rounds), its ratio to ECE's, the rounds, quality in %, peak RSS and the z steps taken (mean, largest, share
+    converged; each edit's own are in ``timing.json``). ECE's rows
     take ``setting`` and ``label`` from ``fields``; a baseline's are its own (:data:`TIMING_BASELINES`)."""
     z_budget = str(report.get("z_steps_per_edit", ""))
     ece_setting = fields.get("setting", "ECE")
