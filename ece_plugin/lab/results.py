@@ -529,10 +529,9 @@ TIMING_BASELINES = {
 _VARIANT = re.compile(r"^(?P<method>[^(]+?)(?: \((?P<variant>[^)]*)\))?$")
 
 
-def _round_seconds(times: Any) -> float:
+def _round_seconds(times: Sequence[float]) -> float:
     """Seconds per batch of one round: its batches' mean (a round of ``bench --timing`` lists each batch's)."""
-    values = [float(t) for t in times] if isinstance(times, list) else [float(times)]
-    return sum(values) / len(values)
+    return sum(float(t) for t in times) / len(times)
 
 
 def timing_rows(report: dict[str, Any], fields: dict[str, str]) -> list[dict[str, str]]:

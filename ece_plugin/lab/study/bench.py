@@ -121,17 +121,21 @@ def compare_methods(
     return comparison
 
 
+def _z_traces(run: MethodRun) -> list[dict[str, Any]]:
+    """The z dicts of every batch a run's traces hold (none for a method without a trace, e.g. EasyEdit's)."""
+    return [t["z"] for t in run.traces if isinstance(t, dict) and isinstance(t.get("z"), dict)]
+
+
 def run_z_steps(run: MethodRun) -> dict[str, Optional[float]]:
     """:func:`~ece_plugin.lab.study.diagnostics.z_steps` over every batch a run's traces hold (all None for a
     method without a trace, e.g. EasyEdit's)."""
-    return z_step_summary([t["z"] for t in run.traces if isinstance(t, dict) and isinstance(t.get("z"), dict)])
+    return z_step_summary(_z_traces(run))
 
 
 def run_z_steps_each(run: MethodRun) -> list[int]:
     """The z steps (forwards) each edit of ``run`` took, in edit order over its batches (round 1); empty for a
     method without a trace (EasyEdit's)."""
-    return [int(s) for t in run.traces if isinstance(t, dict) and isinstance(t.get("z"), dict)
-            for s in (t["z"].get("steps") or [])]
+    return [int(s) for z in _z_traces(run) for s in (z.get("steps") or [])]
 
 
 def _z_steps_note(runs: Sequence[MethodRun]) -> str:
