@@ -80,6 +80,7 @@ def test_yaml_float_for_int_field_and_json(tmp_path: Path) -> None:
         ("z_prefix_cache", "yes"),
         ("layer_replay", 1),
         ("z_loss_positions_only", "no"),
+        ("key_positions_only", 0),
         ("state_device", "gpu"),
         ("rewrite_module_tmp", "model.layers.mlp.down_proj"),
         ("layer_module_tmp", "model.layers"),

@@ -200,3 +200,163 @@ def test_an_edit_with_layer_replay_equals_one_without(family: str, tok: Any) -> 
 
 def _w_out(model: Any, hp: Any, layer: int) -> torch.Tensor:
     return model.get_submodule(hp.rewrite_module_tmp.format(layer)).weight.detach().clone()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gptj"])
+def test_key_reads_with_the_deepest_mlp_at_the_fact_tokens_equal_full_reads(family: str, tok: Any) -> None:
+    """``key_positions_only``: each part of a read runs the MLP of the deepest layer it reaches at the fact
+    tokens only; every read gives the keys and z-layer outputs of the full forward, with fewer tokens in it."""
+    from test_prefix_cache import _hparams, _model
+
+    from ece_plugin.method.editor import edited_w_outs, fact_token_mlps
+
+    model = _model(family, len(tok)).double()
+    hp = dataclasses.replace(_hparams(family), layers=[0, 1, 2])
+    torch.manual_seed(0)
+    rows = build_key_rows(tok, normalise_requests(FACTS), [["{}"], ["The river. {}", "I know. {}"]], "subject_last",
+                          input_device(model))
+    w_outs = edited_w_outs(model, hp)
+    names = [wo.name for wo in w_outs]
+    z_name = hp.layer_module_tmp.format(2)
+    below = [decoder_layers(hp.layer_module_tmp, layer - 1) for layer in hp.layers]
+    mlps = fact_token_mlps(model, hp, w_outs)
+    assert mlps is not None and len(mlps) == 3
+    tokens = [0]
+    mlps[2].register_forward_hook(lambda m, a, out: tokens.__setitem__(0, tokens[0] + out.shape[0] * out.shape[1]))
+    sparse = KeyReads(model, rows, names, z_name, below, chunk_rows=3, mlps=mlps)
+    full = KeyReads(model, rows, names, z_name, below, chunk_rows=3)
+    for i in range(3):
+        if i:  # the write that comes before read i
+            with torch.no_grad():
+                w = model.get_submodule(names[i - 1]).weight
+                w.add_(0.3 * torch.randn_like(w))
+        tokens[0] = 0
+        keys, cur = sparse.read(i)
+        sparse_tokens = tokens[0]
+        tokens[0] = 0
+        expected, expected_cur = full.read(i)
+        assert 0 < sparse_tokens < tokens[0]
+        assert set(keys) == set(expected)
+        for name in keys:
+            torch.testing.assert_close(keys[name], expected[name], rtol=1e-6, atol=1e-6)  # float64 model, float32 reads
+        torch.testing.assert_close(cur, expected_cur, rtol=1e-6, atol=1e-6)  # float64 model, float32 reads
+
+
+def test_an_edit_with_keys_at_the_fact_tokens_equals_one_without(tok: Any) -> None:
+    torch.manual_seed(0)
+    model = make_llama(len(tok)).double()
+    hp = make_hparams("llama", layers=[1, 2], shared_grad_steps=3, per_edit_grad_steps=4)
+    assert hp.key_positions_only
+    edited = {}
+    for at_facts in (True, False):
+        twin = copy.deepcopy(model)
+        fake_session(twin, hp)
+        torch.manual_seed(0)
+        apply_ece_to_model(twin, tok, FACTS, dataclasses.replace(hp, key_positions_only=at_facts))
+        edited[at_facts] = [_w_out(twin, hp, layer) for layer in hp.layers]
+    for layer, sparse, full in zip(hp.layers, edited[True], edited[False]):
+        update = float((full - _w_out(model, hp, layer)).abs().max())
+        assert update > 1e-4  # the edit did write
+        assert float((sparse - full).abs().max()) <= 1e-8 * update
+
+
+def test_a_w_out_outside_the_named_mlp_reads_every_position(tok: Any, caplog: pytest.LogCaptureFixture) -> None:
+    from ece_plugin.method.editor import edited_w_outs, fact_token_mlps
+
+    model = make_llama(len(tok))
+    hp = make_hparams("llama", layers=[1, 2], mlp_module_tmp="model.layers.{}.self_attn")
+    with caplog.at_level("WARNING"):
+        assert fact_token_mlps(model, hp, edited_w_outs(model, hp)) is None
+    assert "is not inside model.layers.1.self_attn" in caplog.text
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gptj"])
+def test_the_z_cache_pass_reads_the_unedited_keys(family: str, tok: Any) -> None:
+    """The suffix pass that builds the z prefix cache reads each edited W_out's input and the z layer's output at
+    the fact tokens: the keys and z-layer outputs of read 0, which then does not run."""
+    from test_prefix_cache import EXTRA, TEMPLATES, _hparams, _model
+
+    from ece_plugin.method.editor import LayerKeys, edited_w_outs, unedited_keys
+    from ece_plugin.method.values import prepare_z
+
+    model = _model(family, len(tok)).double()
+    hp = dataclasses.replace(_hparams(family), layers=[0, 1, 2])
+    reqs = normalise_requests(FACTS + EXTRA)
+    w_outs = edited_w_outs(model, hp)
+    rows = build_key_rows(tok, reqs, TEMPLATES, hp.fact_token, input_device(model))
+    setup = prepare_z(model, tok, reqs, TEMPLATES, hp, [wo.name for wo in w_outs])
+    first = unedited_keys(setup, rows, w_outs)
+    assert first is not None
+    keys, cur = first
+    expected, expected_cur = KeyReads(model, rows, [wo.name for wo in w_outs], hp.layer_module_tmp.format(2)).read(0)
+    assert set(keys) == set(expected)
+    for name in keys:
+        torch.testing.assert_close(keys[name], expected[name], rtol=1e-6, atol=1e-6)  # float64 model, float32 reads
+    torch.testing.assert_close(cur, expected_cur, rtol=1e-6, atol=1e-6)  # float64 model, float32 reads
+    runs = [0]
+    _layers(model, family)[0].register_forward_pre_hook(lambda *a: runs.__setitem__(0, runs[0] + 1))
+    layer_keys = LayerKeys(model, rows, hp, w_outs, [], first)
+    assert runs[0] == 0 and layer_keys.first is keys  # read 0 did not run
+
+
+def test_without_the_cache_pass_or_with_other_tokens_read_0_runs(tok: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ece_plugin.method import editor
+    from ece_plugin.method.editor import edited_w_outs, unedited_keys
+    from ece_plugin.method.values import prepare_z
+
+    model = make_llama(len(tok))
+    hp = make_hparams("llama", layers=[1, 2])
+    reqs = normalise_requests(FACTS)
+    w_outs = edited_w_outs(model, hp)
+    templates = [["{}"], ["The river. {}"]]
+    rows = build_key_rows(tok, reqs, templates, hp.fact_token, input_device(model))
+    for off in ("layer_replay", "z_prefix_cache"):
+        setup = prepare_z(model, tok, reqs, templates, dataclasses.replace(hp, **{off: False}), ["x"])
+        assert setup.source is None and unedited_keys(setup, rows, w_outs) is None
+    tiny_budget = dataclasses.replace(hp, z_cache_mb=1e-6)  # one edit per block: no cache of every edit
+    assert prepare_z(model, tok, reqs, templates, tiny_budget, [w.name for w in w_outs]).source is None
+    setup = prepare_z(model, tok, reqs, templates, hp, [wo.name for wo in w_outs])
+    assert unedited_keys(setup, rows, w_outs) is not None
+    monkeypatch.setattr(editor, "same_up_to_fact", lambda a, b: False)
+    assert unedited_keys(setup, rows, w_outs) is None
+
+
+def test_same_up_to_fact_compares_the_tokens_up_to_the_fact_token(tok: Any) -> None:
+    from ece_plugin.method.keys import encode_rows, same_up_to_fact
+
+    dev = torch.device("cpu")
+    a = encode_rows(tok, ["{} is in", "The city {} lies"], ["Paris", "Rome"], "subject_last", dev)
+    b = encode_rows(tok, ["{} is in the north", "The city {} lies in"], ["Paris", "Rome"], "subject_last", dev)
+    c = encode_rows(tok, ["{} is in", "A city {} lies"], ["Paris", "Rome"], "subject_last", dev)
+    assert same_up_to_fact(a, b)  # different after the fact token only
+    assert not same_up_to_fact(a, c)  # a token before it differs
+    assert not same_up_to_fact(a, a.select(torch.tensor([0])))  # another number of rows
+
+
+@pytest.mark.parametrize("clustering", [True, False])
+def test_an_edit_whose_keys_come_from_the_z_cache_equals_one_that_reads_them(
+    clustering: bool, tok: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ece_plugin.method import editor
+
+    torch.manual_seed(0)
+    model = make_llama(len(tok)).double()
+    hp = make_hparams("llama", layers=[1, 2], shared_grad_steps=3, per_edit_grad_steps=4, v_num_grad_steps=7,
+                      clustering=clustering)
+    edited = {}
+    given: list[bool] = []
+    real = editor.unedited_keys
+    monkeypatch.setattr(editor, "unedited_keys", lambda *a: (lambda got: given.append(got is not None) or got)(real(*a)))
+    for from_cache in (True, False):
+        twin = copy.deepcopy(model)
+        fake_session(twin, hp)
+        if not from_cache:
+            monkeypatch.setattr(editor, "same_up_to_fact", lambda a, b: False)
+        torch.manual_seed(0)
+        apply_ece_to_model(twin, tok, FACTS, hp)
+        edited[from_cache] = [_w_out(twin, hp, layer) for layer in hp.layers]
+    assert given == [True, False]  # the first edit took its keys from the z cache, the second read them
+    for layer, cached, read in zip(hp.layers, edited[True], edited[False]):
+        update = float((read - _w_out(model, hp, layer)).abs().max())
+        assert update > 1e-4
+        assert float((cached - read).abs().max()) <= 1e-8 * update

@@ -369,8 +369,8 @@ def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(
 
 
 # ---------------------------------------------------------------------------- 4. all or nothing
-STAGES = ["statistics", "templates", "keys", "attribution", "clustering", "z", "keys of layer 1", "solve of layer 1",
-          "write of layer 0", "write of layer 1", "state", "trace"]
+STAGES = ["statistics", "templates", "z cache", "keys", "read 0", "attribution", "clustering", "z", "keys of layer 1",
+          "solve of layer 1", "write of layer 0", "write of layer 1", "state", "trace"]
 
 
 def _inject(stage: str, monkeypatch: pytest.MonkeyPatch, session: Any) -> None:
@@ -401,10 +401,22 @@ def _inject(stage: str, monkeypatch: pytest.MonkeyPatch, session: Any) -> None:
         monkeypatch.setattr(editor, simple[stage], interrupt)
     elif stage == "statistics":
         monkeypatch.setattr(session.statistics, "second_moment", interrupt)
-    elif stage == "keys":
-        monkeypatch.setattr(editor.KeyReads, "read", nth_call(editor.KeyReads.read, 1))
-    elif stage == "keys of layer 1":
-        monkeypatch.setattr(editor.KeyReads, "read", nth_call(editor.KeyReads.read, 2))
+    elif stage == "z cache":  # the z rows' prefix cache, whose pass reads the unedited keys
+        monkeypatch.setattr(editor, "prepare_z", interrupt)
+    elif stage == "keys":  # the unedited keys taken from that pass
+        monkeypatch.setattr(editor, "unedited_keys", interrupt)
+    elif stage.startswith("read ") or stage == "keys of layer 1":  # read 0: when the z cache's pass gives no keys
+        layer = 0 if stage == "read 0" else 1
+        if layer == 0:
+            monkeypatch.setattr(editor, "unedited_keys", lambda *a: None)
+        real_read = editor.KeyReads.read
+
+        def read(self: Any, i: int) -> Any:
+            if i == layer:
+                raise KeyboardInterrupt(stage)
+            return real_read(self, i)
+
+        monkeypatch.setattr(editor.KeyReads, "read", read)
     elif stage == "solve of layer 1":
         monkeypatch.setattr(update, "masked_update", nth_call(update.masked_update, 2))
     elif stage.startswith("write of layer"):

@@ -93,6 +93,8 @@ HPARAM_DOC: dict[str, str] = {
     "z_prefix_cache": "run each prompt's tokens before the fact token once per batch (exact, faster)",
     "layer_replay": "do not re-run layers no change can reach, in z steps and key re-reads (exact, faster)",
     "z_loss_positions_only": "run the loss layer's MLP only at the positions the z loss reads (exact, faster)",
+    "key_positions_only": "in the key reads, run the MLP of the deepest layer read only at the fact tokens (exact, "
+    "faster)",
     "z_cache_mb": "memory bound of the prefix cache in MiB; more edits run in blocks, with the same result",
     "context_template_length_params": "MEMIT's context templates: [[length, count], ...]",
     "mom2_adjustment": "use the key covariance C0 in the update (MEMIT's mom2 adjustment)",

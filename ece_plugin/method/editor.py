@@ -3,8 +3,9 @@
 
 :func:`_run` is the paper's batch, in its order. Before it: the statistics C0 of every edited layer (read or
 computed first, so that a bad file fails the call before any work), the context templates (cached in the
-session), the requests' checks, and the keys of every edited W_out at the subject's last token for all requests x
-templates in one hooked forward (keys.py). Then
+session), the requests' checks, the rows of the z optimisation with their prefix cache (values.py), and the keys
+of every edited W_out at the subject's last token for all requests x templates: read in the pass that built that
+cache when it holds every edit (:func:`unedited_keys`), else in one hooked forward (keys.py). Then
 
 1. the attribution score of every neuron of each edited layer for each edit (attribution.py);
 2. the neuron sets: the smallest set of top neurons holding a share p of the score, per edit and for the batch;
@@ -33,7 +34,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .architecture import WOut, input_device, max_positions, num_layers, w_out
+from .architecture import ArchitectureError, WOut, get_module, input_device, max_positions, num_layers, w_out
 from .attribution import LayerAttribution, attribute_layer
 from .clustering import Clusters, cluster_edits, membership_masks
 from .keys import (
@@ -44,13 +45,14 @@ from .keys import (
     check_row_lengths,
     editing_tokenizer,
     generate_context_templates,
+    same_up_to_fact,
 )
 from .requests import EditRequest, check_conflicts, normalise_requests
 from .speed.replay import decoder_layers
 from .state import EditSession, get_session
 from .trace import ECETrace, LayerTrace, ScoreSummary
 from .update import LayerWrite, undo, write_layers
-from .values import ZResult, compute_z
+from .values import ZResult, ZSetup, compute_z, prepare_z
 from .variants import EditVariant, active_variants
 
 logger = logging.getLogger(__name__)
@@ -177,7 +179,9 @@ def _run(
     for variant in variants:
         variant.start(model, session.state.n_edits)
     key_rows = build_key_rows(tok, requests, templates, hparams.fact_token, input_device(model))
-    layer_keys = LayerKeys(model, key_rows, hparams, w_outs, variants)
+    z_setup = prepare_z(model, tok, requests, templates, hparams, [wo.name for wo in w_outs])
+    clock.lap("z")
+    layer_keys = LayerKeys(model, key_rows, hparams, w_outs, variants, unedited_keys(z_setup, key_rows, w_outs))
     for variant in variants:
         variant.begin(model, key_rows)
     clock.lap("keys")
@@ -191,7 +195,7 @@ def _run(
     clusters = cluster_batch(attributions, w_outs, hparams, len(requests))  # step 3: clustering
     clock.lap("clustering")
     zres = compute_z(model, tok, requests, templates, hparams, clusters.labels, clusters.anchors,  # step 4: z
-                     hparams.clustering)
+                     hparams.clustering, setup=z_setup)
     clock.lap("z")
 
     blocks = Covariances(model, tok, hparams, session, variants)
@@ -224,22 +228,49 @@ def cluster_batch(attributions: list[LayerAttribution], w_outs: list[WOut], hpar
     return cluster_edits(masks, hparams.n_clusters_for(n), enabled=hparams.clustering, seed=hparams.seed)
 
 
+def unedited_keys(
+    z_setup: ZSetup, key_rows: KeyRows, w_outs: list[WOut]
+) -> Optional[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """Every edited layer's keys ``[n, d_ff]`` and the z layer's outputs ``[n, d_model]`` on the unedited model,
+    from the pass that built the z prefix cache (values.py): its rewriting rows hold the key rows' tokens up to
+    the fact token, so their states there are the keys. None (read 0 runs) when that pass read nothing or a
+    row's tokens differ (a target that merges with the prompt's last token)."""
+    raw = {wo.name: z_setup.rewriting_inputs(wo.name) for wo in w_outs}
+    cur = z_setup.unedited_outputs()
+    if cur is None or any(t is None for t in raw.values()):
+        return None
+    rewriting = torch.nonzero(~z_setup.problem.row_is_kl).flatten()
+    if not same_up_to_fact(key_rows.rows, z_setup.problem.rows.select(rewriting)):
+        logger.debug("keys: the z rows' tokens differ from the key rows' before the fact token; reading them")
+        return None
+    return {name: key_rows.average(t) for name, t in raw.items() if t is not None}, cur
+
+
 class LayerKeys:
     """The keys of one batch in MEMIT's order (:class:`~ece_plugin.method.keys.KeyReads`): :attr:`first` on the
-    unedited model; :meth:`read` for the update, layer i's keys after the layers before i were written.
+    unedited model (``first`` when already read: :func:`unedited_keys`; else read 0); :meth:`read` for the
+    update, layer i's keys after the layers before i were written.
 
     Writing W_out of layer i or of a later layer never changes layer i's input, so the keys :meth:`read` gives are
     also the keys of the fully edited model, which the sequential state carries (:meth:`written`)."""
 
     def __init__(
-        self, model: nn.Module, key_rows: KeyRows, hparams: Any, w_outs: list[WOut], variants: list[EditVariant]
+        self,
+        model: nn.Module,
+        key_rows: KeyRows,
+        hparams: Any,
+        w_outs: list[WOut],
+        variants: list[EditVariant],
+        first: Optional[tuple[dict[str, torch.Tensor], torch.Tensor]] = None,
     ) -> None:
         self.model, self.variants = model, variants
         self.names = [wo.name for wo in w_outs]
         z_name = hparams.layer_module_tmp.format(hparams.layers[-1])
         below = [decoder_layers(hparams.layer_module_tmp, wo.layer - 1) for wo in w_outs]
-        self.reads = KeyReads(model, key_rows, self.names, z_name, below if hparams.layer_replay else None)
-        self.first, self.first_z = self.reads.read(0)
+        mlps = fact_token_mlps(model, hparams, w_outs) if hparams.key_positions_only else None
+        self.reads = KeyReads(model, key_rows, self.names, z_name, below if hparams.layer_replay else None,
+                              mlps=mlps)
+        self.first, self.first_z = first if first is not None else self.reads.read(0)
         self._written: dict[str, torch.Tensor] = {}
 
     def read(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,6 +288,24 @@ class LayerKeys:
         if set(self._written) != set(self.names):
             raise RuntimeError(f"keys of layers {sorted(set(self.names) - set(self._written))} were never read")
         return self._written
+
+
+def fact_token_mlps(model: nn.Module, hparams: Any, w_outs: list[WOut]) -> Optional[list[nn.Module]]:
+    """The MLP of each edited layer (``mlp_module_tmp``), for key reads that run the deepest one at the fact
+    tokens only; None (every position, with a warning) when a template names no module or W_out is not in it."""
+    mlps = []
+    for wo in w_outs:
+        try:
+            mlp = get_module(model, hparams.mlp_module_tmp.format(wo.layer))
+        except ArchitectureError as exc:
+            logger.warning("keys: the MLPs run at every position (%s)", exc)
+            return None
+        if not any(m is wo.module for m in mlp.modules()):
+            logger.warning("keys: the MLPs run at every position (%s is not inside %s)", wo.name,
+                           hparams.mlp_module_tmp.format(wo.layer))
+            return None
+        mlps.append(mlp)
+    return mlps
 
 
 class Covariances:

@@ -72,6 +72,8 @@ class ECEHyperParams:
     layer_replay: bool = True
     # z steps run the loss layer's MLP only at the positions the loss reads (exact, read_positions.py)
     z_loss_positions_only: bool = True
+    # key reads run the MLP of the deepest layer they reach only at each row's fact token (exact, read_positions.py)
+    key_positions_only: bool = True
     z_cache_mb: float = 2048.0  # memory for those cached keys/values; more edits run in blocks, one by one
     context_template_length_params: list[list[int]] = field(default_factory=lambda: [[10, 5]])
     # --- the least-squares update ---

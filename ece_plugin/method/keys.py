@@ -21,6 +21,7 @@ from torch import nn
 
 from .architecture import StopForward, get_module, hidden_state, input_device
 from .requests import EditRequest, RequestError, fill, split_template
+from .speed.read_positions import mlp_at_positions
 from .speed.replay import LayerReplay, replayed_layers
 
 logger = logging.getLogger(__name__)
@@ -121,6 +122,22 @@ class EncodedRows:
         return EncodedRows(ids[:, :width], mask[:, :width], self.lookup[rows])
 
 
+def same_up_to_fact(a: EncodedRows, b: EncodedRows) -> bool:
+    """Whether row j of ``a`` and of ``b`` have the same fact token and the same tokens up to it, for every j:
+    then, attention being causal, every layer's states at that token are the same in both."""
+    if a.n_rows != b.n_rows or not torch.equal(a.lookup.cpu(), b.lookup.cpu()):
+        return False
+    if a.n_rows == 0:
+        return True
+    width = int(a.lookup.max()) + 1
+    if min(a.input_ids.shape[1], b.input_ids.shape[1]) < width:
+        return False
+    upto = torch.arange(width).unsqueeze(0) <= a.lookup.cpu().unsqueeze(1)
+    ids_a, ids_b = a.input_ids[:, :width].cpu(), b.input_ids[:, :width].cpu()
+    real = (a.attention_mask[:, :width].cpu() == 1) & (b.attention_mask[:, :width].cpu() == 1)
+    return bool(((ids_a == ids_b) & real | ~upto).all())
+
+
 def encode_rows(
     tok: Any, templates: Sequence[str], subjects: Sequence[str], fact_token: str, device: torch.device
 ) -> EncodedRows:
@@ -165,15 +182,23 @@ def _capture(
     chunk_rows: int,
     replay: Optional[KeptOutputs] = None,
     keep: Sequence[str] = (),
+    last_mlp: Optional[nn.Module] = None,
 ) -> tuple[dict[str, torch.Tensor], Optional[KeptOutputs]]:
     """:func:`capture`; with ``replay`` the layers it names hand back its outputs instead of running, and with
-    ``keep`` (decoder layers 0..l) the output of layer l over every chunk is kept for a later replay."""
+    ``keep`` (decoder layers 0..l) the output of layer l over every chunk is kept for a later replay.
+
+    ``last_mlp``: the MLP of the deepest layer the forward reaches, whose output nothing reads but at the fact
+    tokens (no later layer runs), so it runs at each row's fact token only (read_positions.py); a module hooked
+    inside it sees one token per row."""
     got: dict[str, list[torch.Tensor]] = {name: [] for name in (*inputs_of, *outputs_of)}
     current: dict[str, torch.Tensor] = {}
     kept: list[torch.Tensor] = []
     template: list[Any] = []
+    inside = {id(m) for m in last_mlp.modules()} if last_mlp is not None else set()
 
-    def gather(t: torch.Tensor) -> torch.Tensor:
+    def gather(t: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        if id(module) in inside:  # [1, rows, d]: the fact tokens, in row order
+            return t.reshape(-1, t.shape[-1]).detach().float()
         lookup = current["lookup"].to(t.device)
         return t[torch.arange(t.shape[0], device=t.device), lookup].detach().float()
 
@@ -186,14 +211,14 @@ def _capture(
         for name in inputs_of:
 
             def pre_hook(module: nn.Module, args: tuple, _name: str = name) -> None:
-                got[_name].append(gather(args[0]))
+                got[_name].append(gather(args[0], module))
 
             handles.append(get_module(model, name).register_forward_pre_hook(pre_hook))
         for name in set(outputs_of) | ({stop_at} if stop_at else set()):
 
             def hook(module: nn.Module, args: tuple, output: Any, _name: str = name) -> None:
                 if _name in outputs_of:
-                    got[_name].append(gather(hidden_state(output)))
+                    got[_name].append(gather(hidden_state(output), module))
                 if _name == stop_at:
                     raise StopForward
 
@@ -207,8 +232,13 @@ def _capture(
                 # causal: the tokens after the chunk's last fact token change nothing that is read
                 width = int(part.lookup.max()) + 1
                 replayed = replayed_layers(model, replay.replay, replay.chunks[c]) if replay else nullcontext()
+                at_facts = (
+                    mlp_at_positions(last_mlp, torch.arange(part.n_rows), part.lookup, "key_positions_only")
+                    if last_mlp is not None
+                    else nullcontext()
+                )
                 try:
-                    with replayed:
+                    with replayed, at_facts:
                         model(
                             input_ids=part.input_ids[:, :width],
                             attention_mask=part.attention_mask[:, :width],
@@ -325,7 +355,11 @@ class KeyReads:
     nobody reads, stop at the W_out being read (for read 0 the deepest one). With ``below`` (per edited layer
     i, the decoder layers 0..l_i - 1 under it; replay.py), read i keeps the output of the decoder layer just
     under edited layer i, which the write of layer i that follows cannot change, and read i + 1 replays the
-    layers up to it instead of running them. A read whose predecessor was not read i - 1 runs every layer."""
+    layers up to it instead of running them. A read whose predecessor was not read i - 1 runs every layer.
+
+    With ``mlps`` (the MLP of each edited layer; the z layer is the last), the deepest layer each part of a read
+    reaches runs its MLP at the fact tokens only: the z layer for the plain rows, the read W_out's layer for the
+    others."""
 
     def __init__(
         self,
@@ -335,9 +369,13 @@ class KeyReads:
         z_name: str,
         below: Optional[Sequence[Sequence[str]]] = None,
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        mlps: Optional[Sequence[nn.Module]] = None,
     ) -> None:
         self.model, self.key_rows, self.z_name, self.chunk_rows = model, key_rows, z_name, chunk_rows
         self.w_out_names = list(w_out_names)
+        if mlps is not None and len(mlps) != len(self.w_out_names):
+            raise ValueError(f"{len(mlps)} MLPs for {len(self.w_out_names)} edited layers")
+        self.mlps = list(mlps) if mlps is not None else None
         self.below = [list(b) for b in below] if below is not None else None
         plain = key_rows.plain_rows.to(key_rows.rows.input_ids.device)
         is_plain = torch.zeros(key_rows.rows.n_rows, dtype=torch.bool, device=plain.device)
@@ -358,6 +396,7 @@ class KeyReads:
         z_out: Optional[torch.Tensor] = None
         for p, (row_ids, rows) in enumerate(self._parts):
             is_plain = p == 0
+            deepest = len(self.w_out_names) - 1 if is_plain or i == 0 else i  # the z layer is the last edited
             got, out = _capture(
                 self.model,
                 rows,
@@ -367,6 +406,7 @@ class KeyReads:
                 self.chunk_rows,
                 kept_before[p] if kept_before is not None else None,
                 keep,
+                self.mlps[deepest] if self.mlps is not None else None,
             )
             kept.append(out)
             for name in names:

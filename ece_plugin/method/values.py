@@ -531,15 +531,24 @@ def _row_source(
 
 
 def _run_phase(
-    model: nn.Module, problem: ZProblem, mods: ZModules, phase: _Phase, hparams: Any, chunk_rows: int
+    model: nn.Module,
+    problem: ZProblem,
+    mods: ZModules,
+    phase: _Phase,
+    hparams: Any,
+    chunk_rows: int,
+    cache: Optional[PrefixCache] = None,
 ) -> tuple[torch.Tensor, PhaseStats]:
-    """``_optimise`` over blocks of edits whose cached prefixes fit ``z_cache_mb``, one block after another.
+    """``_optimise`` over blocks of edits whose cached prefixes fit ``z_cache_mb``, one block after another;
+    with ``cache`` (built by :func:`prepare_z` for every edit), in one block on it.
 
     Edits never interact (per-edit losses, per-coordinate Adam), so blocks give the same deltas as one run.
     """
     with_kl = hparams.kl_factor > 0
     positions = list(range(len(phase.edits)))
     blocks = [positions]
+    if cache is not None:
+        return _optimise(model, problem, mods, phase, hparams, chunk_rows, cache)
     if hparams.z_prefix_cache:
         blocks = edit_blocks(
             positions,
@@ -566,6 +575,70 @@ def _run_phase(
         deltas[torch.tensor(block, device=deltas.device)] = d
         stats.put(block, st)
     return deltas, stats
+
+
+@dataclass
+class ZSetup:
+    """What the z optimisation of a batch builds before the neurons are chosen: its prompt rows, the modules it
+    touches and, when one block of edits holds every edit (``z_cache_mb``), the prefix cache of every row, whose
+    suffix pass also read the inputs of ``inputs_at_fact`` at each row's fact token on the unedited model."""
+
+    problem: ZProblem
+    mods: ZModules
+    source: Optional[PrefixCache] = None  # every optimised row of every edit; None: each phase builds its own
+
+    def rewriting_inputs(self, name: str) -> Optional[torch.Tensor]:
+        """The input of ``name`` at the fact token of every rewriting row (request-major, one row per edit and
+        context template: the rows of the keys), ``[rows, dim]``; None when the suffix pass did not read it."""
+        if self.source is None or name not in self.source.at_fact:
+            return None
+        rewriting = torch.nonzero(~self.problem.row_is_kl).flatten()
+        return self.source.at_fact[name][self.source.local(rewriting)]
+
+    def unedited_outputs(self) -> Optional[torch.Tensor]:
+        """The z layer's output at each edit's plain rewriting row ``[n, d_model]`` (None without the cache)."""
+        if self.source is None or self.source.hidden is None:
+            return None
+        hidden = self.source.hidden
+        return hidden[self.source.local(self.problem.plain_row).to(hidden.device), 0].float()
+
+
+def prepare_z(
+    model: nn.Module,
+    tok: Any,
+    requests: Sequence[EditRequest],
+    templates: ContextTemplates,
+    hparams: Any,
+    inputs_at_fact: Sequence[str] = (),
+    chunk_rows: int = DEFAULT_Z_CHUNK_ROWS,
+) -> ZSetup:
+    """The rows and modules of the batch's z optimisation; with ``inputs_at_fact`` (modules at or below the z
+    layer), the prefix cache of every edit is built now, reading their inputs at the fact tokens, when the
+    prefix cache and the layer replay are on and one block holds every edit (else no cache is built here)."""
+    mods = z_modules(model, hparams)
+    problem = build_z_problem(tok, requests, templates, hparams.fact_token, input_device(model))
+    setup = ZSetup(problem, mods)
+    if not (inputs_at_fact and hparams.z_prefix_cache and hparams.layer_replay):
+        return setup
+    with_kl = hparams.kl_factor > 0
+    edits = list(range(problem.n_edits))
+    blocks = edit_blocks(
+        edits,
+        len(problem.optimised_rows(0, with_kl)),
+        float(problem.rows.lookup.max()),
+        key_value_bytes_per_token(model),
+        hparams.z_cache_mb,
+    )
+    if len(blocks) > 1:
+        return setup
+    rows = torch.cat([problem.optimised_rows(e, with_kl) for e in edits])
+    replay = LayerReplay(decoder_layers(hparams.layer_module_tmp, hparams.layers[-1]))
+    try:
+        with torch.no_grad():
+            setup.source = PrefixCache(model, problem.rows, rows, chunk_rows, replay, mods.loss_mlp, inputs_at_fact)
+    except ArchitectureError as exc:
+        logger.warning("z: layer replay unavailable (%s); every step runs every layer", exc)
+    return setup
 
 
 @dataclass
@@ -657,12 +730,15 @@ def compute_z(
     anchors: Sequence[int],
     clustering: bool,
     chunk_rows: int = DEFAULT_Z_CHUNK_ROWS,
+    setup: Optional[ZSetup] = None,
 ) -> ZResult:
     """Targets z for ``requests``: two phases when ``clustering`` (clusters given by ``cluster_of`` and their
-    ``anchors``), else MEMIT's per-edit optimisation with ``v_num_grad_steps``."""
+    ``anchors``), else MEMIT's per-edit optimisation with ``v_num_grad_steps``. ``setup``: the batch's
+    :func:`prepare_z` (for these requests and hparams), built here when not given."""
     t0 = time.perf_counter()
-    mods = z_modules(model, hparams)
-    problem = build_z_problem(tok, requests, templates, hparams.fact_token, input_device(model))
+    if setup is None:
+        setup = prepare_z(model, tok, requests, templates, hparams, chunk_rows=chunk_rows)
+    mods, problem, cache = setup.mods, setup.problem, setup.source
     n = problem.n_edits
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
@@ -681,7 +757,7 @@ def compute_z(
             shared_phase = _Phase(
                 anchor_list, zeros, h[loc], kl_init[loc], hparams.shared_grad_steps, False, "z shared"
             )
-            shared, s1 = _run_phase(model, problem, mods, shared_phase, hparams, chunk_rows)
+            shared, s1 = _run_phase(model, problem, mods, shared_phase, hparams, chunk_rows, cache)
             steps_shared = [s1.steps[c] for c in cluster_of]
         if clustering:
             base = shared[torch.tensor(list(cluster_of), device=mods.z_device)]
@@ -696,6 +772,7 @@ def compute_z(
             _Phase(list(range(n)), base, h, kl_init, n_fw, True, desc),
             hparams,
             chunk_rows,
+            cache,
         )
     finally:
         for name, p in model.named_parameters():

@@ -136,7 +136,11 @@ class PrefixCache:
     """Keys and values of the tokens before each row's fact token, for the rows ``row_ids`` of ``rows``; with a
     ``replay``, also the z layer's outputs over each row's suffix. ``unread_mlp``: the loss layer's MLP, whose
     output over the prefixes no step reads (only that layer's keys and values are), so it does not run on them
-    (read_positions.py)."""
+    (read_positions.py).
+
+    ``inputs_at_fact``: modules at or below the z layer whose input at each row's fact token (the suffix's first
+    token) the suffix pass keeps, :attr:`at_fact` (``name -> [rows, dim]`` float32, rows in ``row_ids`` order):
+    the MLP keys of the unedited model, which the editor then need not read in a pass of its own."""
 
     def __init__(
         self,
@@ -146,6 +150,7 @@ class PrefixCache:
         chunk_rows: int,
         replay: Optional[LayerReplay] = None,
         unread_mlp: Optional[nn.Module] = None,
+        inputs_at_fact: Sequence[str] = (),
     ) -> None:
         dev = rows.input_ids.device
         row_ids = row_ids.to(dev)
@@ -161,8 +166,11 @@ class PrefixCache:
             self.kv, self._make = self._run_prefixes(model, chunk_rows, unread_mlp)
         self.replay: Optional[LayerReplay] = None
         self.hidden: Optional[torch.Tensor] = None  # [rows, longest suffix, d] z-layer outputs
+        self.at_fact: dict[str, torch.Tensor] = {}
+        if inputs_at_fact and replay is None:
+            raise ValueError("inputs at the fact token are read in the suffix pass, which needs a replay")
         if replay is not None:
-            self.replay, self.hidden = self._run_suffixes(model, chunk_rows, replay)
+            self.replay, self.hidden = self._run_suffixes(model, chunk_rows, replay, inputs_at_fact)
 
     @property
     def nbytes(self) -> int:
@@ -219,19 +227,29 @@ class PrefixCache:
         return k * keep, v * keep
 
     def _run_suffixes(
-        self, model: nn.Module, chunk_rows: int, replay: LayerReplay
+        self, model: nn.Module, chunk_rows: int, replay: LayerReplay, inputs_at_fact: Sequence[str] = ()
     ) -> tuple[LayerReplay, torch.Tensor]:
-        """One no-grad pass of the suffixes up to the z layer, keeping its outputs (right-padded)."""
+        """One no-grad pass of the suffixes up to the z layer, keeping its outputs (right-padded) and the inputs
+        of ``inputs_at_fact`` at the suffixes' first token (:attr:`at_fact`)."""
         found: dict[str, Any] = {}
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in inputs_at_fact}
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             found["out"] = output
             raise StopForward
 
+        def at_fact(name: str) -> Callable[[nn.Module, tuple], None]:
+            def pre_hook(module: nn.Module, args: tuple) -> None:
+                parts[name].append(args[0][:, 0].detach().float())
+
+            return pre_hook
+
         n, width = len(self.split), int(self.suffix_len.max()) if len(self.split) else 0
         hidden: Optional[torch.Tensor] = None
         template: Any = None
+        handles = [get_module(model, name).register_forward_pre_hook(at_fact(name)) for name in inputs_at_fact]
         handle = get_module(model, replay.last).register_forward_hook(hook)
+        handles.append(handle)
         try:
             with torch.no_grad():
                 for start in range(0, n, chunk_rows):
@@ -250,21 +268,30 @@ class PrefixCache:
                         hidden = hs.new_zeros((n, width, hs.shape[-1]))
                     hidden[local.to(hs.device), : hs.shape[1]] = hs
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
         assert hidden is not None  # n > 0: some chunk ran
+        for name, got in parts.items():
+            if sum(len(t) for t in got) != n:
+                raise ArchitectureError(f"{name!r} did not run below {replay.last!r} in the forward pass")
+            self.at_fact[name] = torch.cat(got, 0)
         return LayerReplay(list(replay.names), template), hidden
 
     # ------------------------------------------------------------------ use
+    def local(self, rows: torch.Tensor) -> torch.Tensor:
+        """Positions in this cache (``row_ids`` order) of the global rows ``rows``; every one must be cached."""
+        local = self._local[rows.to(self._local.device)]
+        if bool((local < 0).any()):
+            raise ValueError("rows outside this prefix cache")
+        return local
+
     def step_tokens(self, rows: torch.Tensor) -> torch.Tensor:
         """Tokens each of ``rows`` runs per step: its suffix, from the fact token on."""
         return self.suffix_len[self._local[rows.to(self._local.device)]]
 
     def batch(self, rows: torch.Tensor) -> RowBatch:
         """Inputs running only the suffixes of the global rows ``rows`` on top of their cached prefixes."""
-        local = self._local[rows.to(self._local.device)]
-        if bool((local < 0).any()):
-            raise ValueError("rows outside this prefix cache")
-        return self._local_batch(local)
+        return self._local_batch(self.local(rows))
 
     def _local_batch(self, local: torch.Tensor) -> RowBatch:
         split, slen = self.split[local], self.suffix_len[local]

@@ -12,6 +12,11 @@ the losses, gradients and z are those of the full forward.
 On the scale testbed (z at layer 3, loss at layer 5 of 6) a row's suffix has about 5 tokens of which 1-2 are
 read, and the loss layer's MLP is about 45 % of a step; on Llama-3-8B (z at 8, loss at 31) it is one MLP of
 23 and the saving is small. Turned off by ``z_loss_positions_only: false``.
+
+The key reads (keys.py) use the same argument at the deepest layer a read reaches: a key is the input of W_out
+at a row's fact token, and the z layer's output is read there too, so that layer's MLP runs at the fact tokens
+only (``key_positions_only: false`` turns it off). On the scale testbed, where d_ff is 13 times d_model, this is
+most of the deepest layer's work.
 """
 
 from __future__ import annotations
@@ -27,9 +32,13 @@ from ..architecture import ArchitectureError
 
 
 @contextmanager
-def mlp_at_positions(mlp: nn.Module, rows: torch.Tensor, positions: torch.Tensor) -> Iterator[None]:
+def mlp_at_positions(
+    mlp: nn.Module, rows: torch.Tensor, positions: torch.Tensor, switch: str = "z_loss_positions_only"
+) -> Iterator[None]:
     """Within the block, ``mlp`` (token-wise, called with the hidden states ``[R, T, d]`` first) runs only at
-    ``(rows[j], positions[j])``; its output is zero at every other position. Pairs may repeat."""
+    ``(rows[j], positions[j])``; its output is zero at every other position. Pairs may repeat; inside the MLP its
+    modules see the distinct pairs as one row ``[1, P, .]``, in order of (row, position). ``switch``: the hparam
+    that turns this off, named when a model's MLP does not fit."""
     pairs = torch.unique(torch.stack([rows.long(), positions.long()]), dim=1)
     shape: dict[str, torch.Size] = {}
 
@@ -43,7 +52,7 @@ def mlp_at_positions(mlp: nn.Module, rows: torch.Tensor, positions: torch.Tensor
         if not isinstance(output, torch.Tensor):
             raise ArchitectureError(
                 f"{type(module).__name__} returned {type(output).__name__}, not a tensor: set "
-                "z_loss_positions_only: false for this model"
+                f"{switch}: false for this model"
             )
         full = output.new_zeros((*shape["in"][:-1], output.shape[-1]))
         r, p = pairs[0].to(output.device), pairs[1].to(output.device)
