@@ -54,10 +54,14 @@ BASELINE_ALIASES: dict[str, tuple[str, str, str]] = {
 #: EasyEdit main editors that run through BaseEditor.edit on a CPU but replace a module of the model by their own
 #: (WISE: a side memory with a router; GRACE: a codebook adapter). The studies snapshot, restore and checkpoint
 #: a method's edits as named weights, which cannot undo or save a replaced module, so they are refused with this.
+#: GRACE also reads one token position for every row of a forward, kept from call to call, which the studies'
+#: padded batches of prompts do not give it (EasyEdit scores it one unpadded prompt at a time).
 MODULE_REPLACING_BASELINES: dict[str, str] = {
-    alg: f"EasyEdit {alg} replaces the edited down_proj module by its own {kind}; the studies restore and "
-    "checkpoint edits as named weights and cannot undo or save that module"
-    for alg, kind in (("WISE", "side-memory module (it also needs loc_prompts)"), ("GRACE", "codebook adapter"))
+    "WISE": "EasyEdit WISE swaps the edited down_proj for its own side-memory module, which the studies cannot undo "
+    "or checkpoint (they restore named weights); it also needs loc_prompts",
+    "GRACE": "EasyEdit GRACE swaps the edited down_proj for its own codebook adapter, which the studies cannot undo "
+    "or checkpoint (they restore named weights), and reads one kept token position per forward: a different token "
+    "in each prompt of the studies' padded batches",
 }
 
 
