@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -179,23 +180,38 @@ def test_key_reads_replay_the_layers_below_the_last_write(family: str, tok: Any)
     assert runs[0] == before + after_read_0
 
 
+def _edit_both_ways(
+    model: Any, tok: Any, hp: Any, hparams_for: Callable[[bool], Any], before: Callable[[bool], None] = lambda on: None
+) -> dict[bool, list[torch.Tensor]]:
+    """The W_out of every edited layer after the same edit of FACTS on two twins of ``model``: with the switch on
+    (True) and off (False); ``hparams_for(on)`` gives each twin's hparams, ``before(on)`` runs just before its edit."""
+    edited = {}
+    for on in (True, False):
+        twin = copy.deepcopy(model)
+        fake_session(twin, hp)
+        before(on)
+        torch.manual_seed(0)
+        apply_ece_to_model(twin, tok, FACTS, hparams_for(on))
+        edited[on] = [_w_out(twin, hp, layer) for layer in hp.layers]
+    return edited
+
+
+def _assert_same_edit(model: Any, hp: Any, edited: dict[bool, list[torch.Tensor]], relative: float) -> None:
+    """Both edits wrote, and they differ by at most ``relative`` of the largest update element."""
+    for layer, on, off in zip(hp.layers, edited[True], edited[False]):
+        update = float((off - _w_out(model, hp, layer)).abs().max())
+        assert update > 1e-4  # the edit did write
+        assert float((on - off).abs().max()) <= relative * update
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_an_edit_with_layer_replay_equals_one_without(family: str, tok: Any) -> None:
     torch.manual_seed(0)
     model = make_llama(len(tok)) if family == "llama" else make_gpt2(len(tok))
     model = model.double() if family == "llama" else model
     hp = make_hparams(family, layers=[1, 2], shared_grad_steps=3, per_edit_grad_steps=4, layer_replay=True)
-    edited = {}
-    for replay in (True, False):
-        twin = copy.deepcopy(model)
-        fake_session(twin, hp)
-        torch.manual_seed(0)
-        apply_ece_to_model(twin, tok, FACTS, dataclasses.replace(hp, layer_replay=replay))
-        edited[replay] = [_w_out(twin, hp, layer) for layer in hp.layers]
-    for layer, with_replay, without in zip(hp.layers, edited[True], edited[False]):
-        update = float((without - _w_out(model, hp, layer)).abs().max())
-        assert update > 1e-4  # the edit did write
-        assert float((with_replay - without).abs().max()) <= 1e-4 * update
+    edited = _edit_both_ways(model, tok, hp, lambda on: dataclasses.replace(hp, layer_replay=on))
+    _assert_same_edit(model, hp, edited, 1e-4)
 
 
 def _w_out(model: Any, hp: Any, layer: int) -> torch.Tensor:
@@ -248,17 +264,8 @@ def test_an_edit_with_keys_at_the_fact_tokens_equals_one_without(tok: Any) -> No
     model = make_llama(len(tok)).double()
     hp = make_hparams("llama", layers=[1, 2], shared_grad_steps=3, per_edit_grad_steps=4)
     assert hp.key_positions_only
-    edited = {}
-    for at_facts in (True, False):
-        twin = copy.deepcopy(model)
-        fake_session(twin, hp)
-        torch.manual_seed(0)
-        apply_ece_to_model(twin, tok, FACTS, dataclasses.replace(hp, key_positions_only=at_facts))
-        edited[at_facts] = [_w_out(twin, hp, layer) for layer in hp.layers]
-    for layer, sparse, full in zip(hp.layers, edited[True], edited[False]):
-        update = float((full - _w_out(model, hp, layer)).abs().max())
-        assert update > 1e-4  # the edit did write
-        assert float((sparse - full).abs().max()) <= 1e-8 * update
+    edited = _edit_both_ways(model, tok, hp, lambda on: dataclasses.replace(hp, key_positions_only=on))
+    _assert_same_edit(model, hp, edited, 1e-8)
 
 
 def test_a_w_out_outside_the_named_mlp_reads_every_position(tok: Any, caplog: pytest.LogCaptureFixture) -> None:
@@ -345,20 +352,14 @@ def test_an_edit_whose_keys_come_from_the_z_cache_equals_one_that_reads_them(
     model = make_llama(len(tok)).double()
     hp = make_hparams("llama", layers=[1, 2], shared_grad_steps=3, per_edit_grad_steps=4, v_num_grad_steps=7,
                       clustering=clustering)
-    edited = {}
     given: list[bool] = []
     real = editor.unedited_keys
     monkeypatch.setattr(editor, "unedited_keys", lambda *a: (lambda got: given.append(got is not None) or got)(real(*a)))
-    for from_cache in (True, False):
-        twin = copy.deepcopy(model)
-        fake_session(twin, hp)
+
+    def read_them_when_off(from_cache: bool) -> None:
         if not from_cache:
             monkeypatch.setattr(editor, "same_up_to_fact", lambda a, b: False)
-        torch.manual_seed(0)
-        apply_ece_to_model(twin, tok, FACTS, hp)
-        edited[from_cache] = [_w_out(twin, hp, layer) for layer in hp.layers]
+
+    edited = _edit_both_ways(model, tok, hp, lambda on: hp, read_them_when_off)
     assert given == [True, False]  # the first edit took its keys from the z cache, the second read them
-    for layer, cached, read in zip(hp.layers, edited[True], edited[False]):
-        update = float((read - _w_out(model, hp, layer)).abs().max())
-        assert update > 1e-4
-        assert float((cached - read).abs().max()) <= 1e-8 * update
+    _assert_same_edit(model, hp, edited, 1e-8)

@@ -518,9 +518,8 @@ def _row_source(
     if not hparams.z_prefix_cache:
         return FullRows(problem.rows)
     if hparams.layer_replay:
-        replay = LayerReplay(decoder_layers(hparams.layer_module_tmp, hparams.layers[-1]))
         try:
-            return PrefixCache(model, problem.rows, rows, chunk_rows, replay, mods.loss_mlp)
+            return PrefixCache(model, problem.rows, rows, chunk_rows, _z_replay(hparams), mods.loss_mlp)
         except ArchitectureError as exc:
             logger.warning("z: layer replay unavailable (%s); every step runs every layer", exc)
     try:
@@ -528,6 +527,22 @@ def _row_source(
     except ArchitectureError as exc:
         logger.warning("z: prefix cache unavailable (%s); every step runs whole prompts", exc)
         return FullRows(problem.rows)
+
+
+def _z_replay(hparams: Any) -> LayerReplay:
+    """The decoder layers up to the z layer, which no delta reaches (replay.py)."""
+    return LayerReplay(decoder_layers(hparams.layer_module_tmp, hparams.layers[-1]))
+
+
+def _cache_blocks(model: nn.Module, problem: ZProblem, items: list[int], hparams: Any) -> list[list[int]]:
+    """``items`` (one per edit) in blocks whose cached prefixes fit ``z_cache_mb``; every edit has as many rows."""
+    return edit_blocks(
+        items,
+        len(problem.optimised_rows(0, hparams.kl_factor > 0)),
+        float(problem.rows.lookup.max()),
+        key_value_bytes_per_token(model),
+        hparams.z_cache_mb,
+    )
 
 
 def _run_phase(
@@ -544,19 +559,11 @@ def _run_phase(
 
     Edits never interact (per-edit losses, per-coordinate Adam), so blocks give the same deltas as one run.
     """
-    with_kl = hparams.kl_factor > 0
-    positions = list(range(len(phase.edits)))
-    blocks = [positions]
     if cache is not None:
         return _optimise(model, problem, mods, phase, hparams, chunk_rows, cache)
-    if hparams.z_prefix_cache:
-        blocks = edit_blocks(
-            positions,
-            len(problem.optimised_rows(phase.edits[0], with_kl)),
-            float(problem.rows.lookup.max()),
-            key_value_bytes_per_token(model),
-            hparams.z_cache_mb,
-        )
+    with_kl = hparams.kl_factor > 0
+    positions = list(range(len(phase.edits)))
+    blocks = _cache_blocks(model, problem, positions, hparams) if hparams.z_prefix_cache else [positions]
     deltas, stats = torch.zeros_like(phase.base), PhaseStats.empty(len(positions))
     for b, block in enumerate(blocks):
         part = phase.block(
@@ -620,22 +627,14 @@ def prepare_z(
     setup = ZSetup(problem, mods)
     if not (inputs_at_fact and hparams.z_prefix_cache and hparams.layer_replay):
         return setup
-    with_kl = hparams.kl_factor > 0
     edits = list(range(problem.n_edits))
-    blocks = edit_blocks(
-        edits,
-        len(problem.optimised_rows(0, with_kl)),
-        float(problem.rows.lookup.max()),
-        key_value_bytes_per_token(model),
-        hparams.z_cache_mb,
-    )
-    if len(blocks) > 1:
+    if len(_cache_blocks(model, problem, edits, hparams)) > 1:
         return setup
-    rows = torch.cat([problem.optimised_rows(e, with_kl) for e in edits])
-    replay = LayerReplay(decoder_layers(hparams.layer_module_tmp, hparams.layers[-1]))
+    rows = torch.cat([problem.optimised_rows(e, hparams.kl_factor > 0) for e in edits])
     try:
-        with torch.no_grad():
-            setup.source = PrefixCache(model, problem.rows, rows, chunk_rows, replay, mods.loss_mlp, inputs_at_fact)
+        setup.source = PrefixCache(
+            model, problem.rows, rows, chunk_rows, _z_replay(hparams), mods.loss_mlp, inputs_at_fact
+        )
     except ArchitectureError as exc:
         logger.warning("z: layer replay unavailable (%s); every step runs every layer", exc)
     return setup
