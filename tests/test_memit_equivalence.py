@@ -37,9 +37,10 @@ DTYPES = [torch.float32, torch.float64]
 # ||ours - theirs|| / ||update|| allowed per dtype: 16 float32 eps (measured: up to 2.8 eps); in float64, 1e-10
 # (measured: 7e-12), four orders of magnitude below the float32 gap, so a real difference cannot hide in it.
 # ||ours - theirs|| / ||update|| allowed per dtype. float32: the editor reads the unedited keys in the pass that builds
-# the z prefix cache (cached prefix, then the suffix), EasyEdit in whole prompts: another float32 summation, which
-# measured 20 eps against EasyEdit main's MEMIT (GPT-2) where the whole-prompt read had stayed within 16.
-RELATIVE_TOLERANCE = {torch.float32: 32 * torch.finfo(torch.float32).eps, torch.float64: 1e-10}
+# the z prefix cache (cached prefix, then the suffix), EasyEdit in whole prompts: another float32 summation (the keys
+# differ by 2-5e-7 relative; in float64 not at all), which the solve amplifies. Against EasyEdit main's MEMIT (GPT-2)
+# it measured 20 eps with one thread and 46 eps with two, where the whole-prompt read had stayed within 16.
+RELATIVE_TOLERANCE = {torch.float32: 64 * torch.finfo(torch.float32).eps, torch.float64: 1e-10}
 # max |ours - theirs| / max |update| allowed per dtype. One element is noisier than the norm: against EasyEdit main's
 # MEMIT (Llama, float32) it measured 3.7e-6 = 31 float32 eps on an Intel Xeon VM (2026-12-01; within 16 eps on the
 # AMD EPYC VMs before, the same code at 28140b2), while the norm stayed within 16 eps. float64: as above.
@@ -150,9 +151,10 @@ def test_apply_with_p1_no_clustering_is_memit_end_to_end(family: str, tok: Any) 
     for layer in hp.layers:
         name = hp.rewrite_module_tmp.format(layer) + ".weight"
         # the editor reads the unedited keys in the z cache's pass (cached prefix + suffix), the oracle in whole
-        # prompts: float32 rounding of the keys (~1e-7 relative), which the solve amplifies to ~1e-4 of the update
+        # prompts: float32 rounding of the keys (2-5e-7 relative), which the solve amplifies (GPT-2: up to 2.3e-5
+        # with one thread, 1.5e-4 with two, on 3 of 2,048 elements; the weights are of order 1)
         torch.testing.assert_close(
-            model.get_parameter(name), reference.get_parameter(name), rtol=1e-5, atol=5e-5
+            model.get_parameter(name), reference.get_parameter(name), rtol=1e-5, atol=3e-4
         )
 
 
