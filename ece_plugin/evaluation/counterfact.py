@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .data import EditRecord
 from .fluency import ConsistencyResources, GenerationConfig, generate_texts, n_gram_entropy
-from .scoring import EvaluationError, score_continuations
+from .scoring import EvaluationError, PromptEndHook, score_continuations
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ def _nll_pairs(
     items: Sequence[tuple[str, str, str]],
     batch_size: int,
     progress: bool,
+    prompt_end_hook: Optional[PromptEndHook] = None,
 ) -> list[NllPair]:
     """items: (prompt, new target, true target) -> NLL pairs, scored in one flat batched pass."""
     prompts: list[str] = []
@@ -82,7 +83,8 @@ def _nll_pairs(
         prompts += [prompt, prompt]
         targets += [new, true]
     scores = score_continuations(
-        model, tok, prompts, targets, batch_size=batch_size, progress=progress, desc="CounterFact NLL"
+        model, tok, prompts, targets, batch_size=batch_size, progress=progress, desc="CounterFact NLL",
+        prompt_end_hook=prompt_end_hook,
     )
     return [
         {"target_new": scores[2 * i].nll, "target_true": scores[2 * i + 1].nll} for i in range(len(items))
@@ -108,11 +110,12 @@ def evaluate_counterfact(
     consistency: Optional[ConsistencyResources] = None,
     details: bool = True,
     progress: bool = False,
+    prompt_end_hook: Optional[PromptEndHook] = None,
 ) -> list[dict[str, Any]]:
     """Per-case CounterFact metrics of ``model`` on ``records`` (see the module docstring).
 
     ``generation``: a :class:`GenerationConfig`, True (default config) or False/None (no fluency or
-    consistency: both None). ``details`` adds the raw NLL pairs and generated texts under ``'details'``.
+    consistency: both None). ``prompt_end_hook``: see :func:`~.scoring.score_continuations`. ``details`` adds the raw NLL pairs and generated texts under ``'details'``.
     Returns one JSON-serialisable dict per record: ``case_id`` and the :data:`COUNTERFACT_METRICS` (None
     where a metric does not apply or is unavailable).
     """
@@ -128,7 +131,7 @@ def evaluate_counterfact(
             for p, a in zip(record.neighborhood_prompts, record.neighborhood_answers)
         ]
         spans.append((1, len(record.paraphrase_prompts), len(record.neighborhood_prompts)))
-    pairs = _nll_pairs(model, tok, items, batch_size, progress)
+    pairs = _nll_pairs(model, tok, items, batch_size, progress, prompt_end_hook)
 
     texts_per_record = _generate_for_records(model, tok, records, generation, progress)
     if consistency is not None and any(r.relation_id is None or r.target_new_id is None for r in records):

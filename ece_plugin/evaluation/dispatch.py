@@ -10,7 +10,7 @@ import torch
 from .counterfact import evaluate_counterfact
 from .data import EditRecord
 from .fluency import ConsistencyResources, GenerationConfig
-from .scoring import EvaluationError
+from .scoring import EvaluationError, PromptEndHook
 from .zsre import evaluate_zsre
 
 METRIC_KINDS = ("counterfact", "zsre")
@@ -49,11 +49,13 @@ def evaluate_records(
     reference: Optional[Sequence[dict[str, Any]]] = None,
     details: bool = True,
     progress: bool = False,
+    prompt_end_hook: Optional[PromptEndHook] = None,
 ) -> list[dict[str, Any]]:
     """Evaluate ``records`` with the metrics of ``kind`` (default: :func:`metric_kind`).
 
     CounterFact uses ``generation``/``consistency`` (see :func:`evaluate_counterfact`); zsRE uses
     ``loc_suffix``/``reference`` (see :func:`evaluate_zsre`); the other family's options are ignored.
+    ``prompt_end_hook``: see :func:`~.scoring.score_continuations`.
     """
     kind = kind or metric_kind(records)
     if kind == "counterfact":
@@ -66,6 +68,7 @@ def evaluate_records(
             consistency=consistency,
             details=details,
             progress=progress,
+            prompt_end_hook=prompt_end_hook,
         )
     if kind == "zsre":
         return evaluate_zsre(
@@ -77,5 +80,6 @@ def evaluate_records(
             reference=reference,
             details=details,
             progress=progress,
+            prompt_end_hook=prompt_end_hook,
         )
     raise EvaluationError(f"kind must be one of {METRIC_KINDS}, got {kind!r}")

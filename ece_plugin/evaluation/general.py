@@ -23,7 +23,7 @@ import torch
 
 from .data import EditRecord
 from .fluency import GenerationConfig, generate_texts, n_gram_entropy
-from .scoring import EvaluationError, _input_ids, model_device, score_continuations
+from .scoring import EvaluationError, PromptEndHook, _input_ids, model_device, score_continuations
 
 
 def read_text(path: Path) -> str:
@@ -94,19 +94,26 @@ def retention_pairs(records: Sequence[EditRecord]) -> list[tuple[str, str, Optio
 
 
 def retention(
-    model: torch.nn.Module, tok: Any, pairs: Sequence[tuple[str, str, Optional[str]]], *, batch_size: int = 16
+    model: torch.nn.Module,
+    tok: Any,
+    pairs: Sequence[tuple[str, str, Optional[str]]],
+    *,
+    batch_size: int = 16,
+    prompt_end_hook: Optional[PromptEndHook] = None,
 ) -> dict[str, Optional[float]]:
     """``{'retention_accuracy', 'retention_preference', 'n'}``: the mean top-1 token accuracy of the true
     answers, and the share of pairs whose true answer has a lower mean NLL than the counterfactual one (None
     when no pair has one)."""
     prompts = [p for p, _, _ in pairs]
-    true_scores = score_continuations(model, tok, prompts, [t for _, t, _ in pairs], batch_size=batch_size)
+    true_scores = score_continuations(model, tok, prompts, [t for _, t, _ in pairs], batch_size=batch_size,
+                                      prompt_end_hook=prompt_end_hook)
     accuracy = sum(s.token_accuracy for s in true_scores) / len(true_scores)
     with_new = [(i, n) for i, (_, _, n) in enumerate(pairs) if n]
     preference: Optional[float] = None
     if with_new:
         new_scores = score_continuations(
-            model, tok, [prompts[i] for i, _ in with_new], [n for _, n in with_new], batch_size=batch_size
+            model, tok, [prompts[i] for i, _ in with_new], [n for _, n in with_new], batch_size=batch_size,
+            prompt_end_hook=prompt_end_hook,
         )
         wins = [true_scores[i].nll < s.nll for (i, _), s in zip(with_new, new_scores)]
         preference = sum(wins) / len(wins)

@@ -13,7 +13,7 @@ One forward pass per chunk gives, for every target token ``y_j`` at position ``t
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -21,6 +21,10 @@ import torch
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
+
+#: Called before a forward with the 0-based position at which all of its rows' prompts end, and with None once
+#: the scoring is over (see :func:`score_continuations`).
+PromptEndHook = Callable[[Optional[int]], None]
 
 
 class EvaluationError(ValueError):
@@ -133,8 +137,14 @@ def score_continuations(
     batch_size: int = 16,
     progress: bool = False,
     desc: str = "scoring",
+    prompt_end_hook: Optional[PromptEndHook] = None,
 ) -> list[ContinuationScore]:
-    """Teacher-forced scores of ``prompts[i] + ' ' + targets[i]`` for every i, in chunks of ``batch_size``."""
+    """Teacher-forced scores of ``prompts[i] + ' ' + targets[i]`` for every i, in chunks of ``batch_size``.
+
+    ``prompt_end_hook`` is for an edited model whose forward reads one position of every row (GRACE's codebook
+    reads the last prompt token): each chunk then holds rows whose prompts end at the same position, the hook is
+    called with that position (0-based) right before the chunk's forward, and with None when the scoring ends.
+    Without it the chunks are the rows in order."""
     if len(prompts) != len(targets):
         raise EvaluationError(f"{len(prompts)} prompts but {len(targets)} targets")
     if batch_size < 1:
@@ -142,16 +152,31 @@ def score_continuations(
     encoded = [encode_continuation(tok, p, t) for p, t in zip(prompts, targets)]
     device = model_device(model)
     pad = pad_token_id(tok)
-    results: list[ContinuationScore] = []
+    results: list[Optional[ContinuationScore]] = [None] * len(encoded)
     was_training = model.training
     model.eval()
     try:
-        starts = range(0, len(encoded), batch_size)
-        for start in tqdm(starts, desc=desc, disable=not progress or len(encoded) <= batch_size, leave=False):
-            results.extend(_score_chunk(model, encoded[start : start + batch_size], pad, device))
+        chunks = _chunks(encoded, batch_size, by_prompt_end=prompt_end_hook is not None)
+        for rows in tqdm(chunks, desc=desc, disable=not progress or len(encoded) <= batch_size, leave=False):
+            if prompt_end_hook is not None:
+                prompt_end_hook(encoded[rows[0]][1] - 1)
+            for row, score in zip(rows, _score_chunk(model, [encoded[i] for i in rows], pad, device)):
+                results[row] = score
     finally:
+        if prompt_end_hook is not None:
+            prompt_end_hook(None)
         model.train(was_training)
-    return results
+    return [score for score in results if score is not None]
+
+
+def _chunks(encoded: Sequence[tuple[list[int], int]], batch_size: int, *, by_prompt_end: bool) -> list[list[int]]:
+    """Row indices per forward: in order, or grouped by prompt length so that a forward's prompts end together."""
+    if not by_prompt_end:
+        return [list(range(s, min(s + batch_size, len(encoded)))) for s in range(0, len(encoded), batch_size)]
+    groups: dict[int, list[int]] = {}
+    for row, (_, n_prompt) in enumerate(encoded):
+        groups.setdefault(n_prompt, []).append(row)
+    return [rows[s : s + batch_size] for _, rows in sorted(groups.items()) for s in range(0, len(rows), batch_size)]
 
 
 def _score_chunk(

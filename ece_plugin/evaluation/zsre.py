@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 
 from .data import EditRecord
-from .scoring import ContinuationScore, score_continuations
+from .scoring import ContinuationScore, PromptEndHook, score_continuations
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +63,13 @@ def evaluate_zsre(
     reference: Optional[Sequence[dict[str, Any]]] = None,
     details: bool = True,
     progress: bool = False,
+    prompt_end_hook: Optional[PromptEndHook] = None,
 ) -> list[dict[str, Any]]:
     """Per-case zsRE metrics of ``model`` on ``records`` (see the module docstring).
 
     ``loc_suffix`` is appended to each neighbourhood question (MEMIT: ``'?'``; use ``''`` for EasyEdit's
     prompt). ``reference``: pre-edit cases of the same records (with ``details``) to compute
-    ``locality_agreement``. Returns one JSON-serialisable dict per record.
+    ``locality_agreement``. ``prompt_end_hook``: see :func:`~.scoring.score_continuations`. Returns one JSON-serialisable dict per record.
     """
     prompts: list[str] = []
     targets: list[str] = []
@@ -82,7 +83,8 @@ def evaluate_zsre(
         targets += list(record.neighborhood_answers)
         spans.append((len(record.paraphrase_prompts), len(record.neighborhood_prompts)))
     scores = score_continuations(
-        model, tok, prompts, targets, batch_size=batch_size, progress=progress, desc="zsRE accuracy"
+        model, tok, prompts, targets, batch_size=batch_size, progress=progress, desc="zsRE accuracy",
+        prompt_end_hook=prompt_end_hook,
     )
     ref_by_id = {c["case_id"]: c for c in reference} if reference is not None else {}
 

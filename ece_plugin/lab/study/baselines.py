@@ -52,16 +52,12 @@ BASELINE_ALIASES: dict[str, tuple[str, str, str]] = {
 
 
 #: EasyEdit main editors that run through BaseEditor.edit on a CPU but replace a module of the model by their own
-#: (WISE: a side memory with a router; GRACE: a codebook adapter). The studies snapshot, restore and checkpoint
-#: a method's edits as named weights, which cannot undo or save a replaced module, so they are refused with this.
-#: GRACE also reads one token position for every row of a forward, kept from call to call, which the studies'
-#: padded batches of prompts do not give it (EasyEdit scores it one unpadded prompt at a time).
+#: (WISE: a side memory with a router). The studies snapshot, restore and checkpoint a method's edits as named
+#: weights, which cannot undo or save a replaced module, so they are refused with this. GRACE replaces one too;
+#: :class:`~.grace.GraceMethod` undoes, saves and scores its codebook adapter.
 MODULE_REPLACING_BASELINES: dict[str, str] = {
     "WISE": "EasyEdit WISE swaps the edited down_proj for its own side-memory module, which the studies cannot undo "
     "or checkpoint (they restore named weights); it also needs loc_prompts",
-    "GRACE": "EasyEdit GRACE swaps the edited down_proj for its own codebook adapter, which the studies cannot undo "
-    "or checkpoint (they restore named weights), and reads one kept token position per forward: a different token "
-    "in each prompt of the studies' padded batches",
 }
 
 
@@ -527,10 +523,13 @@ def build_methods(
             alg, via, label = BASELINE_ALIASES.get(name, (name, "auto", ""))
             if alg not in baseline_hparams:
                 raise StudyError(f"no hparams file given for {alg}")
-            methods.append(
-                EasyEditMethod(alg, baseline_hparams[alg], name=label, via=via,
-                               overrides=dict(baseline_overrides or {}))
-            )
+            kind = EasyEditMethod
+            if alg == "GRACE":
+                from .grace import GraceMethod
+
+                kind = GraceMethod
+            methods.append(kind(alg, baseline_hparams[alg], name=label, via=via,
+                                overrides=dict(baseline_overrides or {})))
         else:
             known = sorted(ECE_VARIANTS) + list(BASELINES) + list(BASELINE_ALIASES)
             raise StudyError(f"unknown method {name!r}; known: {known}")

@@ -5,7 +5,9 @@ A checkpoint folder holds ``weights.safetensors`` (the parameters the method edi
 * ECE: ``state.safetensors`` (the carried keys, :class:`ece_plugin.method.state.SequentialState`) and
   ``templates.json`` (the context templates its first batch sampled);
 * EasyEdit's baselines: ``templates.json`` (the context templates EasyEdit caches in a module global) and,
-  for AlphaEdit, ``tensors.safetensors`` (its accumulated key covariance ``cache_c``).
+  for AlphaEdit, ``tensors.safetensors`` (its accumulated key covariance ``cache_c``); for GRACE, whose weights
+  never change, ``codebook.safetensors`` (its adapter's keys, values and radii) and ``codebook.json`` (the labels
+  and edit ids that decide its conflicts).
 
 and ``checkpoint.json``, written last: the number of edits the checkpoint holds, the SHA-256 of each of its
 files and the run's progress at that point (its measured rows), so that a checkpoint knows what it holds and a
@@ -28,11 +30,14 @@ import torch
 
 from ...method import atomic
 from .baselines import EasyEditMethod, ECEMethod
+from .grace import GraceMethod
 
 WEIGHTS = "weights.safetensors"
 STATE = "state.safetensors"
 TEMPLATES = "templates.json"
 TENSORS = "tensors.safetensors"
+CODEBOOK = "codebook.safetensors"
+CODEBOOK_META = "codebook.json"
 MANIFEST = "checkpoint.json"
 MANIFEST_FORMAT = "ece-plugin-checkpoint/1"
 
@@ -71,6 +76,11 @@ def _write_method_files(method: Any, model: torch.nn.Module, folder: Path) -> No
         templates, tensors = easyedit.baseline_process_state(method.alg)
         if tensors:
             _save_tensors(folder / TENSORS, tensors)
+        if isinstance(method, GraceMethod):
+            codebook, meta = method.codebook(model)
+            if codebook:
+                _save_tensors(folder / CODEBOOK, codebook)
+                (folder / CODEBOOK_META).write_text(json.dumps(meta), encoding="utf-8")
     else:
         raise CheckpointError(f"{type(method).__name__}: no checkpoint support")
     (folder / TEMPLATES).write_text(json.dumps({"templates": templates}), encoding="utf-8")
@@ -160,6 +170,12 @@ def load_method_checkpoint(method: Any, model: torch.nn.Module, folder: Path) ->
 
         tensors = _load_tensors(folder / TENSORS) if (folder / TENSORS).is_file() else {}
         easyedit.restore_baseline_process_state(method.alg, templates, tensors)
+        if isinstance(method, GraceMethod) and (folder / CODEBOOK).is_file():
+            try:
+                meta = json.loads((folder / CODEBOOK_META).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"{folder / CODEBOOK_META}: unreadable ({exc})") from exc
+            method.load_codebook(model, _load_tensors(folder / CODEBOOK), meta)
         method.continue_sequence()
     return manifest
 
@@ -177,9 +193,12 @@ def forget_process_state(method: Any, model: torch.nn.Module) -> None:
 
 
 def state_nbytes(method: Any, model: torch.nn.Module) -> int:
-    """Bytes of what the method carries between batches besides the weights (0 for ROME and MEMIT)."""
+    """Bytes of what the method carries between batches besides the weights (0 for ROME and MEMIT; GRACE's
+    codebook)."""
     if isinstance(method, ECEMethod):
         return int(method._session(model).state.nbytes())
+    if isinstance(method, GraceMethod):
+        return method.codebook_nbytes(model)
     from ... import easyedit
 
     if isinstance(method, EasyEditMethod) and method.alg in easyedit.NULL_SPACE_BASELINES:

@@ -47,7 +47,7 @@ from ...evaluation import general
 from ...evaluation.data import EditRecord
 from ...evaluation.dispatch import evaluate_records, metric_kind
 from ...evaluation.report import summarize
-from ...evaluation.scoring import pad_token_id
+from ...evaluation.scoring import PromptEndHook, pad_token_id
 from ...method import atomic
 from .baselines import EditMethod
 from .checkpoint import (
@@ -178,16 +178,19 @@ def measure(
     config: LifelongConfig,
     n_done: int,
     pre_cases: Optional[list[dict[str, Any]]],
+    prompt_end_hook: Optional[PromptEndHook] = None,
 ) -> dict[str, Any]:
     """One checkpoint's measurements (see the module docstring); ``n_done == 0`` measures every record to be
-    edited (the pre-edit row)."""
+    edited (the pre-edit row). ``prompt_end_hook``: the edited model's, where its forward reads the position at
+    which a prompt ends (:attr:`~.baselines.EditMethod.prompt_end_hook`)."""
     edited = [probes.records[p] for p in probes.positions(n_done or len(probes.records))]
     first = edited[: min(config.batch_size, len(edited))]
     reference = None
     if probes.kind == "zsre" and pre_cases is not None:
         reference = pre_cases[: len(edited)]
     cases = evaluate_records(model, tok, edited, kind=probes.kind, generation=False, details=False,
-                             reference=reference, batch_size=config.eval_batch_size)
+                             reference=reference, batch_size=config.eval_batch_size,
+                             prompt_end_hook=prompt_end_hook)
     first_ids = {r.case_id for r in first}
     row: dict[str, Any] = {
         "n_edits": n_done,
@@ -196,7 +199,8 @@ def measure(
     }
     if probes.retention_records:
         row["retention"] = general.retention(
-            model, tok, general.retention_pairs(probes.retention_records), batch_size=config.eval_batch_size
+            model, tok, general.retention_pairs(probes.retention_records), batch_size=config.eval_batch_size,
+            prompt_end_hook=prompt_end_hook,
         )
     pad = pad_token_id(tok)
     row["perplexity"] = {name: general.perplexity(model, w, pad=pad, batch_size=config.eval_batch_size)
@@ -218,6 +222,7 @@ def measure_immediate(
     start: int,
     n_batch: int,
     pre_cases: Optional[list[dict[str, Any]]],
+    prompt_end_hook: Optional[PromptEndHook] = None,
 ) -> list[dict[str, Any]]:
     """The immediate protocol: the cases of the batch of records ``start`` .. ``start + n_batch`` of the sequence,
     scored right after that batch's edit (no generation, as :func:`measure`)."""
@@ -230,7 +235,8 @@ def measure_immediate(
         before = len(probes.positions(start))
         reference = pre_cases[before : before + len(positions)]
     return evaluate_records(model, tok, batch, kind=probes.kind, generation=False, details=False,
-                            reference=reference, batch_size=config.eval_batch_size)
+                            reference=reference, batch_size=config.eval_batch_size,
+                            prompt_end_hook=prompt_end_hook)
 
 
 # ------------------------------------------------------------------------------------------------ progress
@@ -359,11 +365,12 @@ class LifelongRun:
             progress.batch_seconds.append(outcome.seconds)
             if outcome.trace is not None:
                 self._diagnose(method, progress, outcome.trace)
+            hook = getattr(method, "prompt_end_hook", None)
             progress.immediate_cases += measure_immediate(model, tok, self.probes, config, start, len(batch),
-                                                          self.pre_cases)
+                                                          self.pre_cases, hook)
             n_done = start + len(batch)
             if n_done in checkpoints:
-                row = measure(model, tok, self.probes, config, n_done, self.pre_cases)
+                row = measure(model, tok, self.probes, config, n_done, self.pre_cases, hook)
                 if progress.immediate_cases:
                     row[IMMEDIATE] = summarize(progress.immediate_cases, kind=self.probes.kind)
                 row["seconds_per_batch"] = sum(progress.batch_seconds) / len(progress.batch_seconds)

@@ -149,7 +149,7 @@ def run_method(
                     batch_size=batch_size,
                     protocol=protocol,
                     pre=pre,
-                    eval_kwargs=eval_kwargs,
+                    eval_kwargs=_with_prompt_end_hook(method, eval_kwargs),
                     progress=progress,
                 )
             run.peak_memory = peak
@@ -164,6 +164,12 @@ def run_method(
             method.name, run.reason, kind=kind, n_edits=len(records), batch_size=batch_size, protocol=protocol
         )
     return run
+
+
+def _with_prompt_end_hook(method: EditMethod, eval_kwargs: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """``eval_kwargs`` with the method's ``prompt_end_hook`` (an editor that reads where a prompt ends: GRACE)."""
+    hook = getattr(method, "prompt_end_hook", None)
+    return eval_kwargs if hook is None else {**(eval_kwargs or {}), "prompt_end_hook": hook}
 
 
 def time_method(

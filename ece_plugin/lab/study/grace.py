@@ -1,0 +1,142 @@
+"""GRACE (Hartvigsen et al., NeurIPS 2023) from EasyEdit main, as the studies run it.
+
+EasyEdit's GRACE wraps the module its ``inner_params`` names in a ``GRACEAdapter``: a codebook of keys (the
+module's input at the edited prompt's last token), deferral radii and trained values. Where a forward's key falls
+within a radius, the value replaces the module's output at that token. Its weights never change: the codebook is
+the edit. Edits go through EasyEdit's own ``BaseEditor.edit``, one request per call, as EasyEdit runs GRACE.
+
+What the studies add around it (GRACE's computation is untouched):
+
+* **Where a forward reads.** The adapter reads one position of every row of a forward (``key_id``) and keeps it
+  from call to call, so in a padded batch it reads a different token of each prompt. Before every forward outside
+  an edit, :meth:`GraceMethod.prompt_end_hook` has set that position: the scorer
+  (:func:`ece_plugin.evaluation.scoring.score_continuations`) groups rows whose prompts end together and names the
+  position, which is the last prompt token, where GRACE's own edit put the key. Elsewhere the forward's last
+  position is read, as GRACE's ``generate`` does (left-padded generation ends every prompt there; in a
+  teacher-forced perplexity window it predicts no scored token).
+* **Undo.** :meth:`GraceMethod.reset` puts the wrapped module back.
+* **Checkpoints.** :meth:`GraceMethod.codebook` and :meth:`GraceMethod.load_codebook`: keys, values and radii as
+  tensors; the labels and edit ids that decide GRACE's conflicts as JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ...method.architecture import get_module
+from .baselines import EasyEditMethod
+from .common import StudyError
+
+logger = logging.getLogger(__name__)
+
+ADAPTER = "GRACEAdapter"
+CODEBOOK_TENSORS = ("keys", "values", "epsilons")
+
+
+def _module_path(inner_param: str) -> str:
+    """``model.layers[3].mlp.down_proj.weight`` -> ``model.layers.3.mlp.down_proj`` (GRACE edits modules)."""
+    path = inner_param.replace("[", ".").replace("]", "")
+    return path.rsplit(".", 1)[0] if path.endswith((".weight", ".bias")) else path
+
+
+@dataclass
+class GraceMethod(EasyEditMethod):
+    """EasyEdit's GRACE through ``BaseEditor.edit``, with the position it reads set per forward."""
+
+    _prompt_end: Optional[int] = None
+    _hooked: Optional[torch.nn.Module] = None
+    _handle: Any = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.alg != "GRACE":
+            raise StudyError(f"GraceMethod runs GRACE, not {self.alg}")
+
+    # -- where a forward reads
+    def prompt_end_hook(self, position: Optional[int]) -> None:
+        """The position (0-based) at which the prompts of the next forwards end; None: each forward's last."""
+        self._prompt_end = position
+
+    def _set_position(self, module: Any, args: Any) -> None:
+        if not module.training:  # during an edit GRACE sets key_id itself
+            module.key_id = -1 if self._prompt_end is None else int(self._prompt_end)
+
+    def module_name(self, model: Optional[torch.nn.Module] = None) -> str:
+        """The name of the module GRACE wraps."""
+        inner = list(getattr(self.load(model), "inner_params", []) or [])
+        if len(inner) != 1:
+            raise StudyError(f"GRACE edits one module; {self.hparams_path} names {len(inner)} in inner_params")
+        return _module_path(str(inner[0]))
+
+    def adapter(self, model: torch.nn.Module) -> Any:
+        """GRACE's adapter module on ``model`` (None before the first edit or after :meth:`reset`)."""
+        module = get_module(model, self.module_name(model))
+        return module if type(module).__name__ == ADAPTER else None
+
+    def _hook(self, model: torch.nn.Module) -> None:
+        adapter = self.adapter(model)
+        if adapter is None or adapter is self._hooked:
+            return
+        self._unhook()
+        self._handle = adapter.register_forward_pre_hook(self._set_position)
+        self._hooked = adapter
+
+    def _unhook(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle, self._hooked = None, None
+
+    # -- EditMethod
+    def edit_batch(self, model: torch.nn.Module, tok: Any, requests: Any) -> Any:
+        outcome = super().edit_batch(model, tok, requests)
+        self._hook(model)
+        return outcome
+
+    def reset(self, model: torch.nn.Module) -> None:
+        """Forget every edit: the wrapped module goes back in the adapter's place."""
+        adapter = self.adapter(model)
+        if adapter is not None:
+            parent_name, _, child = self.module_name(model).rpartition(".")
+            setattr(get_module(model, parent_name), child, adapter.layer)
+        self._unhook()
+        self._prompt_end = None
+        super().reset(model)
+
+    # -- checkpoints
+    def codebook(self, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``(tensors, meta)``: the adapter's keys, values and radii, and its labels, edit ids and last step
+        (JSON-safe); empty before the first edit."""
+        adapter = self.adapter(model)
+        if adapter is None or "keys" not in adapter.__dict__:
+            return {}, {}
+        tensors = {name: getattr(adapter, name).detach().cpu().contiguous().clone() for name in CODEBOOK_TENSORS}
+        meta = {"key_labels": [label.detach().cpu().tolist() for label in adapter.key_labels],
+                "edit_ids": adapter.edit_ids, "iter": int(adapter.iter)}
+        return tensors, meta
+
+    def codebook_nbytes(self, model: torch.nn.Module) -> int:
+        tensors, _ = self.codebook(model)
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def load_codebook(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Wrap the module as GRACE's first edit does and give the adapter this codebook (nothing when empty)."""
+        if not tensors:
+            return
+        missing = [name for name in CODEBOOK_TENSORS if name not in tensors]
+        if missing or not isinstance(meta.get("key_labels"), list) or "edit_ids" not in meta:
+            raise StudyError(f"GRACE codebook lacks {missing or 'its labels or edit ids'}")
+        from ... import easyedit
+
+        adapter: Any = self.adapter(model) or easyedit.grace_wrap(model, self.load(model))
+        device = adapter.weight.device
+        adapter.keys = tensors["keys"].to(device)
+        adapter.values = torch.nn.Parameter(tensors["values"].to(device), requires_grad=True)
+        adapter.epsilons = tensors["epsilons"].to(device)
+        adapter.key_labels = [torch.tensor(label, device=device) for label in meta["key_labels"]]
+        adapter.edit_ids = meta["edit_ids"]
+        adapter.iter = int(meta.get("iter", 0))  # its forward reads the last edit's step count, even outside edits
+        self._hook(model)

@@ -1,0 +1,170 @@
+"""GRACE from EasyEdit main in the studies: the scorer groups rows by where their prompts end and says where, GRACE's
+adapter reads there, reset puts the wrapped module back, and a lifelong run interrupted and resumed from its
+checkpoint (the codebook) equals the whole run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+import torch
+import yaml
+
+from ece_plugin import easyedit as ee
+from ece_plugin.evaluation.scoring import encode_continuation, score_continuations
+
+REPO = Path(__file__).resolve().parents[1]
+TESTBED = REPO / "testbed" / "testbed-llama"
+COUNTERFACT = REPO / "data" / "counterfact" / "counterfact-edit.json"
+VERSION = ee.easyedit_version()
+needs_main = pytest.mark.skipif(
+    VERSION != ee.EASYEDIT_MAIN,
+    reason=f"needs EasyEdit main (easyeditor here: {VERSION or 'none'}): GRACE exists only there; "
+    "`make test` runs this file in .venv-main",
+)
+pytestmark = pytest.mark.skipif(not (TESTBED / "config.json").is_file(), reason="bundled testbed missing")
+
+PROMPTS = ["The capital of France is", "Paris is", "A", "The mother tongue of Danielle Darrieux is", "B is"]
+TARGETS = ["Paris", "a city in France", "letter", "French", "the letter after A"]
+
+
+@pytest.fixture(scope="module")
+def testbed() -> tuple[torch.nn.Module, Any]:
+    from ece_plugin.lab.study.common import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(TESTBED, device="cpu")
+
+
+def test_scorer_groups_rows_by_prompt_end_and_names_it(testbed: tuple[torch.nn.Module, Any]) -> None:
+    model, tok = testbed
+    ends = {tuple(ids): n_prompt for ids, n_prompt in (encode_continuation(tok, p, t) for p, t in zip(PROMPTS, TARGETS))}
+    said: list[Optional[int]] = []
+    seen: list[tuple[Optional[int], list[int]]] = []
+
+    def record_forward(module: Any, args: Any, kwargs: Any) -> None:
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        rows = [ends[tuple(int(x) for x in ids[r][mask[r].bool()])] for r in range(ids.shape[0])]
+        seen.append((said[-1], rows))
+
+    handle = model.register_forward_pre_hook(record_forward, with_kwargs=True)
+    try:
+        hooked = score_continuations(model, tok, PROMPTS, TARGETS, batch_size=2, prompt_end_hook=said.append)
+    finally:
+        handle.remove()
+    plain = score_continuations(model, tok, PROMPTS, TARGETS, batch_size=2)
+
+    assert said[-1] is None  # the end of the scoring is said too
+    assert seen and all(all(n_prompt - 1 == position for n_prompt in rows) for position, rows in seen)
+    assert sum(len(rows) for _, rows in seen) == len(PROMPTS) and all(len(rows) <= 2 for _, rows in seen)
+    for a, b in zip(hooked, plain):  # same scores, in the callers' order, whatever the grouping
+        assert a.target_ids == b.target_ids
+        assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-5)
+
+
+def _grace_yaml(tmp_path: Path) -> Path:
+    """GRACE's scale-testbed file for the small bundled testbed: its layer 0 instead of layer 3."""
+    config = yaml.safe_load((REPO / "hparams" / "GRACE" / "testbed-llama-scale2.yaml").read_text())
+    config.update(model_name=str(TESTBED), inner_params=["model.layers[0].mlp.down_proj.weight"], n_iter=20)
+    path = tmp_path / "grace.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _requests(n: int) -> list[dict[str, Any]]:
+    from ece_plugin.evaluation.data import load_records
+
+    return [r.to_request() for r in load_records(COUNTERFACT, limit=n)]
+
+
+def _nll(model: torch.nn.Module, tok: Any, requests: list[dict[str, Any]], hook: Any) -> list[float]:
+    scores = score_continuations(model, tok, [r["prompt"] for r in requests], [r["target_new"] for r in requests],
+                                 prompt_end_hook=hook)
+    return [s.nll for s in scores]
+
+
+@pytest.mark.easyeditor
+@needs_main
+def test_grace_reads_where_the_prompt_ends_and_reset_puts_the_module_back(
+    testbed: tuple[torch.nn.Module, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ece_plugin.lab.study.grace import GraceMethod
+
+    model, tok = testbed
+    monkeypatch.chdir(tmp_path)  # BaseEditor writes logs/ into the working directory
+    method = GraceMethod("GRACE", _grace_yaml(tmp_path))
+    assert method.availability(model) == (True, "")
+    original = model.model.layers[0].mlp.down_proj
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    requests = _requests(3)
+    before = _nll(model, tok, requests[:2], None)
+    method.prepare(model, tok)
+    method.reset(model)
+    outcome = method.edit_batch(model, tok, requests[:2])
+
+    assert outcome.via == "BaseEditor.edit"
+    adapter = method.adapter(model)
+    assert adapter is not None and len(adapter.keys) >= 1
+    assert method.codebook_nbytes(model) > 0
+    read_at_end = _nll(model, tok, requests[:2], method.prompt_end_hook)
+    read_last = _nll(model, tok, requests[:2], None)  # the last position: a target token, no key there
+    assert all(a < b - 1.0 for a, b in zip(read_at_end, before)), (before, read_at_end)
+    assert read_last == pytest.approx(before, abs=1e-4)
+    assert {n: p.requires_grad for n, p in model.named_parameters() if n in flags} == flags  # GRACE froze them
+
+    method.reset(model)
+    assert model.model.layers[0].mlp.down_proj is original and method.adapter(model) is None
+    assert _nll(model, tok, requests[:2], None) == pytest.approx(before, abs=1e-6)
+
+
+@pytest.mark.easyeditor
+@needs_main
+def test_grace_lifelong_resumed_from_its_codebook_equals_the_whole_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ece_plugin.lab import cli
+    from ece_plugin.lab.study.grace import GraceMethod
+
+    monkeypatch.chdir(tmp_path)
+    grace = _grace_yaml(tmp_path)
+
+    def run(out: Path, *extra: str) -> int:
+        return cli.main([
+            "--log-level", "WARNING", "lifelong", "--model", str(TESTBED), "--device", "cpu", "--n-edits", "4",
+            "--batch-size", "2", "--checkpoint-every", "2", "--methods", "GRACE", "--grace-hparams", str(grace),
+            "--n-retention", "4", "--ppl-tokens", "256", "--n-fluency-prompts", "2", "--out", str(out), *extra,
+        ])
+
+    def rows(out: Path) -> list[dict[str, Any]]:
+        data = json.loads((out / "lifelong.json").read_text())
+        assert all(m["available"] for m in data["methods"]), data["methods"]
+        found = [row for m in data["methods"] for row in m["rows"]]
+        for row in found:
+            row.pop("seconds_per_batch")
+        return found
+
+    whole = tmp_path / "whole"
+    assert run(whole) == 0
+    kept = rows(whole)
+    assert [r["n_edits"] for r in kept] == [2, 4]
+    assert kept[-1]["state_bytes"] > kept[0]["state_bytes"] > 0  # the codebook grows; the weights do not
+    assert all(g == 0.0 for r in kept for g in r["weight_growth"].values())
+    assert kept[-1]["edits"]["efficacy"]["mean"] > 0.5
+
+    original = GraceMethod.edit_batch
+    calls = {"n": 0}
+
+    def interrupted(self: Any, model: Any, tok: Any, requests: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, model, tok, requests)
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(GraceMethod, "edit_batch", interrupted)
+    assert run(cut, "--keep-checkpoints") == 130
+    assert [p.name for p in (cut / "checkpoints").glob("*/codebook.safetensors")]
+    monkeypatch.setattr(GraceMethod, "edit_batch", original)
+    assert cli.main(["--log-level", "WARNING", "lifelong", "--resume", str(cut)]) == 0
+    assert rows(cut) == kept
