@@ -168,3 +168,17 @@ def test_grace_lifelong_resumed_from_its_codebook_equals_the_whole_run(
     monkeypatch.setattr(GraceMethod, "edit_batch", original)
     assert cli.main(["--log-level", "WARNING", "lifelong", "--resume", str(cut)]) == 0
     assert rows(cut) == kept
+
+
+def test_the_studies_pass_a_methods_prompt_end_hook_to_the_scorer() -> None:
+    """Every study scores through runner.run_method (bench, demo, batch and layer studies) or lifelong.measure;
+    the runner hands the method's hook to the evaluator and leaves the others' options as they were."""
+    from types import SimpleNamespace
+
+    from ece_plugin.lab.study.runner import _with_prompt_end_hook
+
+    said: list[Optional[int]] = []
+    grace_like, plain = SimpleNamespace(prompt_end_hook=said.append), SimpleNamespace()
+    assert _with_prompt_end_hook(plain, {"kind": "zsre"}) == {"kind": "zsre"}
+    assert _with_prompt_end_hook(plain, None) is None
+    assert _with_prompt_end_hook(grace_like, {"kind": "zsre"}) == {"kind": "zsre", "prompt_end_hook": said.append}
