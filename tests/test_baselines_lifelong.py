@@ -89,7 +89,8 @@ def test_wise_act_margin_must_have_three_values() -> None:
 
 
 def test_method_table_knows_the_lifelong_editors() -> None:
-    from ece_plugin.lab.study.baselines import StudyError, build_methods
+    from ece_plugin.lab.study.baselines import StudyError
+    from ece_plugin.lab.study.methods import build_methods
     from ece_plugin.method.hparams import ECEHyperParams
 
     ece = ECEHyperParams.from_hparams(REPO / "hparams" / "ECE" / f"{SCALE2}.yaml")

@@ -196,9 +196,9 @@ def test_demo_record_limit_cuts_one_method_short_and_says_so(world: World, tmp_p
     """`--rome-limit` (here on an ECE variant, which runs everywhere): that method edits only the first records, in
     the same batches, and a line under the table says so."""
     from ece_plugin.evaluation.data import load_records
-    from ece_plugin.lab.study.baselines import build_methods
     from ece_plugin.lab.study.bench import compare_methods
     from ece_plugin.lab.study.common import StudyError, load_model_and_tokenizer
+    from ece_plugin.lab.study.methods import build_methods
     from ece_plugin.method.hparams import ECEHyperParams
 
     model, tok = load_model_and_tokenizer(str(world.model_dir), device="cpu")

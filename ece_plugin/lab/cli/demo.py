@@ -31,8 +31,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..study.baselines import build_methods
     from ..study.bench import compare_methods, write_comparisons
+    from ..study.methods import build_methods
 
     c.check_outputs(args)
     model_dir = c.model_dir(args.model)

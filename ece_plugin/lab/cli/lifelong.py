@@ -207,7 +207,6 @@ def _write_config(args: argparse.Namespace, out: Path, digests: dict[str, str], 
 
 def run(args: argparse.Namespace) -> int:
     from ...evaluation.data import load_records
-    from ..study.baselines import build_methods
     from ..study.lifelong import (
         CONFIG_FILE,
         LifelongConfig,
@@ -216,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
         final_table,
         run_lifelong,
     )
+    from ..study.methods import build_methods
 
     if "limit" in getattr(args, "_given", set()):
         raise c.UsageError("argument --limit: lifelong edits --n-edits records (from --offset); give --n-edits "

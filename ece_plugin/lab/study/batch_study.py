@@ -21,9 +21,10 @@ from typing import Any, Optional
 import torch
 
 from ...method.hparams import ECEHyperParams
-from .baselines import ECE_VARIANTS, build_methods
+from .baselines import ECE_VARIANTS
 from .common import StudyError, pct, write_csv, write_json
 from .layer_sweep import SWEEP_METRICS, _mean
+from .methods import build_methods
 from .plots import plot_metric_lines
 from .runner import run_method
 
