@@ -182,3 +182,24 @@ def test_the_studies_pass_a_methods_prompt_end_hook_to_the_scorer() -> None:
     assert _with_prompt_end_hook(plain, {"kind": "zsre"}) == {"kind": "zsre"}
     assert _with_prompt_end_hook(plain, None) is None
     assert _with_prompt_end_hook(grace_like, {"kind": "zsre"}) == {"kind": "zsre", "prompt_end_hook": said.append}
+
+
+def test_grace_edit_ids_are_saved_flat_and_nested_back_as_grace_builds_them() -> None:
+    """GRACE nests its edit ids one level deeper per key (``[ids] + [new]``): after about a thousand keys json
+    cannot write them (a 2,000-edit run stopped at its 1,000-edit checkpoint with RecursionError). The checkpoint
+    keeps them flat and puts GRACE's nesting back, and reads a checkpoint written nested."""
+    from ece_plugin.lab.study.grace import _flat_edit_ids, _nested_edit_ids
+
+    nested: Any = ["t0"]
+    for i in range(1, 5000):
+        nested = [nested] + [f"t{i}"]
+    flat = _flat_edit_ids(nested)
+    assert flat == [f"t{i}" for i in range(5000)]
+    assert json.loads(json.dumps(flat)) == flat
+    rebuilt = _nested_edit_ids(flat)
+    for i in range(4999, 0, -1):  # walk down both without recursion
+        assert rebuilt[1] == nested[1] == f"t{i}"
+        rebuilt, nested = rebuilt[0], nested[0]
+    assert rebuilt == nested == ["t0"]
+    assert _flat_edit_ids(flat) == flat  # already flat: as it is
+    assert _flat_edit_ids([["a"], "b"]) == ["a", "b"] and _nested_edit_ids([]) == []

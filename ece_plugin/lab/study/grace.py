@@ -16,7 +16,8 @@ What the studies add around it (GRACE's computation is untouched):
   teacher-forced perplexity window it predicts no scored token).
 * **Undo.** :meth:`GraceMethod.reset` puts the wrapped module back.
 * **Checkpoints.** :meth:`GraceMethod.codebook` and :meth:`GraceMethod.load_codebook`: keys, values and radii as
-  tensors; the labels and edit ids that decide GRACE's conflicts as JSON.
+  tensors; the labels and edit ids that decide GRACE's conflicts as JSON (the edit ids flattened: GRACE nests them
+  one level deeper per key).
 """
 
 from __future__ import annotations
@@ -41,6 +42,26 @@ def _module_path(inner_param: str) -> str:
     """``model.layers[3].mlp.down_proj.weight`` -> ``model.layers.3.mlp.down_proj`` (GRACE edits modules)."""
     path = inner_param.replace("[", ".").replace("]", "")
     return path.rsplit(".", 1)[0] if path.endswith((".weight", ".bias")) else path
+
+
+def _flat_edit_ids(nested: Any) -> list[Any]:
+    """GRACE's ``edit_ids`` as a flat list: each new key nests the list one level deeper (``[ids] + [new]``), too
+    deep for JSON after about a thousand keys."""
+    flat: list[Any] = []
+    while isinstance(nested, list) and len(nested) == 2 and isinstance(nested[0], list):
+        flat.append(nested[1])
+        nested = nested[0]
+    return (list(nested) if isinstance(nested, list) else [nested]) + flat[::-1]
+
+
+def _nested_edit_ids(flat: list[Any]) -> Any:
+    """The inverse of :func:`_flat_edit_ids`: the nesting GRACE builds key by key."""
+    if not flat:
+        return []
+    nested: Any = [flat[0]]
+    for edit_id in flat[1:]:
+        nested = [nested, edit_id]
+    return nested
 
 
 @dataclass
@@ -115,7 +136,7 @@ class GraceMethod(EasyEditMethod):
             return {}, {}
         tensors = {name: getattr(adapter, name).detach().cpu().contiguous().clone() for name in CODEBOOK_TENSORS}
         meta = {"key_labels": [label.detach().cpu().tolist() for label in adapter.key_labels],
-                "edit_ids": adapter.edit_ids, "iter": int(adapter.iter)}
+                "edit_ids": _flat_edit_ids(adapter.edit_ids), "iter": int(adapter.iter)}
         return tensors, meta
 
     def codebook_nbytes(self, model: torch.nn.Module) -> int:
@@ -137,6 +158,6 @@ class GraceMethod(EasyEditMethod):
         adapter.values = torch.nn.Parameter(tensors["values"].to(device), requires_grad=True)
         adapter.epsilons = tensors["epsilons"].to(device)
         adapter.key_labels = [torch.tensor(label, device=device) for label in meta["key_labels"]]
-        adapter.edit_ids = meta["edit_ids"]
+        adapter.edit_ids = _nested_edit_ids(_flat_edit_ids(meta["edit_ids"]))  # flat, or as GRACE nests them
         adapter.iter = int(meta.get("iter", 0))  # its forward reads the last edit's step count, even outside edits
         self._hook(model)
