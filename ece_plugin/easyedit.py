@@ -542,13 +542,11 @@ def restore_baseline_process_state(alg_name: str, templates: Any, tensors: dict[
             setattr(module, _ALPHAEDIT_CACHE[1], False)
 
 
-def grace_wrap(model: torch.nn.Module, hparams: Any) -> torch.nn.Module:
+def grace_wrap(model: torch.nn.Module, hparams: Any) -> None:
     """Wrap the module GRACE edits in EasyEdit main's ``GRACEAdapter`` with an empty codebook, as GRACE's first
-    edit does (its constructor), and return the adapter; the parameters keep their ``requires_grad``."""
+    edit does (its constructor); the parameters keep their ``requires_grad``."""
     grace = import_easyedit("easyeditor.models.grace.GRACE")
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    wrapper = grace.GRACE(config=hparams, model=model, device=getattr(hparams, "device", "cpu"))
+    grace.GRACE(config=hparams, model=model, device=getattr(hparams, "device", "cpu"))
     for name, param in model.named_parameters():
         param.requires_grad_(flags.get(name, param.requires_grad))
-    adapter: torch.nn.Module = wrapper.model.get_submodule(wrapper.layer.replace("[", ".").replace("]", ""))
-    return adapter

@@ -310,3 +310,18 @@ def benchmark_module(name: str) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def interrupt_second_batch(monkeypatch: pytest.MonkeyPatch, method_class: Any) -> Any:
+    """Make ``method_class.edit_batch`` raise KeyboardInterrupt on its second call; returns the original."""
+    original = method_class.edit_batch
+    calls = {"n": 0}
+
+    def interrupted(self: Any, model: Any, tok: Any, requests: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, model, tok, requests)
+
+    monkeypatch.setattr(method_class, "edit_batch", interrupted)
+    return original

@@ -11,6 +11,7 @@ from typing import Any, Optional
 import pytest
 import torch
 import yaml
+from conftest import interrupt_second_batch
 
 from ece_plugin import easyedit as ee
 from ece_plugin.evaluation.scoring import encode_continuation, score_continuations
@@ -152,17 +153,8 @@ def test_grace_lifelong_resumed_from_its_codebook_equals_the_whole_run(
     assert all(g == 0.0 for r in kept for g in r["weight_growth"].values())
     assert kept[-1]["edits"]["efficacy"]["mean"] > 0.5
 
-    original = GraceMethod.edit_batch
-    calls = {"n": 0}
-
-    def interrupted(self: Any, model: Any, tok: Any, requests: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(self, model, tok, requests)
-
     cut = tmp_path / "cut"
-    monkeypatch.setattr(GraceMethod, "edit_batch", interrupted)
+    original = interrupt_second_batch(monkeypatch, GraceMethod)
     assert run(cut, "--keep-checkpoints") == 130
     assert [p.name for p in (cut / "checkpoints").glob("*/codebook.safetensors")]
     monkeypatch.setattr(GraceMethod, "edit_batch", original)

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import interrupt_second_batch
 
 from ece_plugin.evaluation import general
 from ece_plugin.lab import cli
@@ -38,21 +39,6 @@ def _rows(out: Path) -> list[dict[str, Any]]:
     for row in rows:
         row.pop("seconds_per_batch")
     return rows
-
-
-def _interrupt_second_batch(monkeypatch: pytest.MonkeyPatch, method_class: Any) -> Any:
-    """Make ``method_class.edit_batch`` raise KeyboardInterrupt on its second call; returns the original."""
-    original = method_class.edit_batch
-    calls = {"n": 0}
-
-    def interrupted(self: Any, model: Any, tok: Any, requests: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(self, model, tok, requests)
-
-    monkeypatch.setattr(method_class, "edit_batch", interrupted)
-    return original
 
 
 def test_lifelong_end_to_end_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -97,7 +83,7 @@ def test_lifelong_end_to_end_and_resume(tmp_path: Path, monkeypatch: pytest.Monk
 
     # The same run interrupted in its second batch (after the first checkpoint), then resumed.
     cut = tmp_path / "cut"
-    original = _interrupt_second_batch(monkeypatch, ECEMethod)
+    original = interrupt_second_batch(monkeypatch, ECEMethod)
     assert _run(cut, "--keep-checkpoints") == 130
     progress = json.loads(next((cut / "checkpoints").glob("*.progress.json")).read_text())
     assert progress["n_done"] == 2
@@ -235,7 +221,7 @@ def test_lifelong_easyedit_baseline_resumes_exactly(alg: str, tmp_path: Path, mo
 
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert _run(whole, "--keep-checkpoints", "--methods", alg) == 0
-    original = _interrupt_second_batch(monkeypatch, EasyEditMethod)
+    original = interrupt_second_batch(monkeypatch, EasyEditMethod)
     assert _run(cut, "--keep-checkpoints", "--methods", alg) == 130
     monkeypatch.setattr(EasyEditMethod, "edit_batch", original)
     assert cli.main(["--log-level", "WARNING", "lifelong", "--resume", str(cut)]) == 0

@@ -35,6 +35,7 @@ import torch
 
 from ...easyedit import BASELINES as EASYEDIT_BASELINES
 from ...easyedit import NULL_SPACE_BASELINES
+from ...evaluation.scoring import PromptEndHook
 from ...method.hparams import ECEHyperParams
 from .common import StudyError, weight_names
 
@@ -121,6 +122,13 @@ class EditMethod(Protocol):
     def edit_batch(self, model: torch.nn.Module, tok: Any, requests: Sequence[dict[str, Any]]) -> BatchOutcome:
         """Edit ``model`` in place with one batch of requests."""
         ...
+
+
+def prompt_end_hook(method: Any) -> Optional[PromptEndHook]:
+    """The method's ``prompt_end_hook``, for an edited model whose forward reads where a prompt ends (GRACE:
+    :class:`~.grace.GraceMethod`); None for every other method, whose scoring needs none."""
+    hook: Optional[PromptEndHook] = getattr(method, "prompt_end_hook", None)
+    return hook
 
 
 # ----------------------------------------------------------------------------- ECE

@@ -152,7 +152,9 @@ class GraceMethod(EasyEditMethod):
             raise StudyError(f"GRACE codebook lacks {missing or 'its labels or edit ids'}")
         from ... import easyedit
 
-        adapter: Any = self.adapter(model) or easyedit.grace_wrap(model, self.load(model))
+        if self.adapter(model) is None:
+            easyedit.grace_wrap(model, self.load(model))
+        adapter = self.adapter(model)
         device = adapter.weight.device
         adapter.keys = tensors["keys"].to(device)
         adapter.values = torch.nn.Parameter(tensors["values"].to(device), requires_grad=True)

@@ -49,7 +49,7 @@ from ...evaluation.dispatch import evaluate_records, metric_kind
 from ...evaluation.report import summarize
 from ...evaluation.scoring import PromptEndHook, pad_token_id
 from ...method import atomic
-from .baselines import EditMethod
+from .baselines import EditMethod, prompt_end_hook
 from .checkpoint import (
     forget_process_state,
     load_method_checkpoint,
@@ -182,7 +182,7 @@ def measure(
 ) -> dict[str, Any]:
     """One checkpoint's measurements (see the module docstring); ``n_done == 0`` measures every record to be
     edited (the pre-edit row). ``prompt_end_hook``: the edited model's, where its forward reads the position at
-    which a prompt ends (:attr:`~.baselines.EditMethod.prompt_end_hook`)."""
+    which a prompt ends (:func:`~.baselines.prompt_end_hook`)."""
     edited = [probes.records[p] for p in probes.positions(n_done or len(probes.records))]
     first = edited[: min(config.batch_size, len(edited))]
     reference = None
@@ -358,6 +358,7 @@ class LifelongRun:
         checkpoints = set(config.checkpoints())
         starts = list(range(progress.n_done, config.n_edits, config.batch_size))
         bar = tqdm(starts, desc=f"{method.name} lifelong", unit="batch", disable=not self.progress_bar)
+        hook = prompt_end_hook(method)
         for start in bar:
             batch = self.probes.records[start : start + config.batch_size]
             _seed(config, start // config.batch_size)
@@ -365,7 +366,6 @@ class LifelongRun:
             progress.batch_seconds.append(outcome.seconds)
             if outcome.trace is not None:
                 self._diagnose(method, progress, outcome.trace)
-            hook = getattr(method, "prompt_end_hook", None)
             progress.immediate_cases += measure_immediate(model, tok, self.probes, config, start, len(batch),
                                                           self.pre_cases, hook)
             n_done = start + len(batch)

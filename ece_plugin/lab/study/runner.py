@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import torch
 
-from .baselines import BatchOutcome, EditMethod
+from .baselines import BatchOutcome, EditMethod, prompt_end_hook
 from .common import PeakMemory, measure_peak_memory, restore_weights, snapshot_weights
 
 logger = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def run_method(
 
 def _with_prompt_end_hook(method: EditMethod, eval_kwargs: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
     """``eval_kwargs`` with the method's ``prompt_end_hook`` (an editor that reads where a prompt ends: GRACE)."""
-    hook = getattr(method, "prompt_end_hook", None)
+    hook = prompt_end_hook(method)
     return eval_kwargs if hook is None else {**(eval_kwargs or {}), "prompt_end_hook": hook}
 
 
