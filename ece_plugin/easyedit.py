@@ -504,6 +504,8 @@ _BASELINE_MODULES = {
     "GRACE": "easyeditor.models.grace.grace_main",
 }
 _TEMPLATE_GLOBAL = "CONTEXT_TEMPLATES_CACHE"
+#: Baselines whose cached context templates live in another module than their main one.
+_TEMPLATE_MODULES = {"WISE": "easyeditor.models.wise.utils"}
 _ALPHAEDIT_CACHE = ("cache_c", "cache_c_new")
 #: Baselines with AlphaEdit's null-space projection P and accumulated key covariance ``cache_c`` in module globals
 #: (SPHERE is AlphaEdit's update with a soft projection added; EasyEdit main keeps the same globals for it).
@@ -522,7 +524,8 @@ def baseline_process_state(alg_name: str) -> tuple[Any, dict[str, torch.Tensor]]
     tensors)``: its cached context templates (JSON-safe, None before the first edit) and, for AlphaEdit and SPHERE, its
     accumulated key covariance ``cache_c`` (absent before the first edit)."""
     module = import_easyedit(_BASELINE_MODULES[alg_name])
-    templates = getattr(module, _TEMPLATE_GLOBAL, None)
+    templates = getattr(import_easyedit(_TEMPLATE_MODULES.get(alg_name, _BASELINE_MODULES[alg_name])),
+                        _TEMPLATE_GLOBAL, None)
     tensors: dict[str, torch.Tensor] = {}
     if alg_name in NULL_SPACE_BASELINES and getattr(module, _ALPHAEDIT_CACHE[1], False):
         tensors["cache_c"] = getattr(module, _ALPHAEDIT_CACHE[0]).detach().cpu().contiguous().clone()
@@ -532,8 +535,9 @@ def baseline_process_state(alg_name: str) -> tuple[Any, dict[str, torch.Tensor]]
 def restore_baseline_process_state(alg_name: str, templates: Any, tensors: dict[str, torch.Tensor]) -> None:
     """Put back what :func:`baseline_process_state` returned (None templates: sampled afresh on next use)."""
     module = import_easyedit(_BASELINE_MODULES[alg_name])
-    if hasattr(module, _TEMPLATE_GLOBAL) or templates is not None:
-        setattr(module, _TEMPLATE_GLOBAL, templates)
+    holder = import_easyedit(_TEMPLATE_MODULES.get(alg_name, _BASELINE_MODULES[alg_name]))
+    if hasattr(holder, _TEMPLATE_GLOBAL) or templates is not None:
+        setattr(holder, _TEMPLATE_GLOBAL, templates)
     if alg_name in NULL_SPACE_BASELINES:
         if "cache_c" in tensors:
             setattr(module, _ALPHAEDIT_CACHE[0], tensors["cache_c"].clone())
@@ -550,3 +554,24 @@ def grace_wrap(model: torch.nn.Module, hparams: Any) -> None:
     grace.GRACE(config=hparams, model=model, device=getattr(hparams, "device", "cpu"))
     for name, param in model.named_parameters():
         param.requires_grad_(flags.get(name, param.requires_grad))
+
+
+def wise_wrap(model: torch.nn.Module, hparams: Any) -> None:
+    """Wrap the module WISE edits in EasyEdit main's ``WISEAdapter`` with empty side memories, as WISE's first
+    edit does (its constructor); the parameters keep their ``requires_grad``."""
+    wise = import_easyedit("easyeditor.models.wise.WISE")
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    wise.WISE(config=hparams, model=model, device=getattr(hparams, "device", "cpu"))
+    for name, param in model.named_parameters():
+        param.requires_grad_(flags.get(name, param.requires_grad))
+
+
+#: The module globals in which EasyEdit main's WISE keeps the inputs of earlier edits (read only by its replay).
+_WISE_HISTORY = ("edit_history", "merge_group_edit_history")
+
+
+def wise_history_reset() -> None:
+    """Start EasyEdit main's WISE as a new process would: no inputs of earlier edits in its module globals."""
+    wise = import_easyedit("easyeditor.models.wise.WISE")
+    for name in _WISE_HISTORY:
+        setattr(wise, name, [])

@@ -95,11 +95,13 @@ def test_method_table_knows_the_lifelong_editors() -> None:
 
     ece = ECEHyperParams.from_hparams(REPO / "hparams" / "ECE" / f"{SCALE2}.yaml")
     paths = {alg: REPO / "hparams" / alg / f"{SCALE2}.yaml" for alg in ee.BASELINES}
-    methods = build_methods(["ULTRAEDIT", "SPHERE", "SPHERE-batched", "MEMIT", "GRACE"], ece, paths)
-    assert [m.name for m in methods] == [
-        "ULTRAEDIT (EasyEdit)", "SPHERE (EasyEdit)", "SPHERE (EasyEdit, batched apply)", "MEMIT", "GRACE (EasyEdit)"]
-    assert [m.via for m in methods] == ["auto", "auto", "apply", "auto", "auto"]
-    assert type(methods[-1]).__name__ == "GraceMethod"  # it sets where GRACE's adapter reads
+    methods = build_methods(["ULTRAEDIT", "SPHERE", "SPHERE-batched", "MEMIT", "GRACE", "WISE"], ece, paths)
+    assert [m.name for m in methods] == ["ULTRAEDIT (EasyEdit)", "SPHERE (EasyEdit)",
+                                         "SPHERE (EasyEdit, batched apply)", "MEMIT", "GRACE (EasyEdit)", "WISE (EasyEdit)"]
+    assert [m.via for m in methods] == ["auto", "auto", "apply", "auto", "auto", "auto"]
+    assert type(methods[-2]).__name__ == "GraceMethod"  # it sets where GRACE's adapter reads
+    assert type(methods[-1]).__name__ == "WiseMethod"  # one adapter, rows routed alone, loc prompts
+    assert methods[-1].loc_corpus.ds_name == "factworld"  # the statistics corpus of the ECE hparams
     with pytest.raises(StudyError, match="unknown method 'NAS'"):
         build_methods(["NAS"], ece, paths)
 
@@ -143,16 +145,21 @@ def test_lifelong_editor_edits_two_sequential_batches_through_base_editor(
 
 @pytest.mark.easyeditor
 @needs_main
-def test_wise_is_refused_with_a_reason() -> None:
-    """WISE runs through BaseEditor.edit, but swaps a module of the model for its own side memory: the studies
-    cannot restore or checkpoint that, so the method says so instead of running (GRACE's adapter they can:
-    tests/test_grace.py)."""
+def test_wise_is_refused_by_the_plain_class_and_runs_as_wise_method() -> None:
+    """Through the plain EasyEdit class WISE would forget each edit at the next call (EasyEdit's text WISE builds a
+    new adapter unless its hparams say sequential_edit) and fail on batched scoring: that class refuses it, naming
+    the one that runs it (tests/test_wise.py)."""
     from ece_plugin.lab.study.baselines import EasyEditMethod
+    from ece_plugin.lab.study.wise import WiseMethod
 
     model = torch.nn.Linear(2, 2)
-    ok, reason = EasyEditMethod("WISE", REPO / "hparams" / "WISE" / f"{SCALE2}.yaml").availability(model)
-    assert not ok and "swaps the edited down_proj" in reason and "cannot undo or checkpoint" in reason
-    assert len(reason) < 300  # one line
+    path = REPO / "hparams" / "WISE" / f"{SCALE2}.yaml"
+    ok, reason = EasyEditMethod("WISE", path).availability(model)
+    assert not ok and "WiseMethod" in reason and len(reason) < 300  # one line
+    assert WiseMethod("WISE", path, loc_prompts=["An unrelated sentence here."]).availability(model) == (True, "")
+    merging = WiseMethod("WISE", path, loc_prompts=["An unrelated sentence here."], overrides={"retrieve": False})
+    ok, reason = merging.availability(model)
+    assert not ok and "retrieve: true" in reason
 
 
 def test_edited_weight_names_from_each_hparams_spelling() -> None:

@@ -52,13 +52,12 @@ BASELINE_ALIASES: dict[str, tuple[str, str, str]] = {
 }
 
 
-#: EasyEdit main editors that run through BaseEditor.edit on a CPU but replace a module of the model by their own
-#: (WISE: a side memory with a router). The studies snapshot, restore and checkpoint a method's edits as named
-#: weights, which cannot undo or save a replaced module, so they are refused with this. GRACE replaces one too;
-#: :class:`~.grace.GraceMethod` undoes, saves and scores its codebook adapter.
-MODULE_REPLACING_BASELINES: dict[str, str] = {
-    "WISE": "EasyEdit WISE swaps the edited down_proj for its own side-memory module, which the studies cannot undo "
-    "or checkpoint (they restore named weights); it also needs loc_prompts",
+#: EasyEdit main editors that replace a module of the model by their own and need their own class to run in the
+#: studies (undo, checkpoints, scoring): the plain class refuses them with this. GRACE's adapter runs as it is
+#: (:class:`~.grace.GraceMethod` adds where it reads).
+OWN_CLASS_BASELINES: dict[str, str] = {
+    "WISE": "EasyEdit WISE swaps the edited down_proj for its side-memory module: run it as WiseMethod "
+    "(build_methods), which keeps one adapter for the sequence, routes each scored prompt alone and gives loc_prompts",
 }
 
 
@@ -359,8 +358,8 @@ class EasyEditMethod:
             return False, f"EasyEdit not usable: {exc}"
         if not ok:
             return False, f"EasyEdit {self.alg}: {reason}"
-        if self.alg in MODULE_REPLACING_BASELINES:
-            return False, MODULE_REPLACING_BASELINES[self.alg]
+        if self.alg in OWN_CLASS_BASELINES and type(self) is EasyEditMethod:
+            return False, OWN_CLASS_BASELINES[self.alg]
         if not self.hparams_path.is_file():
             return False, f"no {self.alg} hparams file at {self.hparams_path}"
         try:
@@ -433,6 +432,10 @@ class EasyEditMethod:
             return self._edit_with_base_editor(model, requests)
         return self._edit_with_apply(model, tok, requests)
 
+    def base_editor_extra(self, model: torch.nn.Module, requests: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """More ``BaseEditor`` keyword arguments for this batch (WISE's ``loc_prompts``); none here."""
+        return {}
+
     def _edit_with_base_editor(self, model: torch.nn.Module, requests: Sequence[dict[str, Any]]) -> BatchOutcome:
         """One batch through ``BaseEditor``; the time is the apply function's (BaseEditor's own pre/post
         evaluation is left out)."""
@@ -441,7 +444,7 @@ class EasyEditMethod:
         assert self._editor is not None and self._timed is not None
         editor, timed = self._editor, self._timed
         timed.seconds = 0.0
-        kwargs = _base_editor_kwargs(requests)
+        kwargs = {**_base_editor_kwargs(requests), **self.base_editor_extra(model, requests)}
         flags = {name: p.requires_grad for name, p in model.named_parameters()}
         try:
             if not easyedit.baseline_batchable(self.alg):  # BaseEditor.edit: one request per call, in sequence

@@ -5,9 +5,10 @@ A checkpoint folder holds ``weights.safetensors`` (the parameters the method edi
 * ECE: ``state.safetensors`` (the carried keys, :class:`ece_plugin.method.state.SequentialState`) and
   ``templates.json`` (the context templates its first batch sampled);
 * EasyEdit's baselines: ``templates.json`` (the context templates EasyEdit caches in a module global) and,
-  for AlphaEdit, ``tensors.safetensors`` (its accumulated key covariance ``cache_c``); for GRACE, whose weights
-  never change, ``codebook.safetensors`` (its adapter's keys, values and radii) and ``codebook.json`` (the labels
-  and edit ids that decide its conflicts).
+  for AlphaEdit, ``tensors.safetensors`` (its accumulated key covariance ``cache_c``); for the editors whose
+  weights never change, their adapter's state as ``<name>.safetensors`` and ``<name>.json``: GRACE's
+  ``codebook`` (keys, values and radii; the labels and edit ids that decide its conflicts), WISE's
+  ``side_memory`` (side copy, side memories, gradient mask; counts, thresholds, random state).
 
 and ``checkpoint.json``, written last: the number of edits the checkpoint holds, the SHA-256 of each of its
 files and the run's progress at that point (its measured rows), so that a checkpoint knows what it holds and a
@@ -30,14 +31,11 @@ import torch
 
 from ...method import atomic
 from .baselines import EasyEditMethod, ECEMethod
-from .grace import GraceMethod
 
 WEIGHTS = "weights.safetensors"
 STATE = "state.safetensors"
 TEMPLATES = "templates.json"
 TENSORS = "tensors.safetensors"
-CODEBOOK = "codebook.safetensors"
-CODEBOOK_META = "codebook.json"
 MANIFEST = "checkpoint.json"
 MANIFEST_FORMAT = "ece-plugin-checkpoint/1"
 
@@ -76,14 +74,21 @@ def _write_method_files(method: Any, model: torch.nn.Module, folder: Path) -> No
         templates, tensors = easyedit.baseline_process_state(method.alg)
         if tensors:
             _save_tensors(folder / TENSORS, tensors)
-        if isinstance(method, GraceMethod):
-            codebook, meta = method.codebook(model)
-            if codebook:
-                _save_tensors(folder / CODEBOOK, codebook)
-                (folder / CODEBOOK_META).write_text(json.dumps(meta), encoding="utf-8")
+        name = _side_state_name(method)
+        if name:
+            keeper: Any = method  # GraceMethod, WiseMethod
+            side, meta = keeper.side_state(model)
+            if side:
+                _save_tensors(folder / f"{name}.safetensors", side)
+                (folder / f"{name}.json").write_text(json.dumps(meta), encoding="utf-8")
     else:
         raise CheckpointError(f"{type(method).__name__}: no checkpoint support")
     (folder / TEMPLATES).write_text(json.dumps({"templates": templates}), encoding="utf-8")
+
+
+def _side_state_name(method: Any) -> str:
+    """The file stem of the adapter state a method keeps outside the weights (GRACE, WISE); '' for the others."""
+    return str(getattr(method, "side_state_name", "") or "")
 
 
 def _sha256(path: Path) -> str:
@@ -170,12 +175,15 @@ def load_method_checkpoint(method: Any, model: torch.nn.Module, folder: Path) ->
 
         tensors = _load_tensors(folder / TENSORS) if (folder / TENSORS).is_file() else {}
         easyedit.restore_baseline_process_state(method.alg, templates, tensors)
-        if isinstance(method, GraceMethod) and (folder / CODEBOOK).is_file():
+        name = _side_state_name(method)
+        if name and (folder / f"{name}.safetensors").is_file():
+            meta_path = folder / f"{name}.json"
             try:
-                meta = json.loads((folder / CODEBOOK_META).read_text(encoding="utf-8"))
+                meta = json.loads(meta_path.read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:
-                raise CheckpointError(f"{folder / CODEBOOK_META}: unreadable ({exc})") from exc
-            method.load_codebook(model, _load_tensors(folder / CODEBOOK), meta)
+                raise CheckpointError(f"{meta_path}: unreadable ({exc})") from exc
+            keeper: Any = method  # GraceMethod, WiseMethod
+            keeper.load_side_state(model, _load_tensors(folder / f"{name}.safetensors"), meta)
         method.continue_sequence()
     return manifest
 
@@ -194,11 +202,11 @@ def forget_process_state(method: Any, model: torch.nn.Module) -> None:
 
 def state_nbytes(method: Any, model: torch.nn.Module) -> int:
     """Bytes of what the method carries between batches besides the weights (0 for ROME and MEMIT; GRACE's
-    codebook)."""
+    codebook, WISE's side memories)."""
     if isinstance(method, ECEMethod):
         return int(method._session(model).state.nbytes())
-    if isinstance(method, GraceMethod):
-        return method.codebook_nbytes(model)
+    if _side_state_name(method):
+        return int(method.side_state_nbytes(model))
     from ... import easyedit
 
     if isinstance(method, EasyEditMethod) and method.alg in easyedit.NULL_SPACE_BASELINES:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
@@ -67,6 +67,8 @@ def _nested_edit_ids(flat: list[Any]) -> Any:
 @dataclass
 class GraceMethod(EasyEditMethod):
     """EasyEdit's GRACE through ``BaseEditor.edit``, with the position it reads set per forward."""
+
+    side_state_name: ClassVar[str] = "codebook"
 
     _prompt_end: Optional[int] = None
     _hooked: Optional[torch.nn.Module] = None
@@ -163,3 +165,13 @@ class GraceMethod(EasyEditMethod):
         adapter.edit_ids = _nested_edit_ids(_flat_edit_ids(meta["edit_ids"]))  # flat, or as GRACE nests them
         adapter.iter = int(meta.get("iter", 0))  # its forward reads the last edit's step count, even outside edits
         self._hook(model)
+
+    # the checkpoint's names for them (as WISE's)
+    def side_state(self, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return self.codebook(model)
+
+    def side_state_nbytes(self, model: torch.nn.Module) -> int:
+        return self.codebook_nbytes(model)
+
+    def load_side_state(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.load_codebook(model, tensors, meta)

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -311,7 +312,10 @@ class RunFolder:
 
 # ------------------------------------------------------------------------------------------------ the run
 def _seed(config: LifelongConfig, batch_index: int) -> None:
+    """Each batch's random draws from the run's seed and its index, so that a resumed run draws what the whole run
+    did: torch's and numpy's (WISE draws its gradient masks from numpy's)."""
     torch.manual_seed(config.seed + batch_index)
+    np.random.seed(config.seed + batch_index)
 
 
 @dataclass

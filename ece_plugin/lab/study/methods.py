@@ -1,5 +1,7 @@
 """The methods a study compares, built by name: ECE's variants, EasyEdit's baselines and their other ways of
-running (GRACE with :class:`~.grace.GraceMethod`, which sets where its adapter reads)."""
+running (GRACE with :class:`~.grace.GraceMethod`, which sets where its adapter reads; WISE with
+:class:`~.wise.WiseMethod`, which routes each scored prompt alone and draws its loc prompts from the statistics
+corpus of the ECE hparams)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ...method.hparams import ECEHyperParams
+from ...method.statistics import StatsSpec
 from .baselines import (
     BASELINE_ALIASES,
     BASELINES,
@@ -19,6 +22,7 @@ from .baselines import (
 )
 from .common import StudyError
 from .grace import GraceMethod
+from .wise import WiseMethod
 
 
 def build_methods(
@@ -41,9 +45,14 @@ def build_methods(
             alg, via, label = BASELINE_ALIASES.get(name, (name, "auto", ""))
             if alg not in baseline_hparams:
                 raise StudyError(f"no hparams file given for {alg}")
-            kind = GraceMethod if alg == "GRACE" else EasyEditMethod
-            methods.append(kind(alg, baseline_hparams[alg], name=label, via=via,
-                                overrides=dict(baseline_overrides or {})))
+            path, overrides = baseline_hparams[alg], dict(baseline_overrides or {})
+            if alg == "GRACE":
+                methods.append(GraceMethod(alg, path, name=label, via=via, overrides=overrides))
+            elif alg == "WISE":
+                methods.append(WiseMethod(alg, path, name=label, via=via, overrides=overrides,
+                                          loc_corpus=StatsSpec.from_hparams(ece_hparams)))
+            else:
+                methods.append(EasyEditMethod(alg, path, name=label, via=via, overrides=overrides))
         else:
             known = sorted(ECE_VARIANTS) + list(BASELINES) + list(BASELINE_ALIASES)
             raise StudyError(f"unknown method {name!r}; known: {known}")
