@@ -162,6 +162,31 @@ def test_grace_lifelong_resumed_from_its_codebook_equals_the_whole_run(
     assert rows(cut) == kept
 
 
+@pytest.mark.easyeditor
+@needs_main
+def test_grace_edit_whose_key_lands_on_a_key_with_its_label_trains_that_value(
+    testbed: tuple[torch.nn.Module, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EasyEdit's GRACE freezes every parameter at each call, its codebook's values too: the same fact edited again
+    (its key within the radius of a key with its label: GRACE widens that radius and trains its value) failed with
+    'element 0 of tensors does not require grad' (a 2,000-edit CounterFact run stopped there after 1,600 edits)."""
+    from ece_plugin.lab.study.grace import GraceMethod
+
+    model, tok = testbed
+    monkeypatch.chdir(tmp_path)
+    method = GraceMethod("GRACE", _grace_yaml(tmp_path))
+    method.prepare(model, tok)
+    method.reset(model)
+    try:
+        request = _requests(1)[0]
+        method.edit_batch(model, tok, [request, dict(request)])  # the second call finds its own key, same label
+        adapter = method.adapter(model)
+        assert len(adapter.keys) == 1  # no new key: the radius was widened, the value trained
+        assert _nll(model, tok, [request], method.prompt_end_hook)[0] < 1.0
+    finally:
+        method.reset(model)
+
+
 def test_the_studies_pass_a_methods_prompt_end_hook_to_the_scorer() -> None:
     """Every study scores through runner.run_method (bench, demo, batch and layer studies) or lifelong.measure;
     the runner hands the method's hook to the evaluator and leaves the others' options as they were."""

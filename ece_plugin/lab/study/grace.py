@@ -5,7 +5,13 @@ module's input at the edited prompt's last token), deferral radii and trained va
 within a radius, the value replaces the module's output at that token. Its weights never change: the codebook is
 the edit. Edits go through EasyEdit's own ``BaseEditor.edit``, one request per call, as EasyEdit runs GRACE.
 
-What the studies add around it (GRACE's computation is untouched):
+What the studies add around it (GRACE's computation is untouched, but for the first point):
+
+* **The value of a widened key trains.** EasyEdit's GRACE freezes every parameter of the model at each call, the
+  codebook's values too. An edit whose key falls within the radius of a key with the same label (GRACE then widens
+  that radius and trains that key's value) found them frozen and failed with ``element 0 of tensors does not
+  require grad``: a 2,000-edit CounterFact run stopped there after 1,600 edits. During an edit the values are
+  made trainable again before each forward, as GRACE's design says they are.
 
 * **Where a forward reads.** The adapter reads one position of every row of a forward (``key_id``) and keeps it
   from call to call, so in a padded batch it reads a different token of each prompt. Before every forward outside
@@ -87,6 +93,12 @@ class GraceMethod(EasyEditMethod):
     def _set_position(self, module: Any, args: Any) -> None:
         if not module.training:  # during an edit GRACE sets key_id itself
             module.key_id = -1 if self._prompt_end is None else int(self._prompt_end)
+        elif isinstance(module.__dict__.get("_parameters", {}).get("values"), torch.nn.Parameter):
+            # EasyEdit's GRACE freezes every parameter of the model at each call, its codebook's values too; an
+            # edit that adds a key makes new values that train, but one whose key falls within the radius of a
+            # key with the same label (GRACE then widens that radius and trains its value) found them frozen and
+            # failed (`element 0 of tensors does not require grad`). Its value trains, as GRACE's design says.
+            module.values.requires_grad_(True)
 
     def module_name(self, model: Optional[torch.nn.Module] = None) -> str:
         """The name of the module GRACE wraps."""
@@ -115,9 +127,12 @@ class GraceMethod(EasyEditMethod):
 
     # -- EditMethod
     def edit_batch(self, model: torch.nn.Module, tok: Any, requests: Any) -> Any:
-        outcome = super().edit_batch(model, tok, requests)
+        if self.adapter(model) is None:  # wrap as GRACE's first edit would, so the hook is there from its first forward
+            from ... import easyedit
+
+            easyedit.grace_wrap(model, self.load(model))
         self._hook(model)
-        return outcome
+        return super().edit_batch(model, tok, requests)
 
     def reset(self, model: torch.nn.Module) -> None:
         """Forget every edit: the wrapped module goes back in the adapter's place."""
