@@ -519,13 +519,17 @@ def baseline_module(alg_name: str) -> ModuleType:
     return import_easyedit(_BASELINE_MODULES[alg_name])
 
 
+def _template_module(alg_name: str) -> ModuleType:
+    """The EasyEdit module whose global caches a baseline's context templates."""
+    return import_easyedit(_TEMPLATE_MODULES.get(alg_name, _BASELINE_MODULES[alg_name]))
+
+
 def baseline_process_state(alg_name: str) -> tuple[Any, dict[str, torch.Tensor]]:
     """What a baseline carries between batches outside the weights, for a checkpoint: ``(templates,
     tensors)``: its cached context templates (JSON-safe, None before the first edit) and, for AlphaEdit and SPHERE, its
     accumulated key covariance ``cache_c`` (absent before the first edit)."""
     module = import_easyedit(_BASELINE_MODULES[alg_name])
-    templates = getattr(import_easyedit(_TEMPLATE_MODULES.get(alg_name, _BASELINE_MODULES[alg_name])),
-                        _TEMPLATE_GLOBAL, None)
+    templates = getattr(_template_module(alg_name), _TEMPLATE_GLOBAL, None)
     tensors: dict[str, torch.Tensor] = {}
     if alg_name in NULL_SPACE_BASELINES and getattr(module, _ALPHAEDIT_CACHE[1], False):
         tensors["cache_c"] = getattr(module, _ALPHAEDIT_CACHE[0]).detach().cpu().contiguous().clone()
@@ -535,7 +539,7 @@ def baseline_process_state(alg_name: str) -> tuple[Any, dict[str, torch.Tensor]]
 def restore_baseline_process_state(alg_name: str, templates: Any, tensors: dict[str, torch.Tensor]) -> None:
     """Put back what :func:`baseline_process_state` returned (None templates: sampled afresh on next use)."""
     module = import_easyedit(_BASELINE_MODULES[alg_name])
-    holder = import_easyedit(_TEMPLATE_MODULES.get(alg_name, _BASELINE_MODULES[alg_name]))
+    holder = _template_module(alg_name)
     if hasattr(holder, _TEMPLATE_GLOBAL) or templates is not None:
         setattr(holder, _TEMPLATE_GLOBAL, templates)
     if alg_name in NULL_SPACE_BASELINES:
@@ -546,22 +550,17 @@ def restore_baseline_process_state(alg_name: str, templates: Any, tensors: dict[
             setattr(module, _ALPHAEDIT_CACHE[1], False)
 
 
-def grace_wrap(model: torch.nn.Module, hparams: Any) -> None:
-    """Wrap the module GRACE edits in EasyEdit main's ``GRACEAdapter`` with an empty codebook, as GRACE's first
-    edit does (its constructor); the parameters keep their ``requires_grad``."""
-    grace = import_easyedit("easyeditor.models.grace.GRACE")
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    grace.GRACE(config=hparams, model=model, device=getattr(hparams, "device", "cpu"))
-    for name, param in model.named_parameters():
-        param.requires_grad_(flags.get(name, param.requires_grad))
+#: The editors that wrap the module they edit in an adapter: name -> (module, class) of the wrapper that puts it in.
+_ADAPTER_WRAPPERS = {"GRACE": ("easyeditor.models.grace.GRACE", "GRACE"), "WISE": ("easyeditor.models.wise.WISE", "WISE")}
 
 
-def wise_wrap(model: torch.nn.Module, hparams: Any) -> None:
-    """Wrap the module WISE edits in EasyEdit main's ``WISEAdapter`` with empty side memories, as WISE's first
-    edit does (its constructor); the parameters keep their ``requires_grad``."""
-    wise = import_easyedit("easyeditor.models.wise.WISE")
+def adapter_wrap(alg_name: str, model: torch.nn.Module, hparams: Any) -> None:
+    """Wrap the module GRACE or WISE edits in EasyEdit main's adapter, empty, as the method's first edit does (its
+    wrapper's constructor); the parameters keep their ``requires_grad``."""
+    module, cls = _ADAPTER_WRAPPERS[alg_name]
+    wrapper = getattr(import_easyedit(module), cls)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    wise.WISE(config=hparams, model=model, device=getattr(hparams, "device", "cpu"))
+    wrapper(config=hparams, model=model, device=getattr(hparams, "device", "cpu"))
     for name, param in model.named_parameters():
         param.requires_grad_(flags.get(name, param.requires_grad))
 

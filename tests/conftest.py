@@ -7,6 +7,7 @@ kept on decode), so subjects and targets tokenize cleanly and MEMIT's "prompt + 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -325,3 +326,14 @@ def interrupt_second_batch(monkeypatch: pytest.MonkeyPatch, method_class: Any) -
 
     monkeypatch.setattr(method_class, "edit_batch", interrupted)
     return original
+
+
+def lifelong_rows(out: Path) -> list[dict[str, Any]]:
+    """The measured rows of every method of the lifelong run in ``out`` (each available), without their
+    timings, which differ between a whole run and a resumed one."""
+    data = json.loads((out / "lifelong.json").read_text())
+    assert all(m["available"] for m in data["methods"]), data["methods"]
+    found = [row for m in data["methods"] for row in m["rows"]]
+    for row in found:
+        row.pop("seconds_per_batch")
+    return found

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import interrupt_second_batch
+from conftest import interrupt_second_batch, lifelong_rows
 
 from ece_plugin import easyedit as ee
 from ece_plugin.evaluation.scoring import score_continuations
@@ -129,17 +129,9 @@ def test_wise_lifelong_resumed_from_its_side_memories_equals_the_whole_run(
             "--n-retention", "4", "--ppl-tokens", "256", "--n-fluency-prompts", "2", "--out", str(out), *extra,
         ])
 
-    def rows(out: Path) -> list[dict[str, Any]]:
-        data = json.loads((out / "lifelong.json").read_text())
-        assert all(m["available"] for m in data["methods"]), data["methods"]
-        found = [row for m in data["methods"] for row in m["rows"]]
-        for row in found:
-            row.pop("seconds_per_batch")
-        return found
-
     whole = tmp_path / "whole"
     assert run(whole) == 0
-    kept = rows(whole)
+    kept = lifelong_rows(whole)
     assert [r["n_edits"] for r in kept] == [2, 4, 6]
     assert kept[-1]["state_bytes"] > kept[0]["state_bytes"] > 0  # side memories; the weights do not change
     assert all(g == 0.0 for r in kept for g in r["weight_growth"].values())
@@ -152,4 +144,4 @@ def test_wise_lifelong_resumed_from_its_side_memories_equals_the_whole_run(
     assert saved and json.loads((saved[0].parent / "side_memory.json").read_text())["n_memories"] == 1
     monkeypatch.setattr(WiseMethod, "edit_batch", original)
     assert cli.main(["--log-level", "WARNING", "lifelong", "--resume", str(cut)]) == 0
-    assert rows(cut) == kept
+    assert lifelong_rows(cut) == kept

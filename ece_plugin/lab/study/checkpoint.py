@@ -8,7 +8,7 @@ A checkpoint folder holds ``weights.safetensors`` (the parameters the method edi
   for AlphaEdit, ``tensors.safetensors`` (its accumulated key covariance ``cache_c``); for the editors whose
   weights never change, their adapter's state as ``<name>.safetensors`` and ``<name>.json``: GRACE's
   ``codebook`` (keys, values and radii; the labels and edit ids that decide its conflicts), WISE's
-  ``side_memory`` (side copy, side memories, gradient mask; counts, thresholds, random state).
+  ``side_memory`` (side copy, side memories, gradient mask; counts, thresholds, loc-prompt position).
 
 and ``checkpoint.json``, written last: the number of edits the checkpoint holds, the SHA-256 of each of its
 files and the run's progress at that point (its measured rows), so that a checkpoint knows what it holds and a

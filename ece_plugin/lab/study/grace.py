@@ -34,20 +34,12 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from ...method.architecture import get_module
-from .baselines import EasyEditMethod
+from .adapters import AdapterMethod
 from .common import StudyError
 
 logger = logging.getLogger(__name__)
 
-ADAPTER = "GRACEAdapter"
 CODEBOOK_TENSORS = ("keys", "values", "epsilons")
-
-
-def _module_path(inner_param: str) -> str:
-    """``model.layers[3].mlp.down_proj.weight`` -> ``model.layers.3.mlp.down_proj`` (GRACE edits modules)."""
-    path = inner_param.replace("[", ".").replace("]", "")
-    return path.rsplit(".", 1)[0] if path.endswith((".weight", ".bias")) else path
 
 
 def _flat_edit_ids(nested: Any) -> list[Any]:
@@ -71,19 +63,16 @@ def _nested_edit_ids(flat: list[Any]) -> Any:
 
 
 @dataclass
-class GraceMethod(EasyEditMethod):
+class GraceMethod(AdapterMethod):
     """EasyEdit's GRACE through ``BaseEditor.edit``, with the position it reads set per forward."""
 
+    ALG: ClassVar[str] = "GRACE"
+    ADAPTER: ClassVar[str] = "GRACEAdapter"
     side_state_name: ClassVar[str] = "codebook"
 
     _prompt_end: Optional[int] = None
     _hooked: Optional[torch.nn.Module] = None
     _handle: Any = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.alg != "GRACE":
-            raise StudyError(f"GraceMethod runs GRACE, not {self.alg}")
 
     # -- where a forward reads
     def prompt_end_hook(self, position: Optional[int]) -> None:
@@ -100,18 +89,6 @@ class GraceMethod(EasyEditMethod):
             # failed (`element 0 of tensors does not require grad`). Its value trains, as GRACE's design says.
             module.values.requires_grad_(True)
 
-    def module_name(self, model: Optional[torch.nn.Module] = None) -> str:
-        """The name of the module GRACE wraps."""
-        inner = list(getattr(self.load(model), "inner_params", []) or [])
-        if len(inner) != 1:
-            raise StudyError(f"GRACE edits one module; {self.hparams_path} names {len(inner)} in inner_params")
-        return _module_path(str(inner[0]))
-
-    def adapter(self, model: torch.nn.Module) -> Any:
-        """GRACE's adapter module on ``model`` (None before the first edit or after :meth:`reset`)."""
-        module = get_module(model, self.module_name(model))
-        return module if type(module).__name__ == ADAPTER else None
-
     def _hook(self, model: torch.nn.Module) -> None:
         adapter = self.adapter(model)
         if adapter is None or adapter is self._hooked:
@@ -127,19 +104,13 @@ class GraceMethod(EasyEditMethod):
 
     # -- EditMethod
     def edit_batch(self, model: torch.nn.Module, tok: Any, requests: Any) -> Any:
-        if self.adapter(model) is None:  # wrap as GRACE's first edit would, so the hook is there from its first forward
-            from ... import easyedit
-
-            easyedit.grace_wrap(model, self.load(model))
+        self.ensure_adapter(model)  # wrapped before GRACE's first edit, so the hook is there from its first forward
         self._hook(model)
         return super().edit_batch(model, tok, requests)
 
     def reset(self, model: torch.nn.Module) -> None:
         """Forget every edit: the wrapped module goes back in the adapter's place."""
-        adapter = self.adapter(model)
-        if adapter is not None:
-            parent_name, _, child = self.module_name(model).rpartition(".")
-            setattr(get_module(model, parent_name), child, adapter.layer)
+        self.unwrap(model)
         self._unhook()
         self._prompt_end = None
         super().reset(model)
@@ -167,11 +138,7 @@ class GraceMethod(EasyEditMethod):
         missing = [name for name in CODEBOOK_TENSORS if name not in tensors]
         if missing or not isinstance(meta.get("key_labels"), list) or "edit_ids" not in meta:
             raise StudyError(f"GRACE codebook lacks {missing or 'its labels or edit ids'}")
-        from ... import easyedit
-
-        if self.adapter(model) is None:
-            easyedit.grace_wrap(model, self.load(model))
-        adapter = self.adapter(model)
+        adapter = self.ensure_adapter(model)
         device = adapter.weight.device
         adapter.keys = tensors["keys"].to(device)
         adapter.values = torch.nn.Parameter(tensors["values"].to(device), requires_grad=True)

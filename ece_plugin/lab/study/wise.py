@@ -25,8 +25,8 @@ What the studies add around it:
 * **Undo.** :meth:`WiseMethod.reset` puts the wrapped module back and empties WISE's module-global edit history.
 * **Checkpoints.** :meth:`WiseMethod.side_state` and :meth:`WiseMethod.load_side_state`: the side copy, the side
   memories and the gradient mask as tensors; the edit count, merge count, activation thresholds, the position in
-  the loc prompts as JSON (``lifelong`` seeds numpy's draws, which WISE's masks come from, per batch). WISE's edit history (the inputs
-  of earlier edits) is read only by its replay (``replay: false`` here) and is not saved.
+  the loc prompts as JSON (``lifelong`` seeds numpy's draws, which WISE's masks come from, per batch). WISE's
+  edit history (the inputs of earlier edits) is read only by its replay (``replay: false`` here) and is not saved.
 """
 
 from __future__ import annotations
@@ -43,23 +43,16 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from ...method.architecture import get_module
-from .baselines import BatchOutcome, EasyEditMethod
+from .adapters import AdapterMethod
+from .baselines import BatchOutcome
 from .common import StudyError
 
 logger = logging.getLogger(__name__)
 
-ADAPTER = "WISEAdapter"
 #: Sentences of the corpus that may serve as loc prompts: this many words.
 LOC_WORDS = (4, 24)
 LOC_SEED = 0
 _MEAN_ACT_FIELDS = ("avg", "count", "sum", "min_a")
-
-
-def _module_path(inner_param: str) -> str:
-    """``model.layers[3].mlp.down_proj.weight`` -> ``model.layers.3.mlp.down_proj`` (WISE wraps modules)."""
-    path = inner_param.replace("[", ".").replace("]", "")
-    return path.rsplit(".", 1)[0] if path.endswith((".weight", ".bias")) else path
 
 
 def corpus_sentences(paths: Sequence[Path], seed: int = LOC_SEED) -> list[str]:
@@ -82,10 +75,12 @@ def _mean_act_state(act: Any) -> dict[str, float]:
 
 
 @dataclass
-class WiseMethod(EasyEditMethod):
+class WiseMethod(AdapterMethod):
     """EasyEdit's WISE through ``BaseEditor.edit``: one adapter for the sequence, one routing decision per
     scored prompt, loc prompts from the statistics corpus."""
 
+    ALG: ClassVar[str] = "WISE"
+    ADAPTER: ClassVar[str] = "WISEAdapter"
     side_state_name: ClassVar[str] = "side_memory"
 
     loc_prompts: Optional[list[str]] = None  # None: sentences of loc_corpus
@@ -95,11 +90,6 @@ class WiseMethod(EasyEditMethod):
     _adapter: Any = None
     _handle: Any = None
     _pool_cache: Optional[list[str]] = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.alg != "WISE":
-            raise StudyError(f"WiseMethod runs WISE, not {self.alg}")
 
     # -- hparams and loc prompts
     def load(self, model: Optional[torch.nn.Module] = None) -> Any:
@@ -148,18 +138,6 @@ class WiseMethod(EasyEditMethod):
         return {"loc_prompts": self.next_loc_prompts(model, requests)}
 
     # -- the adapter and where its forwards route
-    def module_name(self, model: Optional[torch.nn.Module] = None) -> str:
-        """The name of the module WISE wraps."""
-        inner = list(getattr(self.load(model), "inner_params", []) or [])
-        if len(inner) != 1:
-            raise StudyError(f"WISE edits one module; {self.hparams_path} names {len(inner)} in inner_params")
-        return _module_path(str(inner[0]))
-
-    def adapter(self, model: torch.nn.Module) -> Any:
-        """WISE's adapter module on ``model`` (None before the first edit or after :meth:`reset`)."""
-        module = get_module(model, self.module_name(model))
-        return module if type(module).__name__ == ADAPTER else None
-
     def _capture_mask(self, module: Any, args: Any, kwargs: Any) -> None:
         mask = kwargs.get("attention_mask")
         self._mask = mask if isinstance(mask, torch.Tensor) else None
@@ -217,10 +195,7 @@ class WiseMethod(EasyEditMethod):
         from ... import easyedit
 
         self._unhook()
-        adapter = self.adapter(model)
-        if adapter is not None:
-            parent_name, _, child = self.module_name(model).rpartition(".")
-            setattr(get_module(model, parent_name), child, adapter.layer)
+        self.unwrap(model)
         if easyedit.easyedit_version() == easyedit.EASYEDIT_MAIN:
             easyedit.wise_history_reset()
         self._loc_next = 0
@@ -263,11 +238,7 @@ class WiseMethod(EasyEditMethod):
         missing = [name for name in needed if name not in tensors]
         if not isinstance(n, int) or missing or len(meta.get("memory_mean_act", [])) != n:
             raise StudyError(f"WISE side memory lacks {missing or 'its counts or thresholds'}")
-        from ... import easyedit
-
-        if self.adapter(model) is None:
-            easyedit.wise_wrap(model, self.load(model))
-        adapter = self.adapter(model)
+        adapter = self.ensure_adapter(model)
         device = adapter.weight.device
         adapter.new_weight = torch.nn.Parameter(tensors["new_weight"].to(device), requires_grad=False)
         adapter.memory_weight = [tensors[f"memory_weight.{i}"].to(device) for i in range(n)]
