@@ -383,3 +383,84 @@ def test_the_capacity_checkpoints_agree_with_each_runs_final_table() -> None:
         row = final[p["setting"], p["sequence"].replace(",", ""), p["n_edits"]]
         assert [row[k] for k in ("efficacy", "generalization", "specificity")] == \
             [p[k] for k in ("efficacy", "generalization", "specificity")], p
+
+
+# ----- figures drawn from the data ------------------------------------------------------------------------------
+
+CHECKPOINTS = """setting,label,method,n_edits,protocol,efficacy,perplexity
+pre,Pre-edited,Pre-edited,0,after_all,0.8,243.0
+ece,"ECE, recommended",ECE-AS,500,after_all,98.0,260.0
+ece,"ECE, recommended",ECE-AS,500,immediate,99.0,260.0
+ece,"ECE, recommended",ECE-AS,1000,after_all,95.0,290.0
+ece,"ECE, recommended",ECE-AS,1000,immediate,97.5,290.0
+memit,MEMIT,MEMIT,500,after_all,90.0,400.0
+memit,MEMIT,MEMIT,500,immediate,93.0,400.0
+"""
+
+
+def _with_figure(tmp_path: Path, **change: object) -> Path:
+    repo = _tiny(tmp_path)
+    folder = repo / "results" / "run"
+    (folder / "checkpoints.csv").write_text(CHECKPOINTS)
+    meta = json.loads((folder / "experiment.json").read_text())
+    figure = {"file": "checkpoints.csv", "series": "{label}", "reference": {"setting": ["pre"]},
+              "panels": [["efficacy", "ES (%)"], ["perplexity", "PPL", "log"]], "title": "Tiny curves"}
+    figure.update(change)
+    meta["figures"] = {"curves.png": figure}
+    meta["tables"]["main"]["figure"] = "curves.png"
+    (folder / "experiment.json").write_text(json.dumps(meta))
+    return repo
+
+
+def test_a_figure_is_drawn_from_the_checkpoints_and_its_data_file_says_what_it_shows(tmp_path: Path) -> None:
+    repo = _with_figure(tmp_path)
+    png, data_file = repo / "results/run/curves.png", repo / "results/run/curves.data.json"
+    assert results.main(["--repo", str(repo), "--check"]) == 1 and not png.exists()  # a check writes nothing
+    assert results.main(["--repo", str(repo)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![Tiny run](results/run/curves.png)" in (repo / "README.md").read_text()
+    data = json.loads(data_file.read_text())
+    assert data["reference"] == {"efficacy": 0.8, "perplexity": 243.0}  # the unedited model: a line, not a series
+    ece, memit = data["series"]
+    assert ece["label"] == "ECE, recommended" and memit["label"] == "MEMIT"
+    assert ece["protocols"]["after_all"]["efficacy"] == [[500.0, 98.0], [1000.0, 95.0]]
+    assert ece["protocols"]["immediate"]["efficacy"] == [[500.0, 99.0], [1000.0, 97.5]]
+    # perplexity does not depend on the protocol: drawn once
+    assert ece["protocols"]["after_all"]["perplexity"] == [[500.0, 260.0], [1000.0, 290.0]]
+    assert "perplexity" not in ece["protocols"]["immediate"]
+    assert results.main(["--repo", str(repo), "--check"]) == 0
+    drawn = png.stat().st_mtime_ns
+    assert results.render_all(repo) == [] and png.stat().st_mtime_ns == drawn  # up to date: not redrawn
+
+
+def test_a_figure_whose_data_changed_is_out_of_date_until_redrawn(tmp_path: Path) -> None:
+    repo = _with_figure(tmp_path)
+    results.render_all(repo)
+    csv_path = repo / "results/run/checkpoints.csv"
+    csv_path.write_text(csv_path.read_text().replace("95.0", "94.0"))
+    assert results.render_all(repo, write=False) == [repo / "results/run/curves.png"]
+    assert results.main(["--repo", str(repo), "--check"]) == 1
+    results.render_all(repo)
+    assert [[1000.0, 94.0]] == [p for p in json.loads((repo / "results/run/curves.data.json").read_text())
+                                ["series"][0]["protocols"]["after_all"]["efficacy"] if p[0] == 1000.0]
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"panels": [["colour", "Colour"]]}, "no column 'colour'"),
+    ({"series": "{nope}"}, r"no column \['nope'\]"),
+    ({"where": {"setting": ["none"]}}, "no rows selected"),
+    ({"file": "absent.csv"}, "absent.csv"),
+])
+def test_a_bad_figure_is_refused_naming_the_problem_before_anything_is_written(
+        tmp_path: Path, change: dict[str, object], message: str) -> None:
+    repo = _with_figure(tmp_path, **change)
+    before = (repo / "README.md").read_text()
+    with pytest.raises(ResultsError, match=message):
+        results.render_all(repo)
+    assert (repo / "README.md").read_text() == before and not (repo / "results/run/curves.png").exists()
+
+
+def test_every_declared_figure_of_the_results_is_drawn_from_its_data() -> None:
+    figures = results.load_figures(REPO / "results")
+    assert {"curves-counterfact.png", "curves-zsre.png"} <= {f.name for f in figures}
+    assert results.stale_figures(REPO / "results") == []

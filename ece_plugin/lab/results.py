@@ -26,6 +26,11 @@ so ``{n_edits:,}`` gives 2,000): a cell shows the first template whose fields ar
 template without fields, such as ``"-"``, always is), else nothing. ``"include": [{"experiment": NAME, "where": {...}}]`` adds rows of another experiment
 (run once, shown in several tables). ``"wide": {"by": "protocol", "key": ["setting"]}`` puts each key's
 rows side by side: the after-all row's fields by their names, the immediate row's as ``immediate_<field>``.
+``"figures": {"curve.png": {"file": "checkpoints.csv", "series": "{label}", "panels": [["efficacy", "ES (%)"],
+["perplexity", "PPL", "log"], ...], "reference": {"setting": ["pre-edit"]}, "title": "..."}}`` (with ``include``,
+``where`` and ``order`` as a table's) draws a figure from the data: one colour per series, after all solid,
+immediate dashed, the reference rows (the unedited model) as a dotted line; ``<stem>.data.json`` beside it holds
+exactly what is drawn, and ``--check`` compares that with the data (a figure is redrawn only when it differs).
 ``protocol`` (``after_all``, ``immediate``, ``both``, ``one_batch`` or ``unscored``) may be set per table;
 otherwise the experiment's applies. ``--add-lifelong RUN --experiment NAME`` adds a ``lifelong`` run's checkpoints
 (its ``lifelong.csv``, both protocols) to ``results/NAME/`` as rows in %; ``--add-timing RUN --experiment NAME`` adds
@@ -285,7 +290,7 @@ def _relative(target: Path, doc: Path) -> str:
     return Path(os.path.relpath(target, doc.parent)).as_posix()
 
 
-def render_table(root: Path, table: Table, doc: Path) -> str:
+def render_table(root: Path, table: Table, doc: Path, drawn: frozenset[Path] | set[Path] = frozenset()) -> str:
     """The Markdown of one table (caption with its protocol, the table, its figure), links relative to ``doc``."""
     spec, where = table.spec, f"results/{table.experiment}/experiment.json, table {table.name!r}"
     folder = root / table.experiment
@@ -303,10 +308,184 @@ def render_table(root: Path, table: Table, doc: Path) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     figure = spec.get("figure")
     if figure:
-        if not (folder / figure).is_file():
+        if not (folder / figure).is_file() and folder / figure not in drawn:
             raise ResultsError(f"{where}: figure {figure!r} is not in results/{table.experiment}/")
         lines += ["", f"![{spec.get('figure_alt', caption)}]({_relative(folder / figure, doc)})"]
     return "\n".join(lines) + "\n"
+
+
+# ----- figures drawn from the data ------------------------------------------------------------------------
+
+PROTOCOL_METRICS = ("efficacy", "generalization", "specificity", "score")  # differ between the two protocols
+PROTOCOL_STYLES = {"after_all": "-", "immediate": "--"}
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One figure of an experiment, as ``experiment.json`` declares it under ``"figures"``."""
+
+    name: str
+    experiment: str
+    spec: dict[str, Any]
+
+    @property
+    def source(self) -> str:
+        return f"results/{self.experiment}/experiment.json, figure {self.name!r}"
+
+    def paths(self, root: Path) -> tuple[Path, Path]:
+        """The PNG and its data file (``<stem>.data.json``: exactly what is drawn, for ``--check``)."""
+        png = root / self.experiment / self.name
+        return png, png.with_name(png.stem + ".data.json")
+
+
+def load_figures(root: Path) -> list[Figure]:
+    """Every figure of every ``results/<name>/experiment.json``; each must be a ``.png`` name."""
+    figures = []
+    for meta_path in sorted(root.glob("*/experiment.json")):
+        for name, spec in json.loads(meta_path.read_text()).get("figures", {}).items():
+            if not name.endswith(".png") or "/" in name:
+                raise ResultsError(f"{meta_path}: figure {name!r} is not a PNG file name")
+            for key in ("series", "panels", "title"):
+                if key not in spec:
+                    raise ResultsError(f"{meta_path}: figure {name!r} has no {key!r}")
+            figures.append(Figure(name, meta_path.parent.name, spec))
+    return figures
+
+
+def _float(value: str, source: str, column: str) -> Optional[float]:
+    if value in ("", "None", "nan", "-"):
+        return None
+    try:
+        return float(value.replace(",", ""))
+    except ValueError as exc:
+        raise ResultsError(f"{source}: column {column!r} holds {value!r}, not a number") from exc
+
+
+def figure_data(root: Path, figure: Figure) -> dict[str, Any]:
+    """What ``figure`` draws, read from the data: per series (``"series"``, a template such as ``"{label}"``) and
+    protocol the points (``x``, default ``n_edits``) of every panel's column. The columns of
+    :data:`PROTOCOL_METRICS` are drawn per protocol (after all solid, immediate dashed), the others once (they do
+    not depend on the protocol). Rows matching ``"reference"`` (the unedited model) give each panel a grey line."""
+    spec, source = figure.spec, figure.source
+    table = Table(figure.name, figure.experiment, spec, {})
+    rows = _ordered(_selected(_table_rows(root, table), spec.get("where", {}), source), spec.get("order", {}), source)
+    x_column = spec.get("x", "n_edits")
+    panels = [list(p) for p in spec["panels"]]
+    for column in [x_column, *(p[0] for p in panels)]:
+        if rows and column not in rows[0]:
+            raise ResultsError(f"{source}: no column {column!r} in the data")
+    reference_where = spec.get("reference", {})
+    reference = _selected(rows, reference_where, source) if reference_where else []
+    drawn = [r for r in rows if r not in reference]
+    if not drawn:
+        raise ResultsError(f"{source}: no rows selected")
+    series: dict[str, dict[str, dict[str, list[list[float]]]]] = {}
+    for row in drawn:
+        label = _cell([spec["series"]], row, source)
+        protocol = row.get("protocol") or "after_all"
+        x = _float(row[x_column], source, x_column)
+        if x is None:
+            continue
+        by_protocol = series.setdefault(label, {})
+        for column, *_ in panels:
+            if column not in PROTOCOL_METRICS and protocol != "after_all" and "after_all" in by_protocol:
+                continue  # drawn once, from the after-all row
+            y = _float(row[column], source, column)
+            if y is None:
+                continue
+            points = by_protocol.setdefault(protocol if column in PROTOCOL_METRICS else "after_all", {})
+            line = points.setdefault(column, [])
+            line[:] = [p for p in line if p[0] != x] + [[x, y]]
+    for by_protocol in series.values():
+        for points in by_protocol.values():
+            for line in points.values():
+                line.sort()
+    ref = {}
+    for column, *_ in panels:
+        values = [v for v in (_float(r[column], source, column) for r in reference) if v is not None]
+        if values:
+            ref[column] = values[0]
+    return {"title": spec["title"], "x": x_column, "panels": panels,
+            "series": [{"label": label, "protocols": by_protocol} for label, by_protocol in series.items()],
+            "reference": ref}
+
+
+def draw_figure(data: dict[str, Any], path: Path) -> Path:
+    """Draw ``figure_data``'s result: one panel per column, one colour per series, solid after all, dashed
+    immediate, the unedited model as a grey dotted line; written atomically."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..method.atomic import atomic_path
+
+    cols = min(3, len(data["panels"]))
+    nrows = math.ceil(len(data["panels"]) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 3.1 * nrows), squeeze=False)
+    for ax, (column, title, *scale) in zip(axes.flat, data["panels"]):
+        if not any(one["protocols"].get(p, {}).get(column) for one in data["series"] for p in one["protocols"]):
+            ax.text(0.5, 0.5, "not recorded by these runs", ha="center", va="center", transform=ax.transAxes)
+        for i, one in enumerate(data["series"]):
+            for protocol, points in one["protocols"].items():
+                line = points.get(column)
+                if line:
+                    ax.plot([p[0] for p in line], [p[1] for p in line], PROTOCOL_STYLES.get(protocol, ":"),
+                            marker="o", markersize=3, color=f"C{i % 10}", label=one["label"])
+        if column in data["reference"]:
+            ax.axhline(data["reference"][column], color="black", alpha=0.6, linestyle=":", label="before editing")
+        if scale and scale[0] == "log":
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("number of edits" if data["x"] == "n_edits" else data["x"])
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(data["panels"]):]:
+        ax.axis("off")
+    handles: list[Any] = []
+    labels: list[str] = []
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    ncol = min(len(labels), 3) or 1
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
+    fig.suptitle(data["title"], fontsize=10)
+    legend_rows = math.ceil(len(labels) / ncol)
+    fig.tight_layout(rect=(0, min(0.35, 0.02 + 0.22 * legend_rows / (3.1 * nrows)), 1, 0.97))  # ~0.22 in a row
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def stale_figures(root: Path) -> list[tuple[Figure, dict[str, Any]]]:
+    """Every declared figure whose data file differs from what the data gives, or whose PNG is missing, with the
+    data to draw it from (computed, not drawn: a bad figure stops the render before anything is written)."""
+    stale = []
+    for figure in load_figures(root):
+        data = figure_data(root, figure)
+        png, data_path = figure.paths(root)
+        if not (png.is_file() and data_path.is_file() and data_path.read_text() == _figure_text(data)):
+            stale.append((figure, data))
+    return stale
+
+
+def _figure_text(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=1, sort_keys=True) + "\n"
+
+
+def write_figure(root: Path, figure: Figure, data: dict[str, Any]) -> Path:
+    """Draw ``figure`` from ``data`` and write its data file beside it."""
+    png, data_path = figure.paths(root)
+    draw_figure(data, png)
+    write_text(data_path, _figure_text(data))
+    logger.info("drew %s", png)
+    return png
 
 
 def render_hparams() -> str:
@@ -356,11 +535,12 @@ def documents(repo: Path) -> list[Path]:
     return [p for p in pages if p.is_file()]
 
 
-def renderers_for(root: Path) -> dict[str, Callable[[Path], str]]:
-    """The renderer of every table name: those of results/ and the hparams reference."""
+def renderers_for(root: Path, drawn: frozenset[Path] | set[Path] = frozenset()) -> dict[str, Callable[[Path], str]]:
+    """The renderer of every table name: those of results/ and the hparams reference. ``drawn``: figures about to
+    be drawn, which a table may show before they exist."""
 
     def one(table: Table) -> Callable[[Path], str]:
-        return lambda doc: render_table(root, table, doc)
+        return lambda doc: render_table(root, table, doc, drawn)
 
     out = {name: one(table) for name, table in load_tables(root).items()}
     out[HPARAMS_TABLE] = lambda doc: render_hparams()
@@ -370,17 +550,22 @@ def renderers_for(root: Path) -> dict[str, Callable[[Path], str]]:
 def render_all(repo: Path, root: Optional[Path] = None, write: bool = True,
                docs: Optional[Sequence[Path]] = None) -> list[Path]:
     """Render every document; return those whose text differs from what was rendered (written when ``write``)."""
-    renderers = renderers_for(root or repo / "results")
-    changed = []
+    root = root or repo / "results"
+    figures = stale_figures(root)
+    renderers = renderers_for(root, drawn={root / f.experiment / f.name for f, _ in figures})
+    pages = []
     for doc in docs if docs is not None else documents(repo):
         text = doc.read_text()
         new = render_document(text, doc, renderers)
         if new != text:
-            changed.append(doc)
-            if write:
-                write_text(doc, new)
-                logger.info("rendered %s", doc)
-    return changed
+            pages.append((doc, new))
+    if write:  # everything rendered without error: only now is anything written
+        for figure, data in figures:
+            write_figure(root, figure, data)
+        for doc, new in pages:
+            write_text(doc, new)
+            logger.info("rendered %s", doc)
+    return [root / f.experiment / f.name for f, _ in figures] + [doc for doc, _ in pages]
 
 
 # ----- adding a lifelong run to results/ ------------------------------------------------------------------
@@ -629,7 +814,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logger.error("out of date (run python -m ece_plugin.lab.results): %s",
                      ", ".join(str(p.relative_to(args.repo)) for p in changed))
         return 1
-    logger.info("%s: %d document(s) %s", "check" if args.check else "render", len(changed),
+    logger.info("%s: %d document(s) or figure(s) %s", "check" if args.check else "render", len(changed),
                 "differ" if args.check else "rewritten")
     return 0
 
