@@ -114,6 +114,8 @@ HPARAM_DOC: dict[str, str] = {
                           "before every batch (bounded weight growth; variants/norm_anchor.py)",
     "norm_anchor_ridge": "departure, 0: alpha > 0 adds alpha ||W_new - W0||^2 at the batch's neurons to each layer's "
                          "update (a ridge anchored at the unedited weight; variants/norm_anchor.py)",
+    "mom2_update_weight_growth": "departure, 0: beta > 0 writes the batch after n carried edits with lambda + "
+                                 "beta n, so that C0 keeps pace with the carried keys (variants/balanced_lambda.py)",
     "mom2_dataset": "name of the statistics set (the cache path's `{name}_stats`); `wikitext-2-raw` is bundled, a "
                     "model folder's `<name>.txt` is read for it, any other name needs its cache file",
     "mom2_corpus": "text file or folder to compute C0 from; empty: the set mom2_dataset names",

@@ -176,8 +176,10 @@ def _run(
     check_row_lengths(tok, requests, templates, max_positions(model))
     clock.lap("context_templates")
 
+    lam = float(hparams.mom2_update_weight)  # lambda, the weight of C0 in step 5
     for variant in variants:
         variant.start(model, session.state.n_edits)
+        lam = variant.mom2_update_weight(lam)
     key_rows = build_key_rows(tok, requests, templates, hparams.fact_token, input_device(model))
     z_setup = prepare_z(model, tok, requests, templates, hparams, [wo.name for wo in w_outs])
     clock.lap("z")
@@ -202,7 +204,7 @@ def _run(
     writes: list[LayerWrite] = []  # journal: a layer enters it before it is written
     try:
         write_layers(w_outs, [att.batch_set for att in attributions], zres.z, layer_keys.read,  # step 5: update
-                     blocks.c0, blocks.cprev, hparams.mom2_update_weight, journal=writes, rhs_block=blocks.rhs)
+                     blocks.c0, blocks.cprev, lam, journal=writes, rhs_block=blocks.rhs)
         clock.add_writes(writes)
         if hparams.carry_keys:  # else MEMIT's sequential form: nothing is carried and the state stays empty
             stage_batch(session, layer_keys.written(), writes, w_outs, variants, len(requests))

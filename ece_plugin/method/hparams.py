@@ -119,6 +119,9 @@ class ECEHyperParams:
     # variants/norm_anchor.py: alpha > 0: each layer's update also minimises alpha ||W_new - W0||_F^2 at the batch's
     # neurons (a ridge anchored at the unedited weight, not at the current one); 0: none
     norm_anchor_ridge: float = 0.0
+    # variants/balanced_lambda.py: beta > 0: the batch after n carried edits is written with lambda + beta * n
+    # (C0 keeps pace with the carried keys); 0: lambda throughout
+    mom2_update_weight_growth: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -233,12 +236,15 @@ class ECEHyperParams:
             if getattr(self, name) <= 0:
                 raise HParamsError(f"{name}: must be > 0, got {getattr(self, name)}")
         for name in ("v_weight_decay", "kl_factor", "mom2_update_weight", "prompt_keys_weight",
-                     "norm_anchor_budget", "norm_anchor_ridge"):
+                     "norm_anchor_budget", "norm_anchor_ridge", "mom2_update_weight_growth"):
             if getattr(self, name) < 0:
                 raise HParamsError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if (self.norm_anchor_budget or self.norm_anchor_ridge) and not self.carry_keys:
             raise HParamsError("norm_anchor_budget / norm_anchor_ridge: need carry_keys: true (the carried state says where a sequence "
                                "starts, and so which weights are the unedited anchor)")
+        if self.mom2_update_weight_growth and not (self.carry_keys and self.mom2_adjustment):
+            raise HParamsError("mom2_update_weight_growth: needs carry_keys: true (it counts the carried edits) and "
+                               "mom2_adjustment: true (it weighs C0)")
         if not (0.0 < self.prompt_keys_decay <= 1.0):
             raise HParamsError(f"prompt_keys_decay: must lie in (0, 1], got {self.prompt_keys_decay}")
         if not self.z_cache_mb > 0:

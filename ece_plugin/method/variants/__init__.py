@@ -6,6 +6,8 @@ no variant active (every hparams at its paper value) a batch is exactly the pape
 
 * ``start(model, n_edits_before)``: before step 1 (the batch's inputs checked, the statistics loaded), on the
   model as the earlier batches left it;
+* ``mom2_update_weight(lam)``: right after ``start``: lambda, the weight of C0 in the batch's update, each variant
+  given the value the ones before it returned;
 * ``begin(model, key_rows)``: after the keys of the unedited model were read (step 1);
 * ``before_write(model, w_out_name)``: in the update (step 5), just before a layer is written, the model holding
   the writes of the layers before it;
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .balanced_lambda import BalancedLambda
 from .base import CarriedKeys, EditVariant
 from .norm_anchor import NormAnchor
 from .prompt_keys import PromptKeys
@@ -35,6 +38,7 @@ __all__ = ["VARIANTS", "CarriedKeys", "EditVariant", "active_variants"]
 VARIANTS: dict[str, type[EditVariant]] = {
     NormAnchor.name: NormAnchor,  # first: the batch runs on the pulled-back model
     PromptKeys.name: PromptKeys,
+    BalancedLambda.name: BalancedLambda,
 }
 
 

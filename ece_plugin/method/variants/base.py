@@ -52,6 +52,11 @@ class EditVariant:
     def before_write(self, model: nn.Module, w_out_name: str) -> None:
         """Step 5, just before layer ``w_out_name`` is written: ``model`` holds the writes of the layers before it."""
 
+    def mom2_update_weight(self, lam: float) -> float:
+        """After :meth:`start`: lambda, the weight of C0 in this batch's update, given the value the hparams and the
+        variants before this one set; returned unchanged here."""
+        return lam
+
     def gram_term(self, w_out_name: str, idx: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
         """A term ``[|S|, |S|]`` (float64, on ``device``) added to the update's Gram matrix at the batch's neurons
         ``idx`` (S) of that layer, beside ``Cprev_SS``; None adds nothing."""
