@@ -4,9 +4,11 @@ for two sequential batches (the model changes, the second batch builds on the fi
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,6 +108,12 @@ def test_method_table_knows_the_lifelong_editors() -> None:
         build_methods(["NAS"], ece, paths)
 
 
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 @pytest.mark.easyeditor
 @needs_main
 @pytest.mark.parametrize("alg", sorted(WIRED))
@@ -116,6 +124,7 @@ def test_lifelong_editor_edits_two_sequential_batches_through_base_editor(
     from ece_plugin.lab.study.common import load_model_and_tokenizer, snapshot_weights
 
     monkeypatch.chdir(tmp_path)  # BaseEditor writes logs/ into the working directory
+    seed_everything(0)  # EasyEdit samples its context templates: the same ones whatever ran before this test
     model, tok = load_model_and_tokenizer(TESTBED, device="cpu")
     method = EasyEditMethod(alg, REPO / "hparams" / alg / f"{SCALE2}.yaml", via="BaseEditor",
                             overrides=dict(SMALL[alg]))
