@@ -422,7 +422,7 @@ def draw_figure(data: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..method.atomic import atomic_path
+    from .study.common import legend_entries, savefig
 
     cols = min(3, len(data["panels"]))
     nrows = math.ceil(len(data["panels"]) / cols)
@@ -445,24 +445,13 @@ def draw_figure(data: dict[str, Any], path: Path) -> Path:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(data["panels"]):]:
         ax.axis("off")
-    handles: list[Any] = []
-    labels: list[str] = []
-    for ax in axes.flat:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            if label not in labels:
-                handles.append(handle)
-                labels.append(label)
+    handles, labels = legend_entries(list(axes.flat))
     ncol = min(len(labels), 3) or 1
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
     fig.suptitle(data["title"], fontsize=10)
     legend_rows = math.ceil(len(labels) / ncol)
     fig.tight_layout(rect=(0, min(0.35, 0.02 + 0.22 * legend_rows / (3.1 * nrows)), 1, 0.97))  # ~0.22 in a row
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return savefig(fig, path)
 
 
 def stale_figures(root: Path) -> list[tuple[Figure, dict[str, Any]]]:
