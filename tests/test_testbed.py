@@ -296,6 +296,7 @@ def test_shipped_testbed_knows_its_facts() -> None:
 
 @shipped
 @pytest.mark.slow
+@pytest.mark.line_independent
 def test_shipped_testbed_recalls_facts_from_the_subject() -> None:
     records = json.loads(COUNTERFACT.read_text())[:20]  # trained on (the first 2,000 are)
     _assert_recalls_at(SHIPPED, records, [SHIPPED_EDIT_LAYER])
@@ -357,12 +358,14 @@ def test_scale_testbed_knows_its_facts(folder: Path) -> None:
 
 @scale_folders
 @pytest.mark.slow
+@pytest.mark.line_independent
 def test_scale_testbed_recalls_counterfact_facts_at_every_edit_layer(folder: Path) -> None:
     _assert_recalls_at(folder, json.loads(COUNTERFACT.read_text())[:20], SCALE_LAYERS)
 
 
 @scale2
 @pytest.mark.slow
+@pytest.mark.line_independent
 def test_second_scale_testbed_recalls_zsre_facts_at_every_edit_layer() -> None:
     from ece_plugin.evaluation.data import load_zsre
 
@@ -554,6 +557,7 @@ def test_gpt2_testbed_knows_its_facts() -> None:
 
 @gpt2_shipped
 @pytest.mark.slow
+@pytest.mark.line_independent
 def test_gpt2_testbed_recalls_facts_at_its_first_edit_layer() -> None:
     """Layer 0, the edit layer of every method, moves every probed fact (40 records: 100 %; testbed/README.md)."""
     _assert_recalls_at(GPT2, json.loads(COUNTERFACT.read_text())[:20], [_gpt2_configs()["MEMIT"]["layers"][0]])
