@@ -132,6 +132,17 @@ def test_one_pass_for_several_layers_matches_single_layer(tmp_path: Path, corpus
     assert not torch.allclose(both[names[0]].mom2_sum, both[names[1]].mom2_sum)
 
 
+def test_statistics_that_overflow_in_one_layer_write_no_layer(tmp_path: Path, corpus: Path, tok) -> None:
+    model = make_llama(len(tok))
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")  # layer 1's keys overflow, layer 0's do not
+    spec = _spec(tmp_path, corpus, n=7)
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    with pytest.raises(StatisticsError, match=r"model\.layers\.1\.mlp\.down_proj: the statistics .* are not finite"):
+        compute_statistics(model, tok, names, spec, progress=False)
+    assert not (tmp_path / "stats").exists() or not any(p.is_file() for p in (tmp_path / "stats").rglob("*"))
+
+
 def test_gpt2_conv1d_input_is_the_dff_dim(tmp_path: Path, corpus: Path, tok) -> None:
     model = make_gpt2(len(tok))
     spec = _spec(tmp_path, corpus)

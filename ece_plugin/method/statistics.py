@@ -505,6 +505,91 @@ def _batches(chunks: list[list[int]], batch_size: int) -> list[list[list[int]]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+class KeyMoments:
+    """The running ``sum(k k^T)`` and token count of each named module's input over the corpus's batches.
+
+    Forward pre-hooks on the modules add each batch's unpadded keys: the product in ``product_dtype`` (float32
+    unless the statistics ask for float64), the running sum in float64, so that millions of tokens add up without
+    float32 drift. The forward stops once every module has been read.
+    """
+
+    def __init__(self, names: Sequence[str], product_dtype: torch.dtype) -> None:
+        self.names = list(names)
+        self.product_dtype = product_dtype
+        self.sums: dict[str, Optional[torch.Tensor]] = dict.fromkeys(self.names)
+        self.counts: dict[str, int] = dict.fromkeys(self.names, 0)
+        self._seen: set[str] = set()
+        self._mask: Optional[torch.Tensor] = None
+
+    def hook(self, name: str) -> Any:
+        def add_keys(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            self.add(name, args[0])
+
+        return add_keys
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        assert self._mask is not None, "KeyMoments.add outside a batch"
+        feats = x[self._mask.to(x.device)].reshape(-1, x.shape[-1]).to(self.product_dtype)
+        acc = self.sums[name]
+        if acc is None:
+            acc = self.sums[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
+        acc += (feats.T @ feats).to(torch.float64)
+        self.counts[name] += int(feats.shape[0])
+        self._seen.add(name)
+        if len(self._seen) == len(self.names):
+            raise StopForward
+
+    def run_batch(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, device: torch.device) -> None:
+        """One forward of a padded batch (``mask`` marks its tokens); every module must have been read."""
+        self._mask = mask
+        self._seen.clear()
+        try:
+            model(input_ids=ids.to(device), attention_mask=mask.long().to(device))
+        except StopForward:
+            pass
+        missing = sorted(set(self.names) - self._seen)
+        if missing:
+            raise StatisticsError(f"modules {missing} were not called by the forward")
+
+    def total(self, name: str) -> torch.Tensor:
+        acc = self.sums[name]
+        assert acc is not None, f"{name}: no batch was read"
+        return acc
+
+
+def _padded(batch: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids right-padded with ``pad`` and the mask of the real tokens."""
+    width = max(len(c) for c in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.bool)
+    for row, chunk in enumerate(batch):
+        ids[row, : len(chunk)] = torch.tensor(chunk, dtype=torch.long)
+        mask[row, : len(chunk)] = True
+    return ids, mask
+
+
+def accumulate_key_moments(
+    model: nn.Module, tok: Any, modules: dict[str, nn.Module], chunks: list[list[int]], spec: StatsSpec,
+    progress: bool = True,
+) -> KeyMoments:
+    """One pass over ``chunks`` in length-sorted batches, with every module of ``modules`` read by a hook."""
+    moments = KeyMoments(list(modules), torch.float64 if spec.dtype == "float64" else torch.float32)
+    handles = [m.register_forward_pre_hook(moments.hook(n)) for n, m in modules.items()]
+    was_training = model.training
+    model.eval()
+    device, pad = _input_device(model), _pad_id(tok)
+    try:
+        with torch.no_grad():
+            for batch in tqdm(_batches(chunks, spec.batch_size), desc=f"E[kk^T] {len(modules)} layer(s)",
+                              disable=not progress):
+                moments.run_batch(model, *_padded(batch, pad), device)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return moments
+
+
 def compute_statistics(
     model: nn.Module,
     tok: Any,
@@ -525,85 +610,24 @@ def compute_statistics(
     if not names:
         raise StatisticsError("compute_statistics: no layer names given")
     modules = {name: _get_module(model, name) for name in names}
-    dims = {name: module_input_dim(m) for name, m in modules.items()}
     max_len = model_max_length(model, spec.max_chunk_tokens)
     corpus = choose_corpus(spec, model, stats_paths_for(model, names[0], spec).main)
     label, chunks = collect_chunks(tok, spec, max_len, model, corpus)
     filed = filed_spec(spec, corpus, len(chunks))
+    moments = accumulate_key_moments(model, tok, modules, chunks, spec, progress)
 
-    # per-batch products in float32 (fast everywhere; float64 when mom2_dtype asks for it), running sums
-    # over batches in float64, so that millions of tokens add up without float32 drift
-    product_dtype = torch.float64 if spec.dtype == "float64" else torch.float32
-    sums: dict[str, Optional[torch.Tensor]] = dict.fromkeys(names)
-    counts = dict.fromkeys(names, 0)
-    seen: set[str] = set()
-    current_mask: list[torch.Tensor] = []
+    model_fp, emb = model_fingerprint(model), embedding_fingerprint(model)
 
-    def make_hook(name: str) -> Any:
-        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
-            mask = current_mask[0].to(x.device)
-            feats = x[mask].reshape(-1, x.shape[-1]).to(product_dtype)
-            acc = sums[name]
-            if acc is None:
-                acc = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
-                sums[name] = acc
-            acc += (feats.T @ feats).to(torch.float64)
-            counts[name] += int(feats.shape[0])
-            seen.add(name)
-            if len(seen) == len(names):
-                raise StopForward
-
-        return hook
-
-    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
-    was_training = model.training
-    model.eval()
-    device = _input_device(model)
-    pad = _pad_id(tok)
-    batches = _batches(chunks, spec.batch_size)
-    try:
-        with torch.no_grad():
-            for batch in tqdm(batches, desc=f"E[kk^T] {len(names)} layer(s)", disable=not progress):
-                width = max(len(c) for c in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.bool)
-                for row, chunk in enumerate(batch):
-                    ids[row, : len(chunk)] = torch.tensor(chunk, dtype=torch.long)
-                    mask[row, : len(chunk)] = True
-                current_mask[:] = [mask]
-                seen.clear()
-                try:
-                    model(input_ids=ids.to(device), attention_mask=mask.long().to(device))
-                except StopForward:
-                    pass
-                if len(seen) != len(names):
-                    raise StatisticsError(f"modules {sorted(set(names) - seen)} were not called by the forward")
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-
-    fp = model_fingerprint(model)
-    emb = embedding_fingerprint(model)
-    results: dict[str, LayerStatistics] = {}
-    for name in names:
-        acc = sums[name]
-        assert acc is not None
-        if count_nonfinite(acc):
-            raise StatisticsError(
-                f"{name}: the statistics computed from {label} are not finite ({describe_nonfinite(acc)}): the "
-                "model's activations overflow; use another dtype"
-            )
-        meta = {
+    def metadata(name: str) -> dict[str, Any]:
+        return {
             "format": METADATA_FORMAT,
-            "model": fp,
+            "model": model_fp,
             "embedding": emb,
             "layer_name": name,
-            "d_ff": dims[name],
+            "d_ff": module_input_dim(modules[name]),
             "n_samples": filed.n_samples,
             "n_chunks": len(chunks),
-            "n_tokens": counts[name],
+            "n_tokens": moments.counts[name],
             "max_chunk_tokens": max_len,
             "corpus": label,
             "dtype": spec.dtype,
@@ -613,9 +637,18 @@ def compute_statistics(
             "requested_n_samples": spec.n_samples,
             "fallback": filed != spec,
         }
-        stats = LayerStatistics(name, acc.cpu(), counts[name], len(chunks), meta)
-        results[name] = stats
-        if write:
+
+    results: dict[str, LayerStatistics] = {}
+    for name in names:
+        acc = moments.total(name)
+        if count_nonfinite(acc):
+            raise StatisticsError(
+                f"{name}: the statistics computed from {label} are not finite ({describe_nonfinite(acc)}): the "
+                "model's activations overflow; use another dtype"
+            )
+        results[name] = LayerStatistics(name, acc.cpu(), moments.counts[name], len(chunks), metadata(name))
+    if write:  # only once every layer is finite: all or nothing
+        for name, stats in results.items():
             write_stats_file(stats_paths_for(model, name, filed), stats, filed)
     return results
 
