@@ -127,6 +127,110 @@ class ProbeResult:
     mean_target_prob: float
 
 
+@dataclass
+class _ProbeRows:
+    """The probe's padded rows: one per (record, prefix), each the prompt followed by ``' ' + target_new``."""
+
+    ids: torch.Tensor  # [rows, width], right-padded
+    mask: torch.Tensor  # 1 on real tokens
+    target_mask: torch.Tensor  # True at the positions that predict the new object's tokens
+    positions: torch.Tensor  # where each row's vector is added
+    record: torch.Tensor  # the record each row belongs to
+    plain: torch.Tensor  # the rows without a prefix, one per record
+
+    def next_ids(self) -> torch.Tensor:
+        return torch.roll(self.ids, -1, dims=1)
+
+    def mean_target(self, values: torch.Tensor) -> torch.Tensor:
+        """Per row, the mean of ``values`` over the new object's tokens."""
+        return (values * self.target_mask).sum(1) / self.target_mask.sum(1)
+
+
+def _probe_rows(
+    tok: Any, records: Sequence[dict[str, Any]], prefixes: Sequence[str], position: str, pad_id: int,
+    device: torch.device,
+) -> _ProbeRows:
+    seqs: list[list[int]] = []
+    rec_index: list[int] = []
+    positions: list[int] = []
+    spans: list[tuple[int, int]] = []
+    plain_rows: list[int] = []
+    for r_i, r in enumerate(records):
+        prompt, subject = r["prompt"], r["subject"]
+        cut = prompt.find(subject)
+        if cut < 0:
+            raise ValueError(f"subject {subject!r} not in prompt {prompt!r}")
+        for p_i, prefix in enumerate(prefixes):
+            text = prefix + prompt
+            prompt_ids = _encode(tok, text)
+            full = _encode(tok, f"{text} {r['target_new'].strip()}")
+            if p_i == 0:
+                plain_rows.append(len(seqs))
+            seqs.append(full)
+            rec_index.append(r_i)
+            positions.append(subject_last_index(tok, prefix + prompt[:cut], subject) if position == "subject_last"
+                             else len(prompt_ids) - 1)
+            spans.append((len(prompt_ids), len(full)))
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    target_mask = torch.zeros(ids.shape, dtype=torch.bool)
+    for i, (seq, (lo, hi)) in enumerate(zip(seqs, spans)):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        target_mask[i, lo - 1 : hi - 1] = True
+    return _ProbeRows(ids.to(device), mask.to(device), target_mask.to(device), torch.tensor(positions, device=device),
+                      torch.tensor(rec_index, device=device), torch.tensor(plain_rows, device=device))
+
+
+class _ProbeVectors:
+    """One free vector per record, added by a forward hook to a block's output at each row's position."""
+
+    def __init__(self, rows: _ProbeRows, n_records: int, hidden: int, device: torch.device) -> None:
+        self.rows = rows
+        self.delta = torch.zeros((n_records, hidden), device=device, dtype=torch.float32, requires_grad=True)
+        self._all = torch.arange(rows.ids.shape[0], device=device)
+        self.init_norm: Optional[torch.Tensor] = None  # the unedited output's norm at each row's position
+
+    def hook(self, _module: torch.nn.Module, _inputs: Any, output: Any) -> Any:
+        hidden_states = output[0] if isinstance(output, tuple) else output
+        if self.init_norm is None:
+            self.init_norm = hidden_states[self._all, self.rows.positions].detach().float().norm(dim=-1)
+        add = torch.zeros_like(hidden_states)
+        add[self._all, self.rows.positions] = self.delta[self.rows.record].to(hidden_states.dtype)
+        hidden_states = hidden_states + add
+        return (hidden_states, *output[1:]) if isinstance(output, tuple) else hidden_states
+
+    def clamp(self, factor: float) -> None:
+        """``||delta|| <= factor * ||h||`` of the plain prompt's unedited output."""
+        assert self.init_norm is not None
+        with torch.no_grad():
+            max_norm = factor * self.init_norm[self.rows.plain]
+            self.delta.mul_(torch.clamp(max_norm / self.delta.norm(dim=-1).clamp_min(1e-12), max=1.0)[:, None])
+
+
+def _optimise_vectors(
+    model: torch.nn.Module, rows: _ProbeRows, vectors: _ProbeVectors, steps: int, lr: float,
+    clamp_factor: Optional[float], n_prefix: int,
+) -> torch.Tensor:
+    """Adam on the vectors (the NLL of the new object, averaged over its tokens, summed over rows and averaged
+    over prefixes); returns each row's mean probability of the new object's tokens afterwards."""
+    optimizer = torch.optim.Adam([vectors.delta], lr=lr)
+    next_ids = rows.next_ids()[..., None]
+    for _ in range(steps):
+        logits = model(input_ids=rows.ids, attention_mask=rows.mask).logits.float()
+        token_nll = -torch.log_softmax(logits, -1).gather(2, next_ids).squeeze(-1)
+        loss = rows.mean_target(token_nll).sum() / n_prefix
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if clamp_factor is not None:
+            vectors.clamp(clamp_factor)
+    with torch.no_grad():
+        logits = model(input_ids=rows.ids, attention_mask=rows.mask).logits.float()
+        return rows.mean_target(torch.softmax(logits, -1).gather(2, next_ids).squeeze(-1))
+
+
 def subject_recall_probe(
     model: torch.nn.Module,
     tok: Any,
@@ -155,88 +259,21 @@ def subject_recall_probe(
         raise ValueError("no records to probe")
     device = _device_of(model)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    seqs: list[list[int]] = []
-    rec_index: list[int] = []
-    positions: list[int] = []
-    spans: list[tuple[int, int]] = []
-    plain_rows: list[int] = []
-    for r_i, r in enumerate(records):
-        prompt, subject = r["prompt"], r["subject"]
-        cut = prompt.find(subject)
-        if cut < 0:
-            raise ValueError(f"subject {subject!r} not in prompt {prompt!r}")
-        for p_i, prefix in enumerate(prefixes):
-            text = prefix + prompt
-            prompt_ids = _encode(tok, text)
-            full = _encode(tok, f"{text} {r['target_new'].strip()}")
-            if position == "subject_last":
-                pos = subject_last_index(tok, prefix + prompt[:cut], subject)
-            else:
-                pos = len(prompt_ids) - 1
-            if p_i == 0:
-                plain_rows.append(len(seqs))
-            seqs.append(full)
-            rec_index.append(r_i)
-            positions.append(pos)
-            spans.append((len(prompt_ids), len(full)))
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, seq in enumerate(seqs):
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    target_mask = torch.zeros(ids.shape, dtype=torch.bool, device=device)
-    for i, (lo, hi) in enumerate(spans):
-        target_mask[i, lo - 1 : hi - 1] = True
-    next_ids = torch.roll(ids, -1, dims=1)
-    rows = torch.arange(len(seqs), device=device)
-    pos_t = torch.tensor(positions, device=device)
-    rec_t = torch.tensor(rec_index, device=device)
-
+    rows = _probe_rows(tok, records, prefixes, position, pad_id, device)
     config: Any = model.config
     hidden = int(config.hidden_size if hasattr(config, "hidden_size") else config.n_embd)
-    delta = torch.zeros((len(records), hidden), device=device, dtype=torch.float32, requires_grad=True)
-    init_norm: dict[str, torch.Tensor] = {}
-
-    def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> Any:
-        hidden_states = output[0] if isinstance(output, tuple) else output
-        if "norm" not in init_norm:
-            init_norm["norm"] = hidden_states[rows, pos_t].detach().float().norm(dim=-1)
-        add = torch.zeros_like(hidden_states)
-        add[rows, pos_t] = delta[rec_t].to(hidden_states.dtype)
-        hidden_states = hidden_states + add
-        return (hidden_states, *output[1:]) if isinstance(output, tuple) else hidden_states
+    vectors = _ProbeVectors(rows, len(records), hidden, device)
 
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
-    handle = blocks[layer].register_forward_hook(hook)
+    handle = blocks[layer].register_forward_hook(vectors.hook)
     try:
-        optimizer = torch.optim.Adam([delta], lr=lr)
-        n_prefix = len(prefixes)
-        for _ in range(steps):
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-            token_nll = -torch.log_softmax(logits, -1).gather(2, next_ids[..., None]).squeeze(-1)
-            per_row = (token_nll * target_mask).sum(1) / target_mask.sum(1)
-            loss = per_row.sum() / n_prefix
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if clamp_factor is not None:
-                with torch.no_grad():
-                    plain_norm = init_norm["norm"][torch.tensor(plain_rows, device=device)]
-                    max_norm = clamp_factor * plain_norm
-                    scale = torch.clamp(max_norm / delta.norm(dim=-1).clamp_min(1e-12), max=1.0)
-                    delta.mul_(scale[:, None])
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-            probs = torch.softmax(logits, -1).gather(2, next_ids[..., None]).squeeze(-1)
-            mean_prob = (probs * target_mask).sum(1) / target_mask.sum(1)
+        mean_prob = _optimise_vectors(model, rows, vectors, steps, lr, clamp_factor, len(prefixes))
     finally:
         handle.remove()
         for p, flag in zip(model.parameters(), requires):
             p.requires_grad_(flag)
-    plain = mean_prob[torch.tensor(plain_rows, device=device)]
+    plain = mean_prob[rows.plain]
     moved = float((plain > threshold).float().mean()) * 100.0
     return ProbeResult(layer=layer, moved=moved, n=len(records), mean_target_prob=float(plain.mean()))
