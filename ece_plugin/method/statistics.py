@@ -74,7 +74,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import atomic
-from .architecture import StopForward
+from .architecture import StopForward, input_device
 from .finite import count_nonfinite, describe_nonfinite
 
 logger = logging.getLogger(__name__)
@@ -490,15 +490,6 @@ def _pad_id(tok: Any) -> int:
     return 0
 
 
-def _input_device(model: nn.Module) -> torch.device:
-    get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else None
-    weight = getattr(emb, "weight", None)
-    if isinstance(weight, torch.Tensor):
-        return weight.device
-    return next(model.parameters()).device
-
-
 def _batches(chunks: list[list[int]], batch_size: int) -> list[list[list[int]]]:
     """Length-sorted batches (less padding); the sums do not depend on the order."""
     order = sorted(chunks, key=len)
@@ -577,7 +568,7 @@ def accumulate_key_moments(
     handles = [m.register_forward_pre_hook(moments.hook(n)) for n, m in modules.items()]
     was_training = model.training
     model.eval()
-    device, pad = _input_device(model), _pad_id(tok)
+    device, pad = input_device(model), _pad_id(tok)
     try:
         with torch.no_grad():
             for batch in tqdm(_batches(chunks, spec.batch_size), desc=f"E[kk^T] {len(modules)} layer(s)",

@@ -44,6 +44,17 @@ def _encode(tok: Any, text: str) -> list[int]:
     return list(tok(text)["input_ids"])
 
 
+def _right_padded(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids right-padded with ``pad_id`` and the attention mask (1 on real tokens)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+    return ids, mask
+
+
 def answer_nll(
     model: torch.nn.Module, tok: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 64
 ) -> list[float]:
@@ -62,12 +73,7 @@ def answer_nll(
                 raise ValueError(f"answer {answer!r} does not tokenize separately after prompt {prompt!r}")
             seqs.append(full)
             spans.append((len(prompt_ids), len(full)))
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, seq in enumerate(seqs):
-            ids[i, : len(seq)] = torch.tensor(seq)
-            mask[i, : len(seq)] = 1
+        ids, mask = _right_padded(seqs, pad_id)
         with torch.no_grad():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
@@ -171,13 +177,9 @@ def _probe_rows(
             positions.append(subject_last_index(tok, prefix + prompt[:cut], subject) if position == "subject_last"
                              else len(prompt_ids) - 1)
             spans.append((len(prompt_ids), len(full)))
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
+    ids, mask = _right_padded(seqs, pad_id)
     target_mask = torch.zeros(ids.shape, dtype=torch.bool)
-    for i, (seq, (lo, hi)) in enumerate(zip(seqs, spans)):
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
+    for i, (lo, hi) in enumerate(spans):
         target_mask[i, lo - 1 : hi - 1] = True
     return _ProbeRows(ids.to(device), mask.to(device), target_mask.to(device), torch.tensor(positions, device=device),
                       torch.tensor(rec_index, device=device), torch.tensor(plain_rows, device=device))
